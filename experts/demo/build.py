@@ -1,0 +1,1 @@
+"""Placeholder: filled in by the demo-build work (see experts/demo)."""

@@ -1,0 +1,54 @@
+"""Typed messages of the decode engine. Every message carries the request id.
+
+The engine speaks token ids only; text (tokenizing, detokenizing, stop strings) lives in orchestrator/stream.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    top_logprobs: int = 0          # alternatives to report per token (0..20)
+
+    def __post_init__(self) -> None:
+        assert self.max_tokens >= 0, "max_tokens must be >= 0"
+        assert self.temperature >= 0.0, "temperature must be >= 0"
+        assert 0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"
+        assert 0 <= self.top_logprobs <= 20, "top_logprobs must be in [0, 20]"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: GenerationParams = field(default_factory=GenerationParams)
+    # "ensemble" for the gated mix, or one expert's name to be served by that expert alone.
+    model: str = "ensemble"
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Which experts produce one token, and their mixing weights (softmax over the selected gate logits)."""
+
+    experts: tuple[str, ...]
+    weights: tuple[float, ...]
+    entropy: float = 0.0           # entropy of the full gate softmax over all experts (nats)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    index: int                     # 0-based position in the completion
+    token_id: int
+    logprob: float                 # log p_mix(token)
+    routing: GateDecision
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    finish_reason: str | None = None   # "stop" | "length" on the last event, else None
