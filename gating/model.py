@@ -1,0 +1,52 @@
+"""The gate: a small causal network that reads only the token ids of the context and scores every expert.
+
+It never calls an expert. A GRU over token embeddings carries a running summary of the whole context, so
+each new token costs one GRU cell step (O(1)) while serving; training runs the same module over sequences.
+
+Shape legend: B = sequences, T = tokens, D = embedding, H = hidden, E = experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GateArgs:
+    vocab_size: int
+    n_experts: int
+    embed_dim: int = 64
+    hidden_dim: int = 128
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        assert self.vocab_size > 0, "vocab_size must be positive"
+        assert self.n_experts >= 1, "a gate needs at least one expert"
+        assert self.embed_dim > 0 and self.hidden_dim > 0, "gate sizes must be positive"
+        assert 0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Gate(nn.Module):
+    def __init__(self, args: GateArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.embed_dim)
+        self.rnn = nn.GRU(args.embed_dim, args.hidden_dim, batch_first=True)
+        self.drop = nn.Dropout(args.dropout)
+        self.head = nn.Linear(args.hidden_dim, args.n_experts)
+
+    def forward(
+        self, tokens: torch.Tensor, state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, T] long, state [1, B, H] | None -> (expert logits [B, T, E], new state [1, B, H]).
+
+        logits[:, t] route the prediction of token t+1 (they have seen tokens 0..t).
+        """
+        h, state = self.rnn(self.embed(tokens), state)                # [B, T, H]
+        return self.head(self.drop(h)), state

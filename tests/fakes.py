@@ -1,0 +1,72 @@
+"""A deterministic in-process expert for unit tests of routing, mixing and sampling (never for vLLM paths).
+
+Its next-token distribution is a pure function of (expert seed, whole context), so a session that was
+fed the wrong tokens (bad catch-up) gives visibly different logprobs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from experts.protocol import ExpertInfo, ScoreOutput, SessionStep, StepOutput, TopK
+
+
+def context_logprobs(seed: int, context: list[int], vocab: int) -> torch.Tensor:
+    digest = hashlib.sha256(f"{seed}:{context}".encode()).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return torch.log_softmax(torch.randn(vocab, generator=g) * 3.0, dim=0)
+
+
+def topk_of(lp: torch.Tensor, k: int) -> TopK:
+    v, i = lp.topk(k)
+    return TopK(tuple(i.tolist()), tuple(v.tolist()))
+
+
+class DeterministicExpert:
+    def __init__(self, name: str, seed: int, vocab: int = 64, max_model_len: int = 256, eos: int | None = 1) -> None:
+        self.name, self.seed, self.vocab, self.max_model_len, self.eos = name, seed, vocab, max_model_len, eos
+        self.sessions: dict[str, list[int]] = {}
+        self.calls = 0
+
+    async def info(self) -> ExpertInfo:
+        return ExpertInfo(self.name, f"/fake/{self.name}", self.vocab, self.max_model_len, "fp-shared", self.eos)
+
+    async def open(self, steps: list[SessionStep], top_k: int) -> list[StepOutput]:
+        self.calls += 1
+        out = []
+        for s in steps:
+            self.sessions[s.session_id] = list(s.token_ids)
+            out.append(self._next(s.session_id, top_k))
+        return out
+
+    async def advance(self, steps: list[SessionStep], top_k: int) -> list[StepOutput]:
+        self.calls += 1
+        out = []
+        for s in steps:
+            if s.session_id not in self.sessions:
+                out.append(StepOutput(s.session_id, error=f"unknown session {s.session_id}"))
+                continue
+            self.sessions[s.session_id].extend(s.token_ids)
+            out.append(self._next(s.session_id, top_k))
+        return out
+
+    async def close(self, session_ids: list[str]) -> None:
+        for sid in session_ids:
+            self.sessions.pop(sid, None)
+
+    async def score(self, sequences: list[list[int]], top_k: int) -> list[ScoreOutput]:
+        outs = []
+        for seq in sequences:
+            ids, lps, tgt = [], [], []
+            for j in range(len(seq) - 1):
+                lp = context_logprobs(self.seed, seq[: j + 1], self.vocab)
+                t = topk_of(lp, top_k)
+                ids.append(t.token_ids), lps.append(t.logprobs), tgt.append(float(lp[seq[j + 1]]))
+            outs.append(ScoreOutput(tuple(seq), tuple(ids), tuple(lps), tuple(tgt)))
+        return outs
+
+    def _next(self, sid: str, k: int) -> StepOutput:
+        ctx = self.sessions[sid]
+        return StepOutput(sid, topk_of(context_logprobs(self.seed, ctx, self.vocab), k), length=len(ctx))

@@ -1,0 +1,145 @@
+"""The decode loop over deterministic in-process experts: routing, catch-up, batching, determinism."""
+
+import asyncio
+
+import pytest
+import torch
+
+from gating.mix import logprob_of, mix
+from gating.model import Gate, GateArgs
+from gating.runtime import GateRuntime
+from orchestrator.engine import EnsembleEngine
+from orchestrator.types import GenerationParams, GenerationRequest
+from tests.fakes import DeterministicExpert, context_logprobs, topk_of
+
+NAMES = ["code", "prose", "math", "json"]
+V = 64
+
+
+def make_engine(gate_seed: int | None = 0, top_k: int = 2, **kw):
+    experts = {n: DeterministicExpert(n, seed=i, vocab=V) for i, n in enumerate(NAMES)}
+    gate = None
+    if gate_seed is not None:
+        torch.manual_seed(gate_seed)
+        gate = GateRuntime(Gate(GateArgs(V, len(NAMES), 8, 16)), "gate-test", NAMES, top_k, "logits")
+    return EnsembleEngine(experts, gate, top_k=top_k, logprobs_k=8, **kw), experts
+
+
+async def collect(engine, req):
+    return [ev async for ev in engine.generate(req)]
+
+
+def req(rid="r", prompt=(0, 5, 6, 7), **params):
+    return GenerationRequest(rid, tuple(prompt), GenerationParams(**{"max_tokens": 12, "ignore_eos": True, **params}))
+
+
+async def started(**kw):
+    engine, experts = make_engine(**kw)
+    await engine.start()
+    return engine, experts
+
+
+async def test_max_tokens_respected_and_routing_on_every_token():
+    engine, _ = await started()
+    events = await collect(engine, req(max_tokens=7))
+    assert len(events) == 7 and events[-1].finish_reason == "length"
+    for ev in events:
+        assert len(ev.routing.experts) == 2 and sum(ev.routing.weights) == pytest.approx(1.0)
+        assert set(ev.routing.experts) <= set(NAMES)
+
+
+async def test_temperature_zero_is_deterministic_and_seed_reproduces():
+    engine, _ = await started()
+    greedy = [[e.token_id for e in await collect(engine, req(f"g{i}", temperature=0.0))] for i in range(2)]
+    assert greedy[0] == greedy[1]
+    seeded = [[e.token_id for e in await collect(engine, req(f"s{i}", temperature=1.0, seed=7))] for i in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+async def test_each_token_is_sampled_from_the_routed_mix_of_the_full_context():
+    """Recompute every step from scratch (experts' distribution of the whole context): catch-up is exact."""
+    engine, experts = await started()
+    prompt = [0, 9, 10]
+    events = await collect(engine, req(prompt=prompt, temperature=0.0, max_tokens=15))
+    context = list(prompt)
+    for ev in events:
+        idx = [NAMES.index(n) for n in ev.routing.experts]
+        tops = [topk_of(context_logprobs(experts[NAMES[i]].seed, context, V), 8) for i in idx]
+        ids = torch.tensor([[t.token_ids for t in tops]])
+        lps = torch.tensor([[t.logprobs for t in tops]])
+        mixed = mix(ids, lps, torch.tensor([ev.routing.weights]), V, "logits")
+        best = int(mixed.cand_ids[0][mixed.cand_logprobs[0].argmax()])
+        assert ev.token_id == best
+        assert ev.logprob == pytest.approx(float(logprob_of(mixed, torch.tensor([best]))[0]), abs=1e-5)
+        context.append(ev.token_id)
+    switched = {ev.routing.experts for ev in events}
+    assert len(switched) > 1, "test needs routing changes to exercise catch-up"
+
+
+async def test_sessions_are_closed_after_the_request():
+    engine, experts = await started()
+    await collect(engine, req(max_tokens=5))
+    await asyncio.sleep(0.05)
+    assert all(not e.sessions for e in experts.values())
+
+
+async def test_concurrent_streams_share_round_trips():
+    engine, experts = await started()
+    reqs = [req(f"c{i}", prompt=(0, i + 2), max_tokens=10, temperature=0.0) for i in range(16)]
+    results = await asyncio.gather(*(collect(engine, r) for r in reqs))
+    assert all(len(r) == 10 for r in results)
+    steps = sum(b.steps for b in engine._batchers)
+    calls = sum(b.calls for b in engine._batchers)
+    assert calls < steps / 4, f"{calls} round trips for {steps} steps: steps are not being batched"
+
+
+async def test_single_expert_model_uses_only_that_expert():
+    engine, experts = await started()
+    events = await collect(engine, GenerationRequest("m", (0, 4), GenerationParams(max_tokens=5), model="math"))
+    assert all(ev.routing.experts == ("math",) and ev.routing.weights == (1.0,) for ev in events)
+    assert experts["code"].calls == 0
+
+
+async def test_stop_tokens_end_generation():
+    engine, _ = await started()
+    free = await collect(engine, req(temperature=0.0))
+    stop = free[3].token_id
+    events = await collect(engine, req(temperature=0.0, stop_token_ids=(stop,)))
+    assert events[-1].token_id == stop and events[-1].finish_reason == "stop"
+    assert len(events) == next(i for i, e in enumerate(free) if e.token_id == stop) + 1
+
+
+@pytest.mark.parametrize(
+    "request_, message",
+    [
+        (GenerationRequest("x", (), GenerationParams()), "empty"),
+        (GenerationRequest("x", (0, 999), GenerationParams()), "outside the vocabulary"),
+        (GenerationRequest("x", (0, 1), GenerationParams(max_tokens=1000)), "context length"),
+        (GenerationRequest("x", (0, 1), GenerationParams(), model="nope"), "unknown model"),
+    ],
+)
+async def test_bad_requests_are_rejected_with_clear_errors(request_, message):
+    engine, _ = await started()
+    with pytest.raises(ValueError, match=message):
+        await collect(engine, request_)
+
+
+async def test_echo_scores_match_the_generation_path():
+    engine, _ = await started()
+    events = await collect(engine, req(prompt=(0, 3, 4), temperature=0.0, max_tokens=6))
+    tokens = [0, 3, 4] + [e.token_id for e in events]
+    scored = await engine.score("e", tokens, "ensemble")
+    assert scored[0][0] is None
+    for ev, (lp, _) in zip(events, scored[3:]):
+        assert lp == pytest.approx(ev.logprob, abs=1e-4)
+
+
+async def test_gate_swap_keeps_running_requests_on_their_version():
+    engine, _ = await started()
+    gen = engine.generate(req(max_tokens=6))
+    first = await gen.__anext__()
+    torch.manual_seed(9)
+    engine.set_gate(GateRuntime(Gate(GateArgs(V, 4, 8, 16)), "gate-new", NAMES, 2, "logits"))
+    rest = [ev async for ev in gen]
+    assert 1 + len(rest) == 6 and first.request_id == "r"
+    assert engine.gate_version == "gate-new"
