@@ -1,0 +1,72 @@
+"""Shared plumbing of the offline jobs (train-gate, eval, retrain): documents in, scored tensors out.
+
+Documents are JSON Lines with a "text" field; they are tokenized with the experts' shared tokenizer,
+truncated, scored by every expert through their Serve deployments, and cached on disk by content hash.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from experts.config import ExpertConfig
+from experts.protocol import Expert
+from gating.scores import ScoredCorpus, cache_key, load_scored, save_scored, score_sequences
+
+DEMO_EXPERTS = ("code", "prose", "math", "json")
+DEFAULT_TOP_K = 20          # logprobs per expert per position; the serving default too
+DEFAULT_DOC_TOKENS = 512    # documents are truncated to this many tokens (BOS included)
+
+
+def read_jsonl(paths: list[Path]) -> list[dict]:
+    docs = []
+    for path in paths:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    doc = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+                if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+                    raise ValueError(f'{path}:{n}: each line must be an object with a string "text" field')
+                if doc["text"].strip():
+                    docs.append(doc)
+    return docs
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def tokenize(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
+    """Encode with the tokenizer's own special tokens (the demo one adds BOS), keep docs of >= 2 tokens."""
+    seqs = [tokenizer(t, add_special_tokens=True)["input_ids"][:max_tokens] for t in texts]
+    return [s for s in seqs if len(s) >= 2]
+
+
+def demo_expert_configs(demo: Path, names=DEMO_EXPERTS, max_model_len: int = 1024) -> list[ExpertConfig]:
+    return [ExpertConfig(name=n, model_path=str(demo / "experts" / n), max_model_len=max_model_len) for n in names]
+
+
+def generalist_config(demo: Path, max_model_len: int = 1024) -> ExpertConfig:
+    return ExpertConfig(name="generalist", model_path=str(demo / "generalist"), max_model_len=max_model_len)
+
+
+async def scored(
+    experts: dict[str, Expert], sequences: list[list[int]], top_k: int, cache_dir: Path | None,
+    fingerprint: str, desc: str,
+) -> ScoredCorpus:
+    """Score with every expert, reusing an identical earlier scoring from `cache_dir`."""
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"{cache_key(list(experts), sequences, top_k, fingerprint)}.npz"
+        if path.exists():
+            return load_scored(path)
+    corpus = await score_sequences(experts, sequences, top_k, desc=desc)
+    if path is not None:
+        save_scored(corpus, path)
+    return corpus

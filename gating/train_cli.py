@@ -1,0 +1,112 @@
+"""`ensemble train-gate`: score documents with every expert (through their Serve deployments), fit the
+gate and the per-document router baseline, and store the gate as a new promoted version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+from gating.jobs import DEFAULT_DOC_TOKENS, DEFAULT_TOP_K, DEMO_EXPERTS
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--demo", type=Path, default=Path("artifacts/demo"), help="demo build directory (default %(default)s)")
+    p.add_argument("--data", type=Path, nargs="*", help="JSONL files with a 'text' field (default: the demo's gate split)")
+    p.add_argument("--expert", action="append", default=[], metavar="NAME=PATH",
+                   help="an expert checkpoint, repeatable, in routing order (default: the demo experts)")
+    p.add_argument("--registry", type=Path, help="gate registry directory (default: DEMO/gate)")
+    p.add_argument("--k", type=int, default=2, help="experts per token, as served (default %(default)s)")
+    p.add_argument("--mix", choices=["logits", "probs"], default="logits", help="mixing space, as served")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--max-docs-per-file", type=int, default=400)
+    p.add_argument("--doc-tokens", type=int, default=DEFAULT_DOC_TOKENS)
+    p.add_argument("--top-logprobs", type=int, default=DEFAULT_TOP_K)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def data_files(args) -> list[Path]:
+    if args.data:
+        return list(args.data)
+    files = [args.demo / "data" / d / "gate.jsonl" for d in (*DEMO_EXPERTS, "mixed")]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise SystemExit(f"ensemble train-gate: missing {', '.join(missing)}; run `ensemble build-demo` first")
+    return files
+
+
+def expert_configs(args):
+    from experts.config import ExpertConfig
+    from gating.jobs import demo_expert_configs
+
+    if not args.expert:
+        return demo_expert_configs(args.demo)
+    pairs = [e.split("=", 1) for e in args.expert]
+    if any(len(p) != 2 for p in pairs):
+        raise SystemExit("ensemble train-gate: --expert takes NAME=PATH")
+    return [ExpertConfig(name=n, model_path=p, max_model_len=1024) for n, p in pairs]
+
+
+def load_documents(files: list[Path], cap: int, seed: int) -> list[dict]:
+    from gating.jobs import read_jsonl
+
+    docs = []
+    for f in files:
+        part = read_jsonl([f])
+        random.Random(seed).shuffle(part)
+        docs += part[:cap]
+    return docs
+
+
+async def train(args) -> dict:
+    from sklearn.model_selection import train_test_split
+
+    from deploy.local_experts import running_experts
+    from gating.checkpoint import GateCheckpoint, GateRegistry
+    from gating.doc_router import DocRouter
+    from gating.jobs import load_tokenizer, scored, tokenize
+    from gating.model import GateArgs
+    from gating.train import FitArgs, fit_gate
+
+    t0 = time.time()
+    configs = expert_configs(args)
+    registry = GateRegistry(args.registry or args.demo / "gate")
+    docs = load_documents(data_files(args), args.max_docs_per_file, args.seed)
+    tokenizer = load_tokenizer(configs[0].model_path)
+    sequences = tokenize(tokenizer, [d["text"] for d in docs], args.doc_tokens)
+    if len(sequences) < 10:
+        raise SystemExit(f"ensemble train-gate: only {len(sequences)} usable documents; need at least 10")
+    async with running_experts(configs) as experts:
+        infos = await asyncio.gather(*(e.info() for e in experts.values()))
+        fingerprint, vocab = infos[0].tokenizer_fingerprint, infos[0].vocab_size
+        corpus = await scored(experts, sequences, args.top_logprobs, registry.root / "cache", fingerprint, "scoring")
+    train_docs, val_docs = train_test_split(list(range(corpus.n_docs)), test_size=0.15, random_state=args.seed)
+    gate_args = GateArgs(vocab_size=vocab, n_experts=len(configs))
+    fit = FitArgs(k=args.k, space=args.mix, epochs=args.epochs, seed=args.seed)
+    gate, history = fit_gate(corpus, train_docs, val_docs, gate_args, fit, vocab)
+    router = DocRouter.fit(corpus, vocab, seed=args.seed)
+    version = registry.next_version()
+    metrics = {"val_nll": history["best_val_nll"], "initial_val_nll": history["val_nll"][0],
+               "train_docs": len(train_docs), "val_docs": len(val_docs), "tokens": int(len(corpus.targets))}
+    ckpt = GateCheckpoint(version, gate_args, gate.state_dict(), [c.name for c in configs], fingerprint,
+                          top_k=args.k, mix_space=args.mix, parent=registry.current(), metrics=metrics)
+    registry.add(ckpt, promote=True, reason="train-gate")
+    router.save(registry.root / "doc_router.pkl")
+    (registry.root / ".built").write_text(version + "\n")
+    return {"version": version, "registry": str(registry.root), **metrics, "seconds": round(time.time() - t0, 1)}
+
+
+def run(args) -> int:
+    try:
+        result = asyncio.run(train(args))
+    except ValueError as err:
+        print(f"ensemble train-gate: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else "\n".join(f"{k:>16}: {v}" for k, v in result.items()))
+    return 0
