@@ -1,0 +1,132 @@
+"""Retrain the gate on logged traffic: build sequences, split by request, score, fit from the live gate,
+compare on the held-out slice, and promote only if the new gate is better (unless forced).
+
+Nothing here writes a checkpoint until the new gate is complete; an interrupted run leaves the live
+version untouched (GateRegistry writes are atomic).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from experts.protocol import Expert
+from gating.checkpoint import GateCheckpoint, GateRegistry
+from gating.scores import ScoredCorpus
+from gating.train import FitArgs, evaluate_nll, fit_gate
+
+
+class RetrainError(ValueError):
+    """The log cannot be used for retraining; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class RetrainOptions:
+    # Sampled completions that nobody rated come from the live gate itself; training on them teaches the
+    # gate to agree with itself (a feedback loop), so they are left out unless asked for.
+    include_unrated_completions: bool = False
+    min_rating: int = 1
+    heldout_fraction: float = 0.2
+    doc_tokens: int = 512
+    epochs: int = 8
+    top_logprobs: int = 20
+    seed: int = 0
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Sequence:
+    request_id: str
+    tokens: tuple[int, ...]
+    source: str            # "prompt" | "feedback" | "completion"
+
+
+def check_log(records: list, expert_names: list[str], log_fingerprint: str | None, fingerprint: str) -> None:
+    if not records:
+        raise RetrainError("the traffic log has no requests yet; serve some traffic first")
+    named = {e for r in records for step in r.routing_experts for e in step}
+    unknown = sorted(named - set(expert_names))
+    if unknown:
+        raise RetrainError(
+            f"the log names experts that are not configured any more: {', '.join(unknown)} "
+            f"(configured: {', '.join(expert_names)}); filter the log with --since or restore those experts"
+        )
+    if log_fingerprint is not None and log_fingerprint != fingerprint:
+        raise RetrainError(
+            f"the log was written with tokenizer {log_fingerprint[:12]} but the experts use {fingerprint[:12]}; "
+            "its token ids cannot be scored by these experts"
+        )
+
+
+def build_sequences(records: Iterable, feedback: Iterable, opts: RetrainOptions, encode) -> list[Sequence]:
+    """Prompts of served requests, plus completions rated >= min_rating (corrected text wins), deduplicated."""
+    by_id = {r.request_id: r for r in records if r.error is None and r.prompt_ids}
+    out: list[Sequence] = [Sequence(r.request_id, tuple(r.prompt_ids), "prompt") for r in by_id.values()]
+    rated: set[str] = set()
+    for fb in feedback:
+        r = by_id.get(fb.request_id)
+        if r is None or fb.rating < opts.min_rating:
+            continue
+        completion = tuple(encode(fb.corrected_text)) if fb.corrected_text else tuple(r.output_ids)
+        out.append(Sequence(r.request_id, tuple(r.prompt_ids) + completion, "feedback"))
+        rated.add(r.request_id)
+    if opts.include_unrated_completions:
+        out += [Sequence(r.request_id, tuple(r.prompt_ids) + tuple(r.output_ids), "completion")
+                for r in by_id.values() if r.request_id not in rated and r.output_ids]
+    seen, unique = set(), []
+    for s in out:
+        key = hashlib.sha1(repr(s.tokens[: opts.doc_tokens]).encode()).digest()
+        if key not in seen and len(s.tokens) >= 2:
+            seen.add(key)
+            unique.append(Sequence(s.request_id, s.tokens[: opts.doc_tokens], s.source))
+    return unique
+
+
+def split_by_request(seqs: list[Sequence], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of train / held-out sequences; all sequences of one request land on the same side."""
+    from sklearn.model_selection import GroupShuffleSplit
+
+    groups = [s.request_id for s in seqs]
+    if len(set(groups)) < 2:
+        raise RetrainError(f"need at least 2 distinct requests to hold one out, found {len(set(groups))}")
+    splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+    train, held = next(splitter.split(seqs, groups=groups))
+    return sorted(train.tolist()), sorted(held.tolist())
+
+
+async def retrain(
+    experts: dict[str, Expert], registry: GateRegistry, seqs: list[Sequence], opts: RetrainOptions,
+) -> tuple[dict, GateCheckpoint | None, ScoredCorpus]:
+    """-> (result summary, the new checkpoint if promoted, the scored corpus)."""
+    from gating.scores import score_sequences
+
+    current = registry.load_current()
+    info = (await asyncio.gather(*(e.info() for e in experts.values())))[0]
+    current.check_matches(list(experts), info.tokenizer_fingerprint)
+    train_idx, held_idx = split_by_request(seqs, opts.heldout_fraction, opts.seed)
+    corpus = await score_sequences(experts, [list(s.tokens) for s in seqs], opts.top_logprobs, desc="scoring traffic")
+    fit = FitArgs(k=current.top_k, space=current.mix_space, epochs=opts.epochs, seed=opts.seed, patience=opts.epochs)
+    old_gate = current.build()
+    old_nll = evaluate_nll(old_gate, corpus, fit, info.vocab_size, held_idx)
+    # Fine-tune from the live gate, validating on the held-out requests.
+    new_gate, history = fit_gate(corpus, train_idx, held_idx, current.args, fit, info.vocab_size,
+                                 init_state=current.state_dict)
+    new_nll = evaluate_nll(new_gate, corpus, fit, info.vocab_size, held_idx)
+    better = new_nll < old_nll - 1e-4
+    promote = better or opts.force
+    version = registry.next_version()
+    held_tokens = sum(len(seqs[i].tokens) - 1 for i in held_idx)
+    result = {
+        "old_version": current.version, "new_version": version if promote else current.version,
+        "promoted": promote, "train_sequences": len(train_idx), "heldout_tokens": held_tokens,
+        "heldout_nll_old": round(old_nll, 5), "heldout_nll_new": round(new_nll, 5),
+    }
+    ckpt = None
+    if promote:
+        ckpt = GateCheckpoint(version, current.args, new_gate.state_dict(), current.expert_names,
+                              current.tokenizer_fingerprint, current.top_k, current.mix_space,
+                              parent=current.version, metrics={**result, "epochs_run": len(history["train_nll"])})
+        registry.add(ckpt, promote=True, reason="forced" if (opts.force and not better) else "retrain: better")
+    return result, ckpt, corpus
