@@ -1,0 +1,176 @@
+"""How one expert is served: its checkpoint, vLLM engine arguments and Ray Serve resources.
+
+`ExpertConfig` is validated once at the edge (YAML/dict); `engine_args()` and `serve_options()` are the only
+places that translate it into vLLM and Ray Serve terms.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+GIB = 1024**3
+
+# Engine arguments the expert sets itself; overriding them through engine_kwargs would break the session
+# contract (tokenizer-free token-id prompts, raw log-softmax logprobs), so they are refused.
+_RESERVED_ENGINE_KWARGS = frozenset({"model", "skip_tokenizer_init", "logprobs_mode", "max_logprobs"})
+
+
+class ExpertConfig(BaseModel):
+    """One expert = one Serve deployment = one vLLM AsyncLLM per replica."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    model_path: str
+    num_replicas: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    tensor_parallel_size: int = 1
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    max_model_len: int = 2048
+    # CPU only: KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE). Unset, vLLM takes half the RAM per engine.
+    kv_cache_space_gib: int = 1
+    # GPU only: fraction of device memory for weights + KV cache.
+    gpu_memory_utilization: float = 0.9
+    # True skips graph capture/compilation: ~20 s engine start on CPU instead of minutes.
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+    # Paused decode sessions hold a scheduler slot, so this also bounds the number of open sessions.
+    max_num_seqs: int = 64
+    max_top_k: int = 20
+    seed: int = 0
+    # Concurrent handle calls one replica accepts (Serve's default of 5 would serialize the orchestrator).
+    max_ongoing_requests: int = 256
+    # Passed verbatim to vllm AsyncEngineArgs (e.g. {"max_num_batched_tokens": 4096}).
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_identifier_like(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_" for c in v):
+            raise ValueError(f"name must be non-empty and use only letters, digits, '-' or '_', got {v!r}")
+        return v
+
+    @field_validator("model_path")
+    @classmethod
+    def _model_path_nonempty(cls, v: str) -> str:
+        # Existence is checked where the engine starts (the path may only exist on the worker node).
+        if not v.strip():
+            raise ValueError("model_path must be a non-empty path to a Hugging Face checkpoint directory")
+        return v
+
+    @field_validator("num_replicas")
+    @classmethod
+    def _single_replica(cls, v: int) -> int:
+        # Sessions live in one replica's engine; >1 needs session-affinity routing, which is not built yet.
+        if v != 1:
+            raise ValueError(
+                f"num_replicas must be 1 (got {v}): decode sessions are replica-local and the expert client "
+                "has no session-affinity routing yet"
+            )
+        return v
+
+    @field_validator("num_cpus", "num_gpus")
+    @classmethod
+    def _resources_nonnegative(cls, v: float, info: Any) -> float:
+        if v < 0:
+            raise ValueError(f"{info.field_name} must be >= 0, got {v}")
+        return v
+
+    @field_validator("tensor_parallel_size", "max_model_len", "kv_cache_space_gib", "max_num_seqs",
+                     "max_top_k", "max_ongoing_requests")
+    @classmethod
+    def _positive_int(cls, v: int, info: Any) -> int:
+        if v < 1:
+            raise ValueError(f"{info.field_name} must be >= 1, got {v}")
+        return v
+
+    @field_validator("gpu_memory_utilization")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {v}")
+        return v
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _engine_kwargs_not_reserved(cls, v: dict[str, Any]) -> dict[str, Any]:
+        clash = sorted(_RESERVED_ENGINE_KWARGS & v.keys())
+        if clash:
+            raise ValueError(f"engine_kwargs may not set {clash}: the expert sets them to keep its contract")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> ExpertConfig:
+        if self.max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2 (one prompt token plus the predicted one)")
+        # On GPU the replica's mp executor spreads TP ranks over the GPUs Ray gave this actor.
+        if self.on_gpu and self.num_gpus < self.tensor_parallel_size:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} needs num_gpus >= {self.tensor_parallel_size}"
+                f" (got num_gpus={self.num_gpus})"
+            )
+        return self
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.num_gpus > 0
+
+    @property
+    def max_session_len(self) -> int:
+        """Longest context (prompt + advanced tokens) that still leaves room for the predicted token."""
+        return self.max_model_len - 1
+
+    def engine_args(self) -> dict[str, Any]:
+        """Keyword arguments for vllm AsyncEngineArgs (engine_kwargs last, so they win)."""
+        args: dict[str, Any] = dict(
+            model=self.model_path,
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            enforce_eager=self.enforce_eager,
+            enable_prefix_caching=self.enable_prefix_caching,
+            # The orchestrator owns tokenization: prompts arrive as TokensPrompt(prompt_token_ids=...).
+            skip_tokenizer_init=True,
+            max_logprobs=self.max_top_k,
+            # Raw log-softmax of the model logits: independent of temperature, penalties and bad words.
+            logprobs_mode="raw_logprobs",
+            tensor_parallel_size=self.tensor_parallel_size,
+            max_num_seqs=self.max_num_seqs,
+            seed=self.seed,
+        )
+        if self.on_gpu:
+            args["gpu_memory_utilization"] = self.gpu_memory_utilization
+        else:
+            # Same effect as VLLM_CPU_KVCACHE_SPACE but per engine, not per process environment.
+            args["kv_cache_memory_bytes"] = self.kv_cache_space_gib * GIB
+        args.update(self.engine_kwargs)
+        return args
+
+    def env_vars(self) -> dict[str, str]:
+        """Environment of the replica process (the CPU backend reads VLLM_CPU_KVCACHE_SPACE at startup)."""
+        return {} if self.on_gpu else {"VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_space_gib)}
+
+    def serve_options(self) -> dict[str, Any]:
+        """Options for serve.deployment(ExpertServer).options(**...); runtime_env lives in ray_actor_options."""
+        return {
+            "name": self.deployment_name,
+            "num_replicas": self.num_replicas,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": {
+                "num_cpus": self.num_cpus,
+                "num_gpus": self.num_gpus,
+                "runtime_env": {"env_vars": self.env_vars()},
+            },
+        }
+
+    @property
+    def deployment_name(self) -> str:
+        return f"expert-{self.name}"
+
+    def session_capacity(self) -> int:
+        """Open sessions allowed: max_num_seqs minus a reserve so score() requests can still be scheduled."""
+        reserve = max(1, math.ceil(self.max_num_seqs / 8))
+        return max(1, self.max_num_seqs - reserve)
