@@ -1,0 +1,79 @@
+"""Prometheus metrics of one gateway replica, served at GET /metrics in the text exposition format.
+
+Each GatewayMetrics owns its own CollectorRegistry (no process-global state), so replicas and tests never
+collide; per-expert token share = ensemble_expert_token_weight_total / ensemble_completion_tokens_total.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from orchestrator.types import TokenEvent
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+_ITL_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+_ENTROPY_BUCKETS = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 2.0, 2.5, 3.0)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.requests = Counter("ensemble_requests", "HTTP requests by endpoint, model and status code",
+                                ["endpoint", "model", "status"], registry=r)
+        self.in_flight = Gauge("ensemble_requests_in_flight", "requests being served now", registry=r)
+        self.prompt_tokens = Counter("ensemble_prompt_tokens", "prompt tokens", ["model"], registry=r)
+        self.completion_tokens = Counter("ensemble_completion_tokens", "generated tokens", ["model"], registry=r)
+        self.expert_tokens = Counter("ensemble_expert_tokens", "generated tokens each expert took part in",
+                                     ["expert"], registry=r)
+        self.expert_weight = Counter("ensemble_expert_token_weight",
+                                     "sum of each expert's mixing weight over generated tokens", ["expert"],
+                                     registry=r)
+        self.expert_share = Gauge("ensemble_expert_token_share",
+                                  "expert's share of all generated ensemble tokens since start (weight-based)",
+                                  ["expert"], registry=r)
+        self.gate_entropy = Histogram("ensemble_gate_entropy_nats", "entropy of the gate softmax per token",
+                                      buckets=_ENTROPY_BUCKETS, registry=r)
+        self.ttft = Histogram("ensemble_time_to_first_token_seconds", "request arrival to first token",
+                              ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("ensemble_inter_token_latency_seconds", "time between consecutive tokens",
+                             ["model"], buckets=_ITL_BUCKETS, registry=r)
+        self.duration = Histogram("ensemble_request_duration_seconds", "request arrival to last byte",
+                                  ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.gate_info = Gauge("ensemble_gate_info", "1 for the live gate version", ["version"], registry=r)
+        self.log_failed = Gauge("ensemble_traffic_log_failed_rows", "rows the traffic log could not write",
+                                registry=r)
+        self._ensemble_weight: dict[str, float] = {}
+        self._ensemble_tokens = 0
+
+    def set_gate(self, version: str) -> None:
+        self.gate_info.clear()
+        self.gate_info.labels(version=version).set(1)
+
+    def request_done(self, endpoint: str, model: str, status: int, duration_s: float) -> None:
+        self.requests.labels(endpoint=endpoint, model=model, status=str(status)).inc()
+        self.duration.labels(endpoint=endpoint).observe(duration_s)
+
+    def token(self, model: str, ev: TokenEvent, since_previous_s: float, first: bool) -> None:
+        """One generated token; `since_previous_s` is from request arrival for the first token."""
+        (self.ttft if first else self.itl).labels(model=model).observe(since_previous_s)
+        self.completion_tokens.labels(model=model).inc()
+        for name, w in zip(ev.routing.experts, ev.routing.weights):
+            self.expert_tokens.labels(expert=name).inc()
+            self.expert_weight.labels(expert=name).inc(w)
+        if model == "ensemble":
+            self.gate_entropy.observe(ev.routing.entropy)
+            self._ensemble_tokens += 1
+            for name, w in zip(ev.routing.experts, ev.routing.weights):
+                self._ensemble_weight[name] = self._ensemble_weight.get(name, 0.0) + w
+            for name, w in self._ensemble_weight.items():
+                self.expert_share.labels(expert=name).set(w / self._ensemble_tokens)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

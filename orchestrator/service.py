@@ -1,0 +1,401 @@
+"""The gateway's request service, free of Serve: validate, run the engine, shape OpenAI responses, log, count.
+
+Bad input never reaches the engine (OpenAI error body, 4xx); every request, failed or not, is logged exactly
+once. orchestrator/gateway.py puts this behind FastAPI routes inside the Serve ingress deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from orchestrator import api
+from orchestrator.api import OpenAIError
+from orchestrator.metrics import GatewayMetrics
+from orchestrator.stream import StopMatcher, TextCodec, TextDelta, stream_text
+from orchestrator.traffic_log import TrafficLog, TrafficRecord
+from orchestrator.types import GenerationParams, GenerationRequest, TokenEvent
+
+logger = logging.getLogger(__name__)
+ENSEMBLE = "ensemble"
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    traffic_log_path: str                 # may contain "{replica}" so each replica writes its own file
+    top_k: int = 2
+    mix_space: str = "logits"
+    logprobs_k: int = 20
+    max_request_bytes: int = 1_000_000
+    default_max_tokens: int = 16          # /v1/completions default, as in OpenAI's API
+    drain_timeout_s: float = 30.0         # on shutdown, wait this long for in-flight requests
+
+
+@dataclass
+class _Trace:
+    """Everything one request leaves in the traffic log; filled in as the request proceeds."""
+
+    request_id: str
+    endpoint: str
+    created: float = field(default_factory=time.time)
+    t0: float = field(default_factory=time.perf_counter)
+    model: str = ""
+    params: dict = field(default_factory=dict)
+    prompt_ids: tuple[int, ...] = ()
+    prompt_text: str = ""
+    events: list[TokenEvent] = field(default_factory=list)
+    output_text: str = ""
+    gate_version: str = ""
+    ttft_s: float | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    status: int = 200
+    done: bool = False
+
+    def record(self) -> TrafficRecord:
+        ev = self.events
+        return TrafficRecord(
+            self.request_id, self.created, self.endpoint, self.model, self.params, self.prompt_ids,
+            self.prompt_text, tuple(e.token_id for e in ev), self.output_text,
+            tuple(e.routing.experts for e in ev), tuple(e.routing.weights for e in ev),
+            tuple(e.routing.entropy for e in ev), tuple(e.logprob for e in ev), self.gate_version,
+            self.ttft_s, time.perf_counter() - self.t0, self.finish_reason, self.error, self.status)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A validated request, in token ids, ready for the engine."""
+
+    request: GenerationRequest
+    prompt_text: str
+    stops: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+    return_routing: bool
+    logprobs: bool
+    echo: bool = False
+
+
+class GatewayCore:
+    """The HTTP-free heart of the gateway: validate, run the engine, shape responses, log, count."""
+
+    def __init__(self, engine: Any, codec: TextCodec, log: TrafficLog, metrics: GatewayMetrics,
+                 settings: GatewaySettings) -> None:
+        self.engine, self.codec, self.log, self.metrics, self.settings = engine, codec, log, metrics, settings
+        self._open: dict[str, _Trace] = {}
+        self._draining = False
+        self.started = time.time()
+        metrics.set_gate(engine.gate_version)
+
+    @property
+    def models(self) -> list[str]:
+        return [ENSEMBLE, *self.engine.expert_names]
+
+    def set_gate(self, gate: Any) -> None:
+        self.engine.set_gate(gate)
+        self.metrics.set_gate(gate.version)
+        logger.info("gate swapped to %s", gate.version)
+
+    # ---- generation endpoints -----------------------------------------------------------------------
+
+    async def handle(self, request: Request, endpoint: str) -> Response:
+        prefix = "cmpl" if endpoint == "completions" else "chatcmpl"
+        trace = _Trace(f"{prefix}-{uuid.uuid4().hex}", endpoint)
+        self._open[trace.request_id] = trace
+        self.metrics.in_flight.inc()
+        streaming = False
+        try:
+            if self._draining:
+                raise OpenAIError("the service is shutting down", status=503, type="server_error")
+            body = await read_json(request, self.settings.max_request_bytes)
+            schema = api.CompletionRequest if endpoint == "completions" else api.ChatCompletionRequest
+            try:
+                req = schema.model_validate(body)
+            except ValidationError as exc:
+                raise api.error_from_validation(exc) from None
+            trace.model, trace.params = req.model, req.log_params()
+            prep = self._prepare(req, trace)
+            if prep.echo and prep.request.params.max_tokens == 0:
+                return JSONResponse(await self._echo_only(prep, trace))
+            deltas = self._deltas(prep, trace)
+            try:
+                first = await anext(deltas)
+            except ValueError as exc:          # the engine's user-facing rejection
+                raise OpenAIError(str(exc)) from None
+            if prep.stream:
+                streaming = True
+                return ClosingStreamingResponse(self._sse(prep, trace, first, deltas),
+                                                media_type="text/event-stream",
+                                                headers={"x-request-id": trace.request_id})
+            collected = [first] + [d async for d in deltas]
+            return JSONResponse(self._final_body(prep, trace, collected),
+                                headers={"x-request-id": trace.request_id})
+        except OpenAIError as exc:
+            trace.error, trace.status = exc.message, exc.status
+            return JSONResponse(exc.body(), status_code=exc.status, headers={"x-request-id": trace.request_id})
+        except Exception as exc:               # a bug or a dead expert, never the client's input
+            logger.exception("request %s failed", trace.request_id)
+            trace.error, trace.status = f"{type(exc).__name__}: {exc}", 500
+            err = OpenAIError(f"internal error ({type(exc).__name__}); request id {trace.request_id}",
+                              status=500, type="server_error")
+            return JSONResponse(err.body(), status_code=500, headers={"x-request-id": trace.request_id})
+        finally:
+            if not streaming:
+                self._finish(trace)
+
+    def _prepare(self, req: api.CompletionRequest | api.ChatCompletionRequest, trace: _Trace) -> _Prepared:
+        if req.model not in self.models:
+            raise OpenAIError(f"The model '{req.model}' does not exist; available: {', '.join(self.models)}",
+                              status=404, param="model", code="model_not_found")
+        stops = req.stop_list()
+        if isinstance(req, api.ChatCompletionRequest):
+            chat = self.codec.render_chat([{"role": m.role, "content": m.text()} for m in req.messages])
+            prompt_text, ids = chat.text, self.codec.encode(chat.text, chat.add_special_tokens)
+            stops += [s for s in chat.implicit_stops if s not in stops]
+            max_tokens, top_logprobs = req.token_budget(), (req.top_logprobs or 0) if req.logprobs else 0
+            logprobs, echo, prompt_param = req.logprobs, False, "messages"
+        else:
+            if isinstance(req.prompt, str):
+                prompt_text, ids = req.prompt, self.codec.encode(req.prompt)
+            else:
+                ids = list(req.prompt)
+                bad = [t for t in ids if not 0 <= t < self.engine.vocab_size]
+                if bad:
+                    raise OpenAIError(f"prompt token id {bad[0]} is outside the vocabulary "
+                                      f"[0, {self.engine.vocab_size})", param="prompt")
+                prompt_text = self.codec.decode(ids)
+            max_tokens = req.max_tokens if req.max_tokens is not None else self.settings.default_max_tokens
+            logprobs, top_logprobs, echo, prompt_param = req.logprobs is not None, req.logprobs or 0, req.echo, "prompt"
+        trace.prompt_ids, trace.prompt_text = tuple(ids), prompt_text
+        if not ids:
+            raise OpenAIError("the prompt is empty", param=prompt_param)
+        ctx = self.engine.max_model_len
+        max_tokens = ctx - len(ids) if max_tokens is None else max_tokens
+        if len(ids) + max(max_tokens, 0) > ctx or (max_tokens <= 0 and len(ids) > ctx):
+            asked = max(max_tokens, 0)
+            raise OpenAIError(
+                f"This model's maximum context length is {ctx} tokens. However, you requested "
+                f"{len(ids) + asked} tokens ({len(ids)} in the {prompt_param}, {asked} for the completion). "
+                "Please reduce the length of the prompt or max_tokens.",
+                param="max_tokens" if len(ids) < ctx else prompt_param, code="context_length_exceeded")
+        params = GenerationParams(
+            max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            seed=None if req.seed is None else req.seed % 2**63, ignore_eos=req.ignore_eos,
+            top_logprobs=top_logprobs)
+        return _Prepared(GenerationRequest(trace.request_id, tuple(ids), params, req.model), prompt_text,
+                         tuple(stops), req.stream, req.include_usage(), req.return_routing, logprobs, echo)
+
+    async def _deltas(self, prep: _Prepared, trace: _Trace) -> AsyncIterator[TextDelta]:
+        """The engine's tokens as text; records every token in the trace and the metrics as it passes."""
+        events = self.engine.generate(prep.request)
+        trace.gate_version = self.engine.gate_version      # the engine pins this gate on its first step
+        tapped = self._tap(events, trace)
+        text = stream_text(tapped, self.codec.detokenizer(prep.request.prompt_ids), StopMatcher(prep.stops))
+        try:
+            async for delta in text:
+                trace.output_text += delta.text
+                trace.finish_reason = delta.finish_reason
+                yield delta
+        finally:
+            # A stop string ends the text before the engine stops: close it so its sessions are freed.
+            await text.aclose()
+            await tapped.aclose()
+            await events.aclose()
+
+    async def _tap(self, events: AsyncIterator[TokenEvent], trace: _Trace) -> AsyncIterator[TokenEvent]:
+        last = trace.t0
+        async for ev in events:
+            now = time.perf_counter()
+            first = not trace.events
+            if first:
+                trace.ttft_s = now - trace.t0
+            self.metrics.token(trace.model, ev, now - last, first)
+            last = now
+            trace.events.append(ev)
+            yield ev
+
+    async def _echo_only(self, prep: _Prepared, trace: _Trace) -> dict:
+        """echo=true, max_tokens=0: the prompt back, with its per-token logprobs if asked (lm-eval scoring)."""
+        req = prep.request
+        trace.gate_version, trace.finish_reason = self.engine.gate_version, "length"
+        logprobs = None
+        if prep.logprobs:
+            try:
+                scores = await self.engine.score(req.request_id, list(req.prompt_ids), req.model,
+                                                 req.params.top_logprobs)
+            except ValueError as exc:
+                raise OpenAIError(str(exc)) from None
+            logprobs = self._prompt_logprobs(req.prompt_ids, scores)
+        trace.output_text = ""
+        choice = api.CompletionChoice(text=prep.prompt_text, logprobs=logprobs, finish_reason="length")
+        return api.CompletionResponse(id=req.request_id, created=int(trace.created), model=req.model,
+                                      system_fingerprint=trace.gate_version, choices=[choice],
+                                      usage=api.usage_of(len(req.prompt_ids), [])).model_dump()
+
+    def _prompt_logprobs(self, ids: tuple[int, ...], scores: list) -> api.CompletionLogprobs:
+        _, offsets = self.codec.offsets(ids)
+        tt = self.codec.token_text
+        return api.CompletionLogprobs(
+            tokens=[tt(t) for t in ids], token_logprobs=[lp for lp, _ in scores],
+            top_logprobs=[None if lp is None else {tt(t): v for t, v in alts} for lp, alts in scores],
+            text_offset=offsets)
+
+    # ---- response shapes -----------------------------------------------------------------------------
+
+    def _routing(self, prep: _Prepared, trace: _Trace, events) -> api.Routing | None:
+        return api.routing_of(events, self.codec.token_text, trace.gate_version) if prep.return_routing else None
+
+    @staticmethod
+    def _head(trace: _Trace) -> dict:
+        return {"id": trace.request_id, "created": int(trace.created), "model": trace.model,
+                "system_fingerprint": trace.gate_version}
+
+    def _final_body(self, prep: _Prepared, trace: _Trace, deltas: list[TextDelta]) -> dict:
+        req, ev, tt = prep.request, trace.events, self.codec.token_text
+        text = "".join(d.text for d in deltas)
+        head = {**self._head(trace), "usage": api.usage_of(len(req.prompt_ids), ev)}
+        if trace.endpoint == "completions":
+            echo = prep.prompt_text if prep.echo else ""
+            lp = api.completion_logprobs(ev, tt, len(echo)) if prep.logprobs else None
+            choice = api.CompletionChoice(text=echo + text, logprobs=lp, finish_reason=trace.finish_reason,
+                                          routing=self._routing(prep, trace, ev))
+            return api.CompletionResponse(**head, choices=[choice]).model_dump()
+        choice = api.ChatChoice(message=api.AssistantMessage(content=text), finish_reason=trace.finish_reason,
+                                logprobs=api.chat_logprobs(ev, tt) if prep.logprobs else None,
+                                routing=self._routing(prep, trace, ev))
+        return api.ChatCompletionResponse(**head, choices=[choice]).model_dump()
+
+    def _chunk(self, prep: _Prepared, trace: _Trace, delta: TextDelta | None) -> dict:
+        """One SSE event; delta None is the chat opener (role only)."""
+        tt, ev = self.codec.token_text, (delta.events if delta else ())
+        head = self._head(trace)
+        finish, routing = (delta.finish_reason if delta else None), (self._routing(prep, trace, ev) if ev else None)
+        if trace.endpoint == "completions":
+            lp = api.completion_logprobs(ev, tt, len(trace.output_text) - len(delta.text)) if prep.logprobs else None
+            choice = api.CompletionChoice(text=delta.text, logprobs=lp, finish_reason=finish, routing=routing)
+            return api.CompletionResponse(**head, choices=[choice]).model_dump()
+        content = api.ChatDelta(role="assistant", content="") if delta is None else api.ChatDelta(content=delta.text)
+        choice = api.ChatChunkChoice(delta=content, finish_reason=finish, routing=routing,
+                                     logprobs=api.chat_logprobs(ev, tt) if prep.logprobs and ev else None)
+        return api.ChatCompletionChunk(**head, choices=[choice]).model_dump()
+
+    async def _sse(self, prep: _Prepared, trace: _Trace, first: TextDelta,
+                   deltas: AsyncIterator[TextDelta]) -> AsyncIterator[str]:
+        try:
+            if trace.endpoint == "chat.completions":
+                yield sse(self._chunk(prep, trace, None))
+            yield sse(self._chunk(prep, trace, first))
+            async for delta in deltas:
+                yield sse(self._chunk(prep, trace, delta))
+            if prep.include_usage:
+                usage = api.usage_of(len(prep.request.prompt_ids), trace.events).model_dump()
+                obj = "text_completion" if trace.endpoint == "completions" else "chat.completion.chunk"
+                yield sse({**self._head(trace), "object": obj, "choices": [], "usage": usage})
+            yield "data: [DONE]\n\n"
+        except (asyncio.CancelledError, GeneratorExit):
+            trace.error, trace.status = "client disconnected", 499
+            raise
+        except Exception as exc:               # headers are sent: report in-band, as OpenAI does
+            logger.exception("stream %s failed", trace.request_id)
+            trace.error, trace.status = f"{type(exc).__name__}: {exc}", 500
+            yield sse(OpenAIError(f"internal error ({type(exc).__name__})", status=500, type="server_error").body())
+            yield "data: [DONE]\n\n"
+        finally:
+            await deltas.aclose()
+            self._finish(trace)
+
+    # ---- bookkeeping ---------------------------------------------------------------------------------
+
+    def _finish(self, trace: _Trace) -> None:
+        """Exactly once per request: log it, count it."""
+        if trace.done:
+            return
+        trace.done = True
+        self._open.pop(trace.request_id, None)
+        self.metrics.in_flight.dec()
+        self.metrics.prompt_tokens.labels(model=trace.model or "unknown").inc(len(trace.prompt_ids))
+        self.metrics.request_done(trace.endpoint, trace.model or "unknown", trace.status,
+                                  time.perf_counter() - trace.t0)
+        self.log.write(trace.record())
+
+    async def feedback(self, request: Request) -> Response:
+        try:
+            try:
+                fb = api.FeedbackRequest.model_validate(await read_json(request, self.settings.max_request_bytes))
+            except ValidationError as exc:
+                raise api.error_from_validation(exc) from None
+            await asyncio.to_thread(self.log.flush)          # the response may have been logged just now
+            if not await asyncio.to_thread(self.log.has_request, fb.request_id):
+                raise OpenAIError(f"no logged request with id {fb.request_id!r}", status=404,
+                                  param="request_id", code="request_not_found")
+            rec = self.log.add_feedback(fb.request_id, fb.rating, fb.corrected_text)
+            return JSONResponse(api.FeedbackResponse(id=rec.feedback_id, request_id=fb.request_id,
+                                                     rating=fb.rating).model_dump())
+        except OpenAIError as exc:
+            return JSONResponse(exc.body(), status_code=exc.status)
+
+    def health(self) -> tuple[int, dict]:
+        ok = not self._draining and self.log.healthy
+        return (200 if ok else 503), {"status": "ok" if ok else "unavailable", "gate_version":
+                                      self.engine.gate_version, "models": self.models,
+                                      "in_flight": len(self._open)}
+
+    async def aclose(self) -> None:
+        """Graceful stop: refuse new work, let in-flight requests finish, log the stragglers, flush."""
+        self._draining = True
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        while self._open and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for trace in list(self._open.values()):
+            trace.error, trace.status = trace.error or "interrupted by shutdown", 503
+            self._finish(trace)
+        await asyncio.to_thread(self.log.close)
+        if hasattr(self.engine, "stop"):
+            await self.engine.stop()
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Starlette abandons the body iterator when the client goes away; close it so the request is logged
+    and its engine sessions are freed right away, not whenever the garbage collector gets to it."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The request body as a JSON object, refusing bodies over `limit` bytes before reading them all."""
+    declared = request.headers.get("content-length", "")
+    too_big = OpenAIError(f"request body exceeds {limit} bytes", status=413, code="request_too_large")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_big
+    try:
+        obj = json.loads(bytes(body))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OpenAIError(f"We could not parse the JSON body of your request ({exc}).",
+                          code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise OpenAIError("the request body must be a JSON object", code="invalid_json")
+    return obj
