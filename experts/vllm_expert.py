@@ -81,6 +81,11 @@ class VLLMExpert:
         self._engine.shutdown()
 
     @property
+    def engine(self) -> Any:
+        """The underlying vllm AsyncLLM (for measurement scripts; the protocol methods are the API)."""
+        return self._engine
+
+    @property
     def num_open_sessions(self) -> int:
         return len(self._sessions)
 

@@ -1,0 +1,132 @@
+"""Measure lockstep decode stepping of one vLLM expert, both ways, at 1 and N concurrent sessions.
+
+(a) fresh request per step: the whole prefix, max_tokens=1, prefix caching on (only here, for comparison);
+(b) streaming-input session: the library's VLLMExpert (one resumable request per session, one chunk per step).
+Both feed the same predetermined tokens and must return the same top-k; the script checks that.
+
+    .venv/bin/python scripts/measure_expert_stepping.py --model artifacts/demo/experts/code
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import time
+from pathlib import Path
+
+from experts.config import ExpertConfig
+from experts.protocol import SessionStep, TopK
+from experts.vllm_expert import VLLMExpert, _topk
+
+
+class FreshRequestStepper:
+    """Variant (a): the session is a token list kept here; every step is a new max_tokens=1 request."""
+
+    def __init__(self, engine, top_k: int) -> None:
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        self.engine = engine
+        self.top_k = top_k
+        self.params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=top_k, detokenize=False,
+                                     ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+        self.tokens: dict[str, list[int]] = {}
+        self.n = 0
+
+    async def step(self, steps: list[SessionStep]) -> list[TopK]:
+        for s in steps:
+            self.tokens.setdefault(s.session_id, []).extend(s.token_ids)
+        return list(await asyncio.gather(*(self._one(self.tokens[s.session_id]) for s in steps)))
+
+    async def _one(self, tokens: list[int]) -> TopK:
+        from vllm.inputs import TokensPrompt
+
+        self.n += 1
+        out = None
+        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(tokens)), self.params,
+                                              f"fresh#{self.n}"):
+            pass
+        return _topk(out.outputs[0].logprobs[-1], self.top_k)
+
+
+async def run_streaming(expert: VLLMExpert, prompts, feeds, top_k: int):
+    ids = [f"s{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
+    first = await expert.open([SessionStep(i, tuple(p)) for i, p in zip(ids, prompts)], top_k)
+    outs, times = [[o.topk for o in first]], []
+    for t in range(len(feeds[0])):
+        t0 = time.perf_counter()
+        res = await expert.advance([SessionStep(i, (f[t],)) for i, f in zip(ids, feeds)], top_k)
+        times.append(time.perf_counter() - t0)
+        assert all(r.error is None for r in res), [r.error for r in res if r.error]
+        outs.append([r.topk for r in res])
+    await expert.close(ids)
+    return outs, times
+
+
+async def run_fresh(stepper: FreshRequestStepper, prompts, feeds):
+    ids = [f"f{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
+    outs, times = [await stepper.step([SessionStep(i, tuple(p)) for i, p in zip(ids, prompts)])], []
+    for t in range(len(feeds[0])):
+        t0 = time.perf_counter()
+        outs.append(await stepper.step([SessionStep(i, (f[t],)) for i, f in zip(ids, feeds)]))
+        times.append(time.perf_counter() - t0)
+    return outs, times
+
+
+def max_diff(a, b) -> tuple[float, int]:
+    """Largest |logprob| gap over shared top-k ids, and how many positions' top-1 ids differ."""
+    worst, top1 = 0.0, 0
+    for row_a, row_b in zip(a, b):
+        for x, y in zip(row_a, row_b):
+            common = dict(zip(y.token_ids, y.logprobs))
+            worst = max([worst] + [abs(lp - common[t]) for t, lp in zip(x.token_ids, x.logprobs) if t in common])
+            top1 += x.token_ids[0] != y.token_ids[0]
+    return worst, top1
+
+
+def report(name: str, streams: int, times: list[float]) -> None:
+    ms = statistics.median(times) * 1e3
+    tps = streams * len(times) / sum(times)
+    print(f"{name:<22} streams={streams:>3}  median {ms:7.2f} ms/step  mean {1e3 * statistics.mean(times):7.2f}"
+          f" ms/step  {tps:8.1f} tokens/s")
+
+
+async def measure(args) -> None:
+    cfg = ExpertConfig(name="probe", model_path=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+                       max_num_seqs=max(64, 2 * max(args.streams)))
+    expert = VLLMExpert(cfg)
+    info = await expert.info()
+    rng = random.Random(0)
+    stepper = FreshRequestStepper(expert.engine, args.top_k)
+    try:
+        for streams in args.streams:
+            prompts = [[rng.randrange(info.vocab_size) for _ in range(args.prompt_len)] for _ in range(streams)]
+            feeds = [[rng.randrange(info.vocab_size) for _ in range(args.steps)] for _ in range(streams)]
+            for _ in range(2 if args.warmup else 1):  # first round warms both paths up; keep the last
+                s_out, s_times = await run_streaming(expert, prompts, feeds, args.top_k)
+                f_out, f_times = await run_fresh(stepper, prompts, feeds)
+            report("(a) fresh request", streams, f_times)
+            report("(b) streaming session", streams, s_times)
+            worst, top1 = max_diff(s_out, f_out)
+            print(f"    agreement (a) vs (b): max |dlogprob| {worst:.2e}, top-1 differs at {top1} positions")
+    finally:
+        expert.shutdown()
+
+
+def main() -> None:
+    default = Path("artifacts/demo/experts/code")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(default) if default.is_dir() else "/tmp/tiny_mixtral")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--no-warmup", dest="warmup", action="store_false")
+    asyncio.run(measure(p.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
