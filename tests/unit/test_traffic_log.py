@@ -107,3 +107,39 @@ def test_read_since_filters_by_arrival_time(tmp_path) -> None:
         log.write(record(i))
     log.close()
     assert [r.request_id for r in iter_records(tmp_path / "t.db", since=1003.0)] == ["cmpl-3", "cmpl-4"]
+
+
+def test_export_log_writes_partitioned_parquet_without_duplicates(tmp_path) -> None:
+    import argparse
+    import json
+
+    import pyarrow.dataset as ds
+
+    from orchestrator.export_log import add_arguments, run
+
+    for name, ids in (("a.db", range(30)), ("b.db", range(20, 50))):      # overlapping copies
+        log = TrafficLog(tmp_path / name)
+        for i in ids:
+            log.write(record(i))
+        log.add_feedback("cmpl-3", -1)
+        log.close()
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "out"
+    args = parser.parse_args(["--db", str(tmp_path / "a.db"), "--db", str(tmp_path / "b.db"), "--out", str(out)])
+    assert run(args) == 0 and run(args) == 0                                # idempotent re-export
+    table = ds.dataset(out / "requests", format="parquet", partitioning="hive").to_table()
+    assert table.num_rows == 50 and len(set(table.column("request_id").to_pylist())) == 50
+    row = table.filter(ds.field("request_id") == "cmpl-1").to_pylist()[0]
+    assert row["output_ids"] == [7, 8, 9] and row["routing_experts"][0] == ["code", "math"]
+    assert json.loads(row["params"])["max_tokens"] == 3 and row["date"] == "1970-01-01"
+    assert ds.dataset(out / "feedback", format="parquet").to_table().num_rows == 2
+
+
+def test_export_log_reports_a_missing_database(tmp_path, capsys) -> None:
+    import argparse
+
+    from orchestrator.export_log import run
+
+    assert run(argparse.Namespace(db=[tmp_path / "nope.db"], config=None, out=tmp_path / "o", since=None)) == 1
+    assert "not found" in capsys.readouterr().out

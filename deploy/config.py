@@ -1,0 +1,232 @@
+"""The service's YAML config, validated once with pydantic: a Ray Serve config file plus our `ray_init` block.
+
+The file is what `serve run`/`serve deploy` read (http_options, applications[0].import_path/args); the args
+are an AppConfig. Errors name the field (`applications[0].args.experts[1].num_cpus: ...`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from experts.config import ExpertConfig
+from orchestrator.service import GatewaySettings
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent     # the directory holding deploy/
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "local.yaml"
+RESERVED_MODEL = "ensemble"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be served; the message names every offending field."""
+
+
+class RayInitOptions(BaseModel):
+    """How `ensemble serve` starts or joins Ray. Serve itself ignores this block."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = None        # None: start a local Ray; "auto" or ray://...: join a running cluster
+    # Logical CPUs of a local Ray. Replicas reserve CPUs (1 each by default): on a 2-core box too few logical
+    # CPUs leaves deployments waiting forever with no error (see shared/FACTS.md).
+    num_cpus: int | None = Field(None, ge=1)
+    num_gpus: int | None = Field(None, ge=0)
+    include_dashboard: bool = False
+    log_to_driver: bool = True
+    namespace: str = "serve"          # the namespace `serve run` uses, so Serve CLI commands see the app
+
+    @model_validator(mode="after")
+    def _local_resources_only_for_local_ray(self) -> RayInitOptions:
+        if self.address and (self.num_cpus is not None or self.num_gpus is not None):
+            raise ValueError("num_cpus/num_gpus only apply when starting a local Ray (no address)")
+        return self
+
+    def init_kwargs(self) -> dict[str, Any]:
+        kw = self.model_dump(exclude_none=True)
+        if self.address:
+            kw.pop("include_dashboard")
+        return kw
+
+
+class HttpOptions(BaseModel):
+    # Serve accepts more keys (request_timeout_s, root_path, ...): passed through untouched.
+    model_config = ConfigDict(extra="allow")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class GateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str                          # a gate registry directory (its live version) or one checkpoint file
+    version: str | None = None         # pin a version of the registry instead of its CURRENT
+
+
+class TrafficLogConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = "traffic.db"           # may contain "{replica}": one SQLite file per gateway replica
+
+
+class GatewayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.1, ge=0)
+    max_ongoing_requests: int = Field(256, ge=1)
+    max_request_bytes: int = Field(1_000_000, ge=1024)
+    default_max_tokens: int = Field(16, ge=1)
+    graceful_shutdown_timeout_s: float = Field(60.0, gt=0)
+
+
+class AppConfig(BaseModel):
+    """The application's `args`: what deploy.app.app_builder receives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    experts: list[ExpertConfig] = Field(min_length=1)
+    gate: GateConfig | None = None     # None: no trained gate yet, the ensemble mixes all experts uniformly
+    top_k: int = Field(2, ge=1)
+    mix_space: Literal["logits", "probs"] = "logits"
+    logprobs_k: int = Field(20, ge=1, le=64)
+    traffic_log: TrafficLogConfig = Field(default_factory=TrafficLogConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    # Relative paths (model_path, gate.path, traffic_log.path) are resolved against this directory (itself
+    # relative to the project root); default: the project root. The app builder never learns where the YAML
+    # file was, so anchoring at the project root makes `ensemble serve`, `serve run` and any cwd agree.
+    base_dir: str | None = None
+
+    @field_validator("experts")
+    @classmethod
+    def _unique_names(cls, experts: list[ExpertConfig]) -> list[ExpertConfig]:
+        names = [e.name for e in experts]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"expert names must be unique; repeated: {dupes}")
+        if RESERVED_MODEL in names:
+            raise ValueError(f"'{RESERVED_MODEL}' is the model id of the whole ensemble; rename that expert")
+        return experts
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> AppConfig:
+        if self.top_k > len(self.experts):
+            raise ValueError(f"top_k ({self.top_k}) cannot exceed the number of experts ({len(self.experts)})")
+        too_small = [e.name for e in self.experts if e.max_top_k < self.logprobs_k]
+        if too_small:
+            raise ValueError(f"logprobs_k ({self.logprobs_k}) exceeds max_top_k of experts {too_small}")
+        return self
+
+    def resolved(self) -> AppConfig:
+        """A copy with every relative local path made absolute (hub ids like org/model are kept)."""
+        base = PROJECT_ROOT / self.base_dir if self.base_dir else PROJECT_ROOT   # `/` keeps an absolute base_dir
+
+        def local(p: str) -> str:
+            return p if Path(p).is_absolute() else str((base / p).resolve())
+
+        def model(p: str) -> str:
+            # "org/name" that does not exist locally is a Hugging Face hub id: leave it for vLLM to download.
+            hub_id = p.count("/") == 1 and not p.startswith((".", "/")) and not (base / p).exists()
+            return p if hub_id else local(p)
+
+        experts = [e.model_copy(update={"model_path": model(e.model_path)}) for e in self.experts]
+        gate = self.gate.model_copy(update={"path": local(self.gate.path)}) if self.gate else None
+        log = self.traffic_log.model_copy(update={"path": local(self.traffic_log.path)})
+        return self.model_copy(update={"experts": experts, "gate": gate, "traffic_log": log,
+                                       "base_dir": str(base.resolve())})
+
+    def missing_local_paths(self) -> list[str]:
+        """Preflight for a local start: fields whose paths do not exist here (call on a resolved copy)."""
+        errors = [f"experts[{i}].model_path: {e.model_path} does not exist"
+                  for i, e in enumerate(self.experts) if e.model_path.startswith("/") and not Path(e.model_path).exists()]
+        if self.gate and not Path(self.gate.path).exists():
+            errors.append(f"gate.path: {self.gate.path} does not exist (train one with `make gate`)")
+        return errors
+
+    def gateway_settings(self) -> GatewaySettings:
+        return GatewaySettings(traffic_log_path=self.traffic_log.path, top_k=self.top_k, mix_space=self.mix_space,
+                               logprobs_k=self.logprobs_k, max_request_bytes=self.gateway.max_request_bytes,
+                               default_max_tokens=self.gateway.default_max_tokens,
+                               drain_timeout_s=self.gateway.graceful_shutdown_timeout_s / 2)
+
+    def gateway_options(self) -> dict[str, Any]:
+        """serve.deployment options of the gateway; user_config carries the gate (live-swappable)."""
+        g = self.gateway
+        opts: dict[str, Any] = {"num_replicas": g.num_replicas, "max_ongoing_requests": g.max_ongoing_requests,
+                                "graceful_shutdown_timeout_s": g.graceful_shutdown_timeout_s,
+                                "ray_actor_options": {"num_cpus": g.num_cpus}}
+        if self.gate:
+            opts["user_config"] = self.gate.model_dump()
+        return opts
+
+
+class Application(BaseModel):
+    """One entry of Serve's `applications:` list (other Serve keys such as runtime_env pass through)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = "ensemble"
+    route_prefix: str = "/"
+    import_path: str = "deploy.app:app_builder"
+    args: AppConfig
+
+
+class DeployConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")          # other Serve top-level keys (logging_config, ...)
+
+    ray_init: RayInitOptions = Field(default_factory=RayInitOptions)
+    proxy_location: str = "HeadOnly"
+    http_options: HttpOptions = Field(default_factory=HttpOptions)
+    applications: list[Application] = Field(min_length=1, max_length=1)
+
+    @property
+    def app(self) -> AppConfig:
+        return self.applications[0].args
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.http_options.host}:{self.http_options.port}{self.applications[0].route_prefix.rstrip('/')}"
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def format_errors(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
+        lines.append(f"  {_loc(err['loc']) or '(top level)'}: {err['msg'].removeprefix('Value error, ')}{got}")
+    return f"{source}: invalid config\n" + "\n".join(lines)
+
+
+def parse_app_args(args: dict, source: str = "application args") -> AppConfig:
+    try:
+        return AppConfig.model_validate(args).resolved()
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, source)) from None
+
+
+def load_config(path: str | Path | None = None) -> DeployConfig:
+    """Read, validate and resolve a deploy YAML (default: the embedded deploy/local.yaml)."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with an `applications:` list at the top level")
+    try:
+        config = DeployConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, str(path))) from None
+    config.applications[0].args = config.app.resolved()
+    return config

@@ -1,0 +1,97 @@
+"""`ensemble serve --config deploy/local.yaml [--host H --port P]`: start Ray, Serve and the application.
+
+Blocks until Ctrl-C or SIGTERM, then stops cleanly: Serve drains the gateway (in-flight requests finish, the
+traffic log is flushed), the experts' engines stop, and a Ray this command started is shut down too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from deploy.config import DEFAULT_CONFIG, ConfigError, DeployConfig, load_config
+
+
+class _Stop(Exception):
+    """Raised in the main thread by SIGTERM, so the same cleanup runs as for Ctrl-C."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="deploy YAML (default: %(default)s)")
+    parser.add_argument("--host", default=None, help="HTTP host (overrides http_options.host)")
+    parser.add_argument("--port", type=int, default=None, help="HTTP port (overrides http_options.port)")
+    parser.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+
+
+def apply_overrides(config: DeployConfig, args: argparse.Namespace) -> DeployConfig:
+    http = config.http_options.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port))
+                                                  if v is not None})
+    ray_init = config.ray_init
+    if args.address:
+        ray_init = ray_init.model_copy(update={"address": args.address, "num_cpus": None, "num_gpus": None})
+    return config.model_copy(update={"http_options": http, "ray_init": ray_init})
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = apply_overrides(load_config(args.config), args)
+        missing = [] if config.ray_init.address else config.app.missing_local_paths()
+        if missing:
+            raise ConfigError(f"{args.config}: cannot start locally\n  " + "\n  ".join(missing))
+    except ConfigError as exc:
+        print(f"ensemble serve: {exc}", file=sys.stderr)
+        return 2
+    return serve_forever(config)
+
+
+def serve_forever(config: DeployConfig) -> int:
+    import ray
+    from ray import serve
+
+    from deploy.app import build_app
+
+    entry, started_ray = config.applications[0], not config.ray_init.address
+    print(f"starting Ray ({config.ray_init.address or 'local'}) ...", flush=True)
+    ray.init(**config.ray_init.init_kwargs())
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    code = 0
+    try:
+        serve.start(http_options=config.http_options.model_dump(), proxy_location=config.proxy_location)
+        names = ", ".join(e.name for e in config.app.experts)
+        print(f"deploying gateway + {len(config.app.experts)} experts ({names}); engines take ~30-60 s ...",
+              flush=True)
+        t0 = time.time()
+        serve.run(build_app(config.app), name=entry.name, route_prefix=entry.route_prefix)
+        print(f"\nensemble gateway ready in {time.time() - t0:.0f} s at {config.url}/v1\n"
+              f"  models:      ensemble, {names}\n"
+              f"  traffic log: {config.app.traffic_log.path}\n"
+              f"  try:         curl {config.url}/v1/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"ensemble\", \"prompt\": \"def fib(n):\", \"max_tokens\": 32}}'\n"
+              f"  stop:        Ctrl-C", flush=True)
+        while True:
+            time.sleep(3600)
+    except (KeyboardInterrupt, _Stop):
+        print("\nshutting down: draining requests and flushing the traffic log ...", flush=True)
+    except Exception as exc:  # noqa: BLE001 - deployment failed: say why, still clean up
+        print(f"ensemble serve: {type(exc).__name__}: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)       # a second SIGTERM must not cut the cleanup short
+        try:
+            if started_ray:
+                serve.shutdown()                            # graceful: gateway __del__ flushes the log
+            else:
+                serve.delete(entry.name)                    # leave a shared cluster's Serve running
+        finally:
+            if started_ray:
+                ray.shutdown()
+            signal.signal(signal.SIGTERM, previous)
+    print("stopped.", flush=True)
+    return code
+
+
+def _raise_stop(signum, frame) -> None:
+    raise _Stop()
