@@ -19,16 +19,6 @@ from experts.protocol import Expert
 log = logging.getLogger(__name__)
 
 
-def expert_application(cfg: ExpertConfig):
-    """The bound Serve application for one expert (the same deployment the gateway app uses)."""
-    from ray import serve
-
-    from experts.server import ExpertServer
-
-    deployment = ExpertServer if isinstance(ExpertServer, serve.Deployment) else serve.deployment(ExpertServer)
-    return deployment.options(**cfg.serve_options()).bind(cfg)
-
-
 def ensure_ray(num_cpus: int | None = None) -> bool:
     """ray.init once; returns True if this call started Ray (and so should shut it down)."""
     import ray
@@ -46,18 +36,15 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
 @contextlib.asynccontextmanager
 async def running_experts(configs: list[ExpertConfig], *, num_cpus: int | None = None) -> AsyncIterator[dict[str, Expert]]:
     from ray import serve
-    from ray.serve.api import RunTarget
 
-    from experts.server import ServeExpertClient
+    from experts.server import run_experts
 
     started_ray = ensure_ray(num_cpus)
-    apps = [f"offline-{c.name}" for c in configs]
+    apps = [c.deployment_name for c in configs]
     t0 = time.time()
     try:
         # One run_many call: every engine loads in parallel, and it returns once all are healthy.
-        targets = [RunTarget(expert_application(c), name=a, route_prefix=None) for c, a in zip(configs, apps)]
-        handles = await asyncio.to_thread(serve.run_many, targets)
-        clients: dict[str, Expert] = {c.name: ServeExpertClient(h, c.name) for c, h in zip(configs, handles)}
+        clients: dict[str, Expert] = await asyncio.to_thread(run_experts, configs)
         log.info("started %d experts in %.0f s", len(configs), time.time() - t0)
         yield clients
     finally:
