@@ -31,8 +31,8 @@ class ExpertConfig(BaseModel):
     tensor_parallel_size: int = 1
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
     max_model_len: int = 2048
-    # CPU only: KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE). Unset, vLLM takes half the RAM per engine.
-    kv_cache_space_gib: int = 1
+    # CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE). Unset, vLLM takes half the RAM per engine.
+    kv_cache_space_gib: float = 1.0
     # GPU only: fraction of device memory for weights + KV cache.
     gpu_memory_utilization: float = 0.9
     # True skips graph capture/compilation: ~20 s engine start on CPU instead of minutes.
@@ -80,7 +80,14 @@ class ExpertConfig(BaseModel):
             raise ValueError(f"{info.field_name} must be >= 0, got {v}")
         return v
 
-    @field_validator("tensor_parallel_size", "max_model_len", "kv_cache_space_gib", "max_num_seqs",
+    @field_validator("kv_cache_space_gib")
+    @classmethod
+    def _kv_space_positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError(f"kv_cache_space_gib must be > 0 (GiB of KV cache per engine), got {v}")
+        return v
+
+    @field_validator("tensor_parallel_size", "max_model_len", "max_num_seqs",
                      "max_top_k", "max_ongoing_requests")
     @classmethod
     def _positive_int(cls, v: int, info: Any) -> int:
@@ -145,13 +152,20 @@ class ExpertConfig(BaseModel):
             args["gpu_memory_utilization"] = self.gpu_memory_utilization
         else:
             # Same effect as VLLM_CPU_KVCACHE_SPACE but per engine, not per process environment.
-            args["kv_cache_memory_bytes"] = self.kv_cache_space_gib * GIB
+            args["kv_cache_memory_bytes"] = int(self.kv_cache_space_gib * GIB)
         args.update(self.engine_kwargs)
         return args
 
     def env_vars(self) -> dict[str, str]:
-        """Environment of the replica process (the CPU backend reads VLLM_CPU_KVCACHE_SPACE at startup)."""
-        return {} if self.on_gpu else {"VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_space_gib)}
+        """Environment of the replica process (the CPU backend reads VLLM_CPU_KVCACHE_SPACE at startup).
+
+        The variable only takes whole GiB and overrides kv_cache_memory_bytes, so a fractional size (e.g. 0.25
+        for tests) is left to the engine argument alone.
+        """
+        gib = self.kv_cache_space_gib
+        if self.on_gpu or gib != int(gib):
+            return {}
+        return {"VLLM_CPU_KVCACHE_SPACE": str(int(gib))}
 
     def serve_options(self) -> dict[str, Any]:
         """Options for serve.deployment(ExpertServer).options(**...); runtime_env lives in ray_actor_options."""

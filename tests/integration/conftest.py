@@ -43,7 +43,7 @@ def demo_expert_configs() -> list[ExpertConfig]:
             model_path=str(demo_expert_dir(name)),
             dtype="bfloat16" if name == BF16_EXPERT else "float32",
             max_model_len=MAX_MODEL_LEN,
-            kv_cache_space_gib=1,
+            kv_cache_space_gib=0.25,  # ~100k float32 tokens of the demo model; four engines share 24 GiB
             max_num_seqs=64,
         )
         for name in EXPERT_NAMES

@@ -47,6 +47,12 @@ def test_serve_options_put_runtime_env_in_ray_actor_options():
     assert "runtime_env" not in opts
 
 
+def test_fractional_kv_space_goes_through_the_engine_argument_only():
+    c = cfg(kv_cache_space_gib=0.25)
+    assert c.engine_args()["kv_cache_memory_bytes"] == GIB // 4
+    assert c.serve_options()["ray_actor_options"]["runtime_env"] == {"env_vars": {}}
+
+
 def test_config_round_trips_through_a_dict():
     c = cfg(engine_kwargs={"seed": 3})
     assert ExpertConfig(**c.model_dump()) == c
