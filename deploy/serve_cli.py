@@ -81,10 +81,11 @@ def serve_forever(config: DeployConfig) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)       # a second SIGTERM must not cut the cleanup short
         try:
+            # Delete the app while the HTTP proxy is still up: Serve drains each replica (in-flight streams
+            # finish, up to graceful_shutdown_timeout_s) and the gateway's __del__ flushes the traffic log.
+            serve.delete(entry.name)
             if started_ray:
-                serve.shutdown()                            # graceful: gateway __del__ flushes the log
-            else:
-                serve.delete(entry.name)                    # leave a shared cluster's Serve running
+                serve.shutdown()                            # a shared cluster's Serve is left running
         finally:
             if started_ray:
                 ray.shutdown()

@@ -133,7 +133,6 @@ class Gateway:
 
     async def __init__(self, experts: dict[str, Any], settings: GatewaySettings) -> None:
         from experts.server import ServeExpertClient
-
         from orchestrator.engine import EnsembleEngine
 
         clients = {name: ServeExpertClient(handle, name) for name, handle in experts.items()}
@@ -173,4 +172,6 @@ class Gateway:
             raise RuntimeError(f"traffic log writer for {self.core.log.path} died")
 
     async def __del__(self) -> None:
-        await self.core.aclose()
+        core = getattr(self, "core", None)          # absent when the replica is stopped mid-__init__
+        if core is not None:
+            await core.aclose()

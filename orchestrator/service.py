@@ -28,6 +28,8 @@ from orchestrator.types import GenerationParams, GenerationRequest, TokenEvent
 
 logger = logging.getLogger(__name__)
 ENSEMBLE = "ensemble"
+# Serve's proxy already sets its own x-request-id on every response; ours is the id in the body and the log.
+REQUEST_ID_HEADER = "x-ensemble-request-id"
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ class GatewayCore:
             if self._draining:
                 raise OpenAIError("the service is shutting down", status=503, type="server_error")
             body = await read_json(request, self.settings.max_request_bytes)
+            trace.model = str(body.get("model", ""))[:200]
             schema = api.CompletionRequest if endpoint == "completions" else api.ChatCompletionRequest
             try:
                 req = schema.model_validate(body)
@@ -136,19 +139,19 @@ class GatewayCore:
                 streaming = True
                 return ClosingStreamingResponse(self._sse(prep, trace, first, deltas),
                                                 media_type="text/event-stream",
-                                                headers={"x-request-id": trace.request_id})
+                                                headers={REQUEST_ID_HEADER: trace.request_id})
             collected = [first] + [d async for d in deltas]
             return JSONResponse(self._final_body(prep, trace, collected),
-                                headers={"x-request-id": trace.request_id})
+                                headers={REQUEST_ID_HEADER: trace.request_id})
         except OpenAIError as exc:
             trace.error, trace.status = exc.message, exc.status
-            return JSONResponse(exc.body(), status_code=exc.status, headers={"x-request-id": trace.request_id})
+            return JSONResponse(exc.body(), status_code=exc.status, headers={REQUEST_ID_HEADER: trace.request_id})
         except Exception as exc:               # a bug or a dead expert, never the client's input
             logger.exception("request %s failed", trace.request_id)
             trace.error, trace.status = f"{type(exc).__name__}: {exc}", 500
             err = OpenAIError(f"internal error ({type(exc).__name__}); request id {trace.request_id}",
                               status=500, type="server_error")
-            return JSONResponse(err.body(), status_code=500, headers={"x-request-id": trace.request_id})
+            return JSONResponse(err.body(), status_code=500, headers={REQUEST_ID_HEADER: trace.request_id})
         finally:
             if not streaming:
                 self._finish(trace)
@@ -324,9 +327,9 @@ class GatewayCore:
         trace.done = True
         self._open.pop(trace.request_id, None)
         self.metrics.in_flight.dec()
-        self.metrics.prompt_tokens.labels(model=trace.model or "unknown").inc(len(trace.prompt_ids))
-        self.metrics.request_done(trace.endpoint, trace.model or "unknown", trace.status,
-                                  time.perf_counter() - trace.t0)
+        model = trace.model if trace.model in self.models else "unknown"   # clients must not mint label values
+        self.metrics.prompt_tokens.labels(model=model).inc(len(trace.prompt_ids))
+        self.metrics.request_done(trace.endpoint, model, trace.status, time.perf_counter() - trace.t0)
         self.log.write(trace.record())
 
     async def feedback(self, request: Request) -> Response:

@@ -15,7 +15,7 @@ import pytest
 
 from orchestrator.gateway import build_fastapi
 from orchestrator.metrics import GatewayMetrics
-from orchestrator.service import GatewayCore, GatewaySettings
+from orchestrator.service import REQUEST_ID_HEADER, GatewayCore, GatewaySettings
 from orchestrator.stream import TextCodec
 from orchestrator.traffic_log import TrafficLog, iter_records
 from tests.gateway_fakes import EXPERT_NAMES, byte_level_tokenizer, make_engine, random_gate
@@ -78,7 +78,7 @@ async def test_completion_reports_usage_fingerprint_and_is_logged_with_the_same_
     r = await post(gw, "/v1/completions", completion(logprobs=2))
     body = r.json()
     assert r.status_code == 200 and body["object"] == "text_completion"
-    assert body["system_fingerprint"] == "gate-test" and body["id"] == r.headers["x-request-id"]
+    assert body["system_fingerprint"] == "gate-test" and body["id"] == r.headers[REQUEST_ID_HEADER]
     usage, choice = body["usage"], body["choices"][0]
     assert usage["completion_tokens"] == 12 and usage["total_tokens"] == usage["prompt_tokens"] + 12
     assert sum(usage["expert_tokens"].values()) == 2 * 12            # top-2 experts per token
@@ -100,8 +100,8 @@ async def test_stream_is_well_framed_and_matches_the_non_streamed_text(gw) -> No
     assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == whole["choices"][0]["text"]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 16
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
-    assert {c["id"] for c in chunks} == {r.headers["x-request-id"]}
-    rec = (await records(gw))[r.headers["x-request-id"]]
+    assert {c["id"] for c in chunks} == {r.headers[REQUEST_ID_HEADER]}
+    rec = (await records(gw))[r.headers[REQUEST_ID_HEADER]]
     assert rec.output_text == whole["choices"][0]["text"] and len(rec.output_ids) == 16
 
 
@@ -193,10 +193,10 @@ async def test_oversized_body_is_413_and_unknown_routes_are_json_errors(gw) -> N
 
 async def test_failed_requests_are_logged_with_their_status(gw) -> None:
     r = await post(gw, "/v1/completions", completion(n=3))
-    rec = (await records(gw))[r.headers["x-request-id"]]
+    rec = (await records(gw))[r.headers[REQUEST_ID_HEADER]]
     assert r.status_code == 400 and rec.status == 400 and "n=1" in rec.error and rec.output_ids == ()
     r = await post(gw, "/v1/completions", "{oops")
-    rec = (await records(gw))[r.headers["x-request-id"]]
+    rec = (await records(gw))[r.headers[REQUEST_ID_HEADER]]
     assert rec.status == 400 and rec.model == "" and rec.prompt_text == ""
 
 
@@ -213,7 +213,7 @@ async def test_gate_swap_changes_the_fingerprint_of_new_requests(gw) -> None:
 
 async def test_client_disconnect_mid_stream_is_logged_once(gw) -> None:
     async with gw.client.stream("POST", "/v1/completions", json=completion(max_tokens=50, stream=True)) as r:
-        rid = r.headers["x-request-id"]
+        rid = r.headers[REQUEST_ID_HEADER]
         async for _ in r.aiter_raw():
             break
     await asyncio.sleep(0.1)
@@ -263,7 +263,7 @@ async def test_metrics_expose_counters_histograms_and_expert_share(gw) -> None:
 
 async def test_every_generation_request_was_logged_exactly_once(gw) -> None:
     logged = await records(gw)
-    ids = [r.headers.get("x-request-id") or (r.json().get("id") if r.status_code == 200 else None) for r in gw.sent]
+    ids = [r.headers.get(REQUEST_ID_HEADER) or (r.json().get("id") if r.status_code == 200 else None) for r in gw.sent]
     served = [i for i in ids if i]
     assert len(served) == len(set(served)) and set(served) <= set(logged)
     assert len(logged) >= len(gw.sent)   # + streamed/disconnected ones made outside `post`
