@@ -81,9 +81,7 @@ def serve_forever(config: DeployConfig) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)       # a second SIGTERM must not cut the cleanup short
         try:
-            # Delete the app while the HTTP proxy is still up: Serve drains each replica (in-flight streams
-            # finish, up to graceful_shutdown_timeout_s) and the gateway's __del__ flushes the traffic log.
-            serve.delete(entry.name)
+            drain(entry.name, config.app.gateway.graceful_shutdown_timeout_s + 30)
             if started_ray:
                 serve.shutdown()                            # a shared cluster's Serve is left running
         finally:
@@ -92,6 +90,21 @@ def serve_forever(config: DeployConfig) -> int:
             signal.signal(signal.SIGTERM, previous)
     print("stopped.", flush=True)
     return code
+
+
+def drain(app_name: str, timeout_s: float) -> None:
+    """Delete the app while the HTTP proxy is still up: Serve drains every replica (in-flight streams finish
+    within graceful_shutdown_timeout_s), then the gateway's __del__ flushes the traffic log."""
+    from ray import serve
+
+    serve.delete(app_name, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while app_name in serve.status().applications:
+        if time.monotonic() > deadline:
+            print(f"warning: {app_name!r} still draining after {timeout_s:.0f} s; stopping anyway "
+                  "(unfinished requests stay in the traffic log marked incomplete)", file=sys.stderr)
+            return
+        time.sleep(0.5)
 
 
 def _raise_stop(signum, frame) -> None:

@@ -29,7 +29,7 @@ def request_schema():
         ("routing_experts", pa.list_(pa.list_(pa.string()))), ("routing_weights", pa.list_(pa.list_(pa.float32()))),
         ("gate_entropy", pa.list_(pa.float32())), ("logprobs", pa.list_(pa.float32())),
         ("gate_version", pa.string()), ("ttft_s", pa.float64()), ("duration_s", pa.float64()),
-        ("finish_reason", pa.string()), ("error", pa.string()), ("status", pa.int32()),
+        ("finish_reason", pa.string()), ("error", pa.string()), ("status", pa.int32()), ("complete", pa.bool_()),
     ])
 
 

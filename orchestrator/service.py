@@ -11,7 +11,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 ENSEMBLE = "ensemble"
 # Serve's proxy already sets its own x-request-id on every response; ours is the id in the body and the log.
 REQUEST_ID_HEADER = "x-ensemble-request-id"
+_INCOMPLETE = "incomplete: the gateway stopped before this request finished"
 
 
 @dataclass(frozen=True)
@@ -64,14 +65,15 @@ class _Trace:
     status: int = 200
     done: bool = False
 
-    def record(self) -> TrafficRecord:
+    def record(self, complete: bool = True) -> TrafficRecord:
         ev = self.events
+        error, status = (self.error, self.status) if complete else (_INCOMPLETE, 0)
         return TrafficRecord(
             self.request_id, self.created, self.endpoint, self.model, self.params, self.prompt_ids,
             self.prompt_text, tuple(e.token_id for e in ev), self.output_text,
             tuple(e.routing.experts for e in ev), tuple(e.routing.weights for e in ev),
             tuple(e.routing.entropy for e in ev), tuple(e.logprob for e in ev), self.gate_version,
-            self.ttft_s, time.perf_counter() - self.t0, self.finish_reason, self.error, self.status)
+            self.ttft_s, time.perf_counter() - self.t0, self.finish_reason, error, status, complete)
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ class GatewayCore:
                 raise api.error_from_validation(exc) from None
             trace.model, trace.params = req.model, req.log_params()
             prep = self._prepare(req, trace)
+            self.log.write(trace.record(complete=False))    # on record even if the process is killed mid-way
             if prep.echo and prep.request.params.max_tokens == 0:
                 return JSONResponse(await self._echo_only(prep, trace))
             deltas = self._deltas(prep, trace)
@@ -137,7 +140,14 @@ class GatewayCore:
                 raise OpenAIError(str(exc)) from None
             if prep.stream:
                 streaming = True
-                return ClosingStreamingResponse(self._sse(prep, trace, first, deltas),
+
+                async def on_close() -> None:     # also when the body never started (client gone early)
+                    await deltas.aclose()
+                    if not trace.done:
+                        trace.error, trace.status = trace.error or "client disconnected", 499
+                        self._finish(trace)
+
+                return ClosingStreamingResponse(self._sse(prep, trace, first, deltas), on_close,
                                                 media_type="text/event-stream",
                                                 headers={REQUEST_ID_HEADER: trace.request_id})
             collected = [first] + [d async for d in deltas]
@@ -369,14 +379,19 @@ class GatewayCore:
 
 
 class ClosingStreamingResponse(StreamingResponse):
-    """Starlette abandons the body iterator when the client goes away; close it so the request is logged
-    and its engine sessions are freed right away, not whenever the garbage collector gets to it."""
+    """Starlette abandons the body iterator when the client goes away; close it (and run `on_close`) so the
+    request is logged and its engine sessions are freed right away, not whenever the GC gets to it."""
+
+    def __init__(self, content, on_close: Callable[[], Awaitable[None]], **kw) -> None:
+        super().__init__(content, **kw)
+        self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
+            await self.on_close()
 
 
 def sse(obj: dict) -> str:

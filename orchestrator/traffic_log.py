@@ -1,7 +1,7 @@
 """Durable traffic log: one row per request (SQLite in WAL mode, at a configurable path) plus user feedback.
 
-`write()` only enqueues, so logging never blocks a token stream; one writer thread inserts in batches,
-idempotently by request id, and `close()` drains the queue: a graceful stop loses and duplicates nothing.
+`write()` only enqueues, so logging never blocks a token stream; one writer thread inserts in batches, keyed
+by request id: a provisional row (complete=0) when generation starts, replaced once by the final row.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS requests (
     duration_s      REAL,
     finish_reason   TEXT,
     error           TEXT,
-    status          INTEGER NOT NULL
+    status          INTEGER NOT NULL,
+    complete        INTEGER NOT NULL  -- 0: provisional (generation started; the process stopped before it ended)
 );
 CREATE INDEX IF NOT EXISTS requests_created ON requests (created);
 CREATE TABLE IF NOT EXISTS feedback (
@@ -84,6 +85,9 @@ class TrafficRecord:
     finish_reason: str | None = None
     error: str | None = None
     status: int = 200
+    # False for the provisional row written when generation starts: if the process is killed before the
+    # request ends (e.g. a shutdown deadline), the request is still on record, marked incomplete.
+    complete: bool = True
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,7 @@ class FeedbackRecord:
 
 
 COLUMNS = tuple(f.name for f in fields(TrafficRecord))
+_UPDATE_ALL = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS if c != "request_id")
 FEEDBACK_COLUMNS = tuple(f.name for f in fields(FeedbackRecord))
 
 
@@ -217,8 +222,11 @@ class TrafficLog:
             try:
                 with conn:   # one transaction per batch
                     before = conn.total_changes
-                    conn.executemany(f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)}) "
-                                     f"VALUES ({', '.join('?' * len(COLUMNS))})", records)
+                    # The first complete row wins; it replaces a provisional one, never another complete one.
+                    conn.executemany(f"INSERT INTO requests ({', '.join(COLUMNS)}) "
+                                     f"VALUES ({', '.join('?' * len(COLUMNS))}) ON CONFLICT (request_id) DO UPDATE "
+                                     f"SET {_UPDATE_ALL} WHERE requests.complete = 0 AND excluded.complete = 1",
+                                     records)
                     self.written += conn.total_changes - before
                     conn.executemany(f"INSERT OR IGNORE INTO feedback ({', '.join(FEEDBACK_COLUMNS)}) "
                                      f"VALUES ({', '.join('?' * len(FEEDBACK_COLUMNS))})", feedback)
@@ -241,6 +249,7 @@ def _record_from_row(row: sqlite3.Row) -> TrafficRecord:
     d["routing_weights"] = tuple(tuple(x) for x in d["routing_weights"])
     for c in ("prompt_ids", "output_ids", "gate_entropy", "logprobs"):
         d[c] = tuple(d[c])
+    d["complete"] = bool(d["complete"])
     return TrafficRecord(**d)
 
 

@@ -143,3 +143,17 @@ def test_export_log_reports_a_missing_database(tmp_path, capsys) -> None:
 
     assert run(argparse.Namespace(db=[tmp_path / "nope.db"], config=None, out=tmp_path / "o", since=None)) == 1
     assert "not found" in capsys.readouterr().out
+
+
+def test_a_provisional_row_is_replaced_once_by_the_final_one(tmp_path) -> None:
+    import dataclasses
+
+    log = TrafficLog(tmp_path / "t.db")
+    log.write(dataclasses.replace(record(1), output_ids=(), complete=False, status=0))
+    log.write(record(1))                                    # the request finished: replaces the provisional row
+    log.write(dataclasses.replace(record(1), error="a late second final write"))    # ignored
+    log.write(dataclasses.replace(record(2), complete=False, status=0))             # killed mid-request
+    log.close()
+    rows = {r.request_id: r for r in iter_records(tmp_path / "t.db")}
+    assert rows["cmpl-1"] == record(1)
+    assert rows["cmpl-2"].complete is False and rows["cmpl-2"].status == 0
