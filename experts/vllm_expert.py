@@ -78,7 +78,11 @@ class VLLMExpert:
         await self._engine.check_health()
 
     def shutdown(self) -> None:
-        self._engine.shutdown()
+        """Stop the engine-core process. Idempotent; the expert is unusable afterwards."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            # Shut down now, while the interpreter is intact: AsyncLLM.__del__ at exit would fail noisily.
+            engine.shutdown()
 
     @property
     def engine(self) -> Any:

@@ -14,7 +14,6 @@ import asyncio
 import random
 import statistics
 import time
-from pathlib import Path
 
 from experts.config import ExpertConfig
 from experts.protocol import SessionStep, TopK
@@ -111,13 +110,13 @@ async def measure(args) -> None:
             worst, top1 = max_diff(s_out, f_out)
             print(f"    agreement (a) vs (b): max |dlogprob| {worst:.2e}, top-1 differs at {top1} positions")
     finally:
+        stepper.engine = None
         expert.shutdown()
 
 
 def main() -> None:
-    default = Path("artifacts/demo/experts/code")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(default) if default.is_dir() else "/tmp/tiny_mixtral")
+    p.add_argument("--model", default="artifacts/demo/experts/code", help="Hugging Face checkpoint directory")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--streams", type=int, nargs="+", default=[1, 16])
