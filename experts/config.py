@@ -41,6 +41,8 @@ class ExpertConfig(BaseModel):
     # Paused decode sessions hold a scheduler slot, so this also bounds the number of open sessions.
     max_num_seqs: int = 64
     max_top_k: int = 20
+    # Sessions not advanced for this long are closed (checked on open), so a crashed caller cannot leak slots.
+    session_idle_timeout_s: float = 600.0
     seed: int = 0
     # Concurrent handle calls one replica accepts (Serve's default of 5 would serialize the orchestrator).
     max_ongoing_requests: int = 256
@@ -80,11 +82,11 @@ class ExpertConfig(BaseModel):
             raise ValueError(f"{info.field_name} must be >= 0, got {v}")
         return v
 
-    @field_validator("kv_cache_space_gib")
+    @field_validator("kv_cache_space_gib", "session_idle_timeout_s")
     @classmethod
-    def _kv_space_positive(cls, v: float) -> float:
+    def _positive_float(cls, v: float, info: Any) -> float:
         if v <= 0:
-            raise ValueError(f"kv_cache_space_gib must be > 0 (GiB of KV cache per engine), got {v}")
+            raise ValueError(f"{info.field_name} must be > 0, got {v}")
         return v
 
     @field_validator("tensor_parallel_size", "max_model_len", "max_num_seqs",

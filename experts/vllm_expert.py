@@ -11,6 +11,8 @@ import functools
 import itertools
 import json
 import logging
+import numbers
+import time
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ class VLLMExpert:
 
     async def open(self, steps: list[SessionStep], top_k: int) -> list[StepOutput]:
         """Start one decode session per step with its whole prompt; all prompts prefill in one engine batch."""
+        await self._close_idle_sessions()
         errors = self._validate_open(steps, top_k)
         # Register before the first await so a concurrent open of the same id sees it as a duplicate.
         for step, err in zip(steps, errors):
@@ -96,7 +99,7 @@ class VLLMExpert:
     # ---- validation (pure Python, before the engine sees anything) -----------------------------------
 
     def _top_k_error(self, top_k: int) -> str | None:
-        if not isinstance(top_k, int) or not 1 <= top_k <= self.config.max_top_k:
+        if not _is_int(top_k) or not 1 <= top_k <= self.config.max_top_k:
             return f"top_k must be an int in [1, {self.config.max_top_k}] (max_top_k of expert "\
                    f"{self.config.name!r}), got {top_k!r}"
         return None
@@ -107,9 +110,9 @@ class VLLMExpert:
         if len(token_ids) == 0:
             return f"{what} is empty: at least one token id is required"
         vocab = self._info.vocab_size
-        bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        bad = [t for t in token_ids if not _is_int(t) or not 0 <= t < vocab]
         if bad:
-            return f"{what} has token id(s) outside [0, {vocab}): {bad[:5]}"
+            return f"{what} has token id(s) outside [0, {vocab}) or not integers: {bad[:5]}"
         return None
 
     def _length_error(self, new_len: int, what: str) -> str | None:
@@ -161,10 +164,23 @@ class VLLMExpert:
 
     # ---- engine calls ------------------------------------------------------------------------------------
 
+    async def _close_idle_sessions(self) -> None:
+        """Close sessions nobody advanced for session_idle_timeout_s: a crashed caller must not leak slots."""
+        deadline = time.monotonic() - self.config.session_idle_timeout_s
+        idle = [sid for sid, s in self._sessions.items() if s.last_used < deadline and not s.busy]
+        if idle:
+            log.warning("expert %s: closing %d idle sessions", self.config.name, len(idle))
+            await self.close(idle)
+
     async def _feed(self, step: SessionStep, top_k: int, opening: bool) -> StepOutput:
         session = self._sessions[step.session_id]
         try:
-            position = await session.feed(list(step.token_ids), _step_params(top_k))
+            position = await session.feed([int(t) for t in step.token_ids], _step_params(int(top_k)))
+        except asyncio.CancelledError:
+            # The caller gave up mid-step (e.g. a cancelled handle call): the context is now unknown.
+            self._sessions.pop(step.session_id, None)
+            asyncio.ensure_future(session.close())
+            raise
         except Exception as exc:  # one broken session must not fail the batch
             log.warning("expert %s: session %s failed: %r", self.config.name, step.session_id, exc)
             self._sessions.pop(step.session_id, None)
@@ -177,6 +193,7 @@ class VLLMExpert:
         err = k_err or self._token_error(seq, "sequence to score")
         if err is not None:
             return ScoreOutput(tuple(seq), error=err)
+        seq, top_k = [int(t) for t in seq], int(top_k)  # numpy ints do not serialize to the engine
         try:
             rows = await _score_windows(self._engine, seq, top_k, self.config.max_session_len, self._ids)
         except Exception as exc:
@@ -200,6 +217,7 @@ class _Session:
         self.request_id = request_id
         self.length = 0
         self.busy = False
+        self.last_used = time.monotonic()
         self._chunks: asyncio.Queue[Any] = asyncio.Queue()
         self._outputs: AsyncGenerator[Any, None] | None = None
         self._engine = engine
@@ -224,6 +242,7 @@ class _Session:
             return out.outputs[0].logprobs[-1]
         finally:
             self.busy = False
+            self.last_used = time.monotonic()
             if self._close_requested:
                 await self.close()
 
@@ -309,6 +328,10 @@ def _topk(position: PositionLogprobs, k: int, exclude: int | None = None) -> Top
         items = [kv for kv in items if not (kv[0] == exclude and (kv[1].rank or 0) > k)]
     items = items[:k]
     return TopK(tuple(int(t) for t, _ in items), tuple(float(lp.logprob) for _, lp in items))
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 async def _failed_step(step: SessionStep, error: str) -> StepOutput:
