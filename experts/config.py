@@ -135,21 +135,21 @@ class ExpertConfig(BaseModel):
 
     def engine_args(self) -> dict[str, Any]:
         """Keyword arguments for vllm AsyncEngineArgs (engine_kwargs last, so they win)."""
-        args: dict[str, Any] = dict(
-            model=self.model_path,
-            dtype=self.dtype,
-            max_model_len=self.max_model_len,
-            enforce_eager=self.enforce_eager,
-            enable_prefix_caching=self.enable_prefix_caching,
+        args: dict[str, Any] = {
+            "model": self.model_path,
+            "dtype": self.dtype,
+            "max_model_len": self.max_model_len,
+            "enforce_eager": self.enforce_eager,
+            "enable_prefix_caching": self.enable_prefix_caching,
             # The orchestrator owns tokenization: prompts arrive as TokensPrompt(prompt_token_ids=...).
-            skip_tokenizer_init=True,
-            max_logprobs=self.max_top_k,
+            "skip_tokenizer_init": True,
+            "max_logprobs": self.max_top_k,
             # Raw log-softmax of the model logits: independent of temperature, penalties and bad words.
-            logprobs_mode="raw_logprobs",
-            tensor_parallel_size=self.tensor_parallel_size,
-            max_num_seqs=self.max_num_seqs,
-            seed=self.seed,
-        )
+            "logprobs_mode": "raw_logprobs",
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "max_num_seqs": self.max_num_seqs,
+            "seed": self.seed,
+        }
         if self.on_gpu:
             args["gpu_memory_utilization"] = self.gpu_memory_utilization
         else:

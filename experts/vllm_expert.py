@@ -181,7 +181,7 @@ class VLLMExpert:
             self._sessions.pop(step.session_id, None)
             asyncio.ensure_future(session.close())
             raise
-        except Exception as exc:  # one broken session must not fail the batch
+        except Exception as exc:  # noqa: BLE001 - one broken session must not fail the batch
             log.warning("expert %s: session %s failed: %r", self.config.name, step.session_id, exc)
             self._sessions.pop(step.session_id, None)
             await session.close()
@@ -196,7 +196,7 @@ class VLLMExpert:
         seq, top_k = [int(t) for t in seq], int(top_k)  # numpy ints do not serialize to the engine
         try:
             rows = await _score_windows(self._engine, seq, top_k, self.config.max_session_len, self._ids)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - one failed sequence must not fail the batch
             log.warning("expert %s: score failed: %r", self.config.name, exc)
             return ScoreOutput(tuple(seq), error=f"score failed in the engine: {_describe(exc)}")
         tops = [_topk(row, top_k, exclude=target) for row, target in zip(rows, seq[1:])]

@@ -50,7 +50,8 @@ async def test_token_id_outside_vocabulary(client, vocab_size, assert_serves, ba
     out = await open_with_good_neighbour(client, SessionStep(sid, (1, tid, 2)))
     assert out.topk is None and f"outside [0, {vocab_size})" in out.error and str(tid) in out.error
     # Same check on advance, and the session survives a rejected advance.
-    (ok,) = await client.open([SessionStep(sid, (1, 2))], K)
+    (opened,) = await client.open([SessionStep(sid, (1, 2))], K)
+    assert opened.error is None
     (rejected,) = await client.advance([SessionStep(sid, (tid,))], K)
     assert "outside" in rejected.error
     (after,) = await client.advance([SessionStep(sid, (3,))], K)
