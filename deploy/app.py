@@ -19,13 +19,17 @@ from typing import Any
 from deploy.config import AppConfig, parse_app_args
 
 
-def build_app(config: AppConfig) -> Any:
-    """AppConfig (paths resolved) -> bound Serve Application: the gateway over every expert deployment."""
+def build_app(config: AppConfig, *, draining: bool = False) -> Any:
+    """AppConfig (paths resolved) -> bound Serve Application: the gateway over every expert deployment.
+
+    `draining=True` gives the same graph with the gateway told to finish in-flight requests and accept no
+    more: redeploying it is a user_config-only update (no restart), done before deleting the app.
+    """
     from experts.server import expert_app
     from orchestrator.gateway import Gateway
 
     experts = {e.name: expert_app(e) for e in config.experts}
-    return Gateway.options(**config.gateway_options()).bind(experts, config.gateway_settings())
+    return Gateway.options(**config.gateway_options(draining)).bind(experts, config.gateway_settings())
 
 
 def app_builder(args: dict) -> Any:

@@ -152,15 +152,14 @@ class AppConfig(BaseModel):
                                default_max_tokens=self.gateway.default_max_tokens,
                                drain_timeout_s=self.gateway.graceful_shutdown_timeout_s / 2)
 
-    def gateway_options(self) -> dict[str, Any]:
-        """serve.deployment options of the gateway; user_config carries the gate (live-swappable)."""
+    def gateway_options(self, draining: bool = False) -> dict[str, Any]:
+        """serve.deployment options of the gateway; user_config (orchestrator.gateway.GatewayUserConfig) carries
+        the gate, swappable live, and the drain switch used before a planned stop."""
         g = self.gateway
-        opts: dict[str, Any] = {"num_replicas": g.num_replicas, "max_ongoing_requests": g.max_ongoing_requests,
-                                "graceful_shutdown_timeout_s": g.graceful_shutdown_timeout_s,
-                                "ray_actor_options": {"num_cpus": g.num_cpus}}
-        if self.gate:
-            opts["user_config"] = self.gate.model_dump()
-        return opts
+        return {"num_replicas": g.num_replicas, "max_ongoing_requests": g.max_ongoing_requests,
+                "graceful_shutdown_timeout_s": g.graceful_shutdown_timeout_s,
+                "ray_actor_options": {"num_cpus": g.num_cpus},
+                "user_config": {"gate": self.gate.model_dump() if self.gate else None, "draining": draining}}
 
 
 class Application(BaseModel):

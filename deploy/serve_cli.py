@@ -57,7 +57,7 @@ def serve_forever(config: DeployConfig) -> int:
     print(f"starting Ray ({config.ray_init.address or 'local'}) ...", flush=True)
     ray.init(**config.ray_init.init_kwargs())
     previous = signal.signal(signal.SIGTERM, _raise_stop)
-    code = 0
+    code, deployed = 0, False
     try:
         serve.start(http_options=config.http_options.model_dump(), proxy_location=config.proxy_location)
         names = ", ".join(e.name for e in config.app.experts)
@@ -65,6 +65,7 @@ def serve_forever(config: DeployConfig) -> int:
               flush=True)
         t0 = time.time()
         serve.run(build_app(config.app), name=entry.name, route_prefix=entry.route_prefix)
+        deployed = True
         print(f"\nensemble gateway ready in {time.time() - t0:.0f} s at {config.url}/v1\n"
               f"  models:      ensemble, {names}\n"
               f"  traffic log: {config.app.traffic_log.path}\n"
@@ -81,7 +82,8 @@ def serve_forever(config: DeployConfig) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)       # a second SIGTERM must not cut the cleanup short
         try:
-            drain(entry.name, config.app.gateway.graceful_shutdown_timeout_s + 30)
+            if deployed:
+                drain(config, entry)
             if started_ray:
                 serve.shutdown()                            # a shared cluster's Serve is left running
         finally:
@@ -92,11 +94,19 @@ def serve_forever(config: DeployConfig) -> int:
     return code
 
 
-def drain(app_name: str, timeout_s: float) -> None:
-    """Delete the app while the HTTP proxy is still up: Serve drains every replica (in-flight streams finish
-    within graceful_shutdown_timeout_s), then the gateway's __del__ flushes the traffic log."""
+def drain(config: DeployConfig, entry) -> None:
+    """Stop the app without cutting a stream: first every gateway replica finishes its in-flight requests
+    (a user_config-only redeploy, so nothing restarts), then `serve.delete` stops the replicas (the
+    gateway's __del__ flushes the traffic log) while the HTTP proxy is still up."""
     from ray import serve
 
+    from deploy.app import build_app
+
+    app_name, timeout_s = entry.name, config.app.gateway.graceful_shutdown_timeout_s + 30
+    try:
+        serve.run(build_app(config.app, draining=True), name=app_name, route_prefix=entry.route_prefix)
+    except Exception as exc:  # noqa: BLE001 - still delete the app below
+        print(f"warning: could not drain the gateway first ({type(exc).__name__}: {exc})", file=sys.stderr)
     serve.delete(app_name, _blocking=False)
     deadline = time.monotonic() + timeout_s
     while app_name in serve.status().applications:

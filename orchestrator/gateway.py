@@ -1,7 +1,7 @@
 """The Serve ingress deployment: FastAPI routes over one GatewayCore (engine + text layer + traffic log).
 
 Routes: POST /v1/completions, /v1/chat/completions, /v1/feedback; GET /v1/models, /health, /metrics.
-Serve's `user_config` is a GateSource; changing it calls `reconfigure`, which swaps the gate live.
+Serve's `user_config` is a GatewayUserConfig; changing it calls `reconfigure` (live gate swap, or drain).
 """
 
 from __future__ import annotations
@@ -40,6 +40,18 @@ class GateSource(BaseModel):
 
     path: str
     version: str | None = None
+
+
+class GatewayUserConfig(BaseModel):
+    """The gateway deployment's Serve `user_config`. Serve calls Gateway.reconfigure on every replica
+    whenever it changes (`serve deploy`/`serve.run` with a new value), without restarting anything."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gate: GateSource | None = None     # None: no trained gate, the ensemble mixes all experts uniformly
+    # True before a planned stop: refuse new requests and return once in-flight ones are done, so the experts
+    # (stopped in parallel with the gateway by `serve.delete`) are not pulled from under running streams.
+    draining: bool = False
 
 
 def load_gate(source: GateSource, expert_names: list[str], tokenizer_fingerprint: str | None,
@@ -151,11 +163,15 @@ class Gateway:
     async def reconfigure(self, user_config: dict) -> None:
         """Serve calls this after __init__ and whenever the deployment's user_config changes."""
         try:
-            source = GateSource.model_validate(user_config)
+            config = GatewayUserConfig.model_validate(user_config)
         except ValidationError as exc:
-            raise ValueError(f"gateway user_config must be {{path, version?}}: {exc}") from None
-        if source == self._gate_source:
-            return
+            raise ValueError(f"invalid gateway user_config {user_config!r}: {exc}") from None
+        if config.gate is not None and config.gate != self._gate_source:
+            await self._swap_gate(config.gate)
+        if config.draining:
+            await self.core.drain()
+
+    async def _swap_gate(self, source: GateSource) -> None:
         engine, t0 = self.core.engine, time.perf_counter()
         gate = await asyncio.to_thread(load_gate, source, engine.expert_names,
                                        engine.infos[0].tokenizer_fingerprint, engine.top_k, engine.mix_space)
@@ -166,6 +182,10 @@ class Gateway:
     async def gate_version(self) -> str:
         """For handle callers (retraining, tests): the version new requests are served with."""
         return self.core.engine.gate_version
+
+    async def flush_log(self) -> bool:
+        """For handle callers (tests, retraining): wait until every finished request is committed."""
+        return await asyncio.to_thread(self.core.log.flush)
 
     def check_health(self) -> None:
         if not self.core.log.healthy:

@@ -364,12 +364,16 @@ class GatewayCore:
                                       self.engine.gate_version, "models": self.models,
                                       "in_flight": len(self._open)}
 
-    async def aclose(self) -> None:
-        """Graceful stop: refuse new work, let in-flight requests finish, log the stragglers, flush."""
+    async def drain(self) -> None:
+        """Refuse new requests (503) and wait, up to drain_timeout_s, for in-flight ones to finish."""
         self._draining = True
         deadline = time.monotonic() + self.settings.drain_timeout_s
         while self._open and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+
+    async def aclose(self) -> None:
+        """Graceful stop: drain, log the stragglers as interrupted, flush the traffic log."""
+        await self.drain()
         for trace in list(self._open.values()):
             trace.error, trace.status = trace.error or "interrupted by shutdown", 503
             self._finish(trace)

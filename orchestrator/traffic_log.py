@@ -124,6 +124,9 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
         # NORMAL in WAL mode survives a process crash; only an OS crash can drop the last commits.
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
+        have = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
+        if "complete" not in have:            # logs written before provisional rows existed: all were final
+            conn.execute("ALTER TABLE requests ADD COLUMN complete INTEGER NOT NULL DEFAULT 1")
         conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         conn.commit()
     return conn

@@ -104,7 +104,8 @@ def test_hub_ids_are_kept_and_base_dir_anchors_relative_paths(tmp_path) -> None:
 
 def test_gate_travels_as_user_config_so_it_can_be_swapped_live() -> None:
     opts = load_config().app.gateway_options()
-    assert opts["user_config"] == {"path": str(PROJECT_ROOT / "artifacts/demo/gate"), "version": None}
+    assert opts["user_config"] == {"gate": {"path": str(PROJECT_ROOT / "artifacts/demo/gate"), "version": None},
+                                   "draining": False}
     assert opts["ray_actor_options"] == {"num_cpus": 0.1}
 
 
