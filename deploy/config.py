@@ -18,6 +18,7 @@ from orchestrator.service import GatewaySettings
 PROJECT_ROOT = Path(__file__).resolve().parent.parent     # the directory holding deploy/
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "local.yaml"
 RESERVED_MODEL = "ensemble"
+GATEWAY_DEPLOYMENT = "gateway"        # orchestrator.gateway.Gateway's deployment name
 
 
 class ConfigError(ValueError):
@@ -152,14 +153,17 @@ class AppConfig(BaseModel):
                                default_max_tokens=self.gateway.default_max_tokens,
                                drain_timeout_s=self.gateway.graceful_shutdown_timeout_s / 2)
 
+    def gateway_user_config(self, draining: bool = False) -> dict[str, Any]:
+        """The gateway's Serve user_config (orchestrator.gateway.GatewayUserConfig): the gate, swappable live,
+        and the drain switch used before a planned stop."""
+        return {"gate": self.gate.model_dump() if self.gate else None, "draining": draining}
+
     def gateway_options(self, draining: bool = False) -> dict[str, Any]:
-        """serve.deployment options of the gateway; user_config (orchestrator.gateway.GatewayUserConfig) carries
-        the gate, swappable live, and the drain switch used before a planned stop."""
+        """serve.deployment options of the gateway."""
         g = self.gateway
         return {"num_replicas": g.num_replicas, "max_ongoing_requests": g.max_ongoing_requests,
                 "graceful_shutdown_timeout_s": g.graceful_shutdown_timeout_s,
-                "ray_actor_options": {"num_cpus": g.num_cpus},
-                "user_config": {"gate": self.gate.model_dump() if self.gate else None, "draining": draining}}
+                "ray_actor_options": {"num_cpus": g.num_cpus}, "user_config": self.gateway_user_config(draining)}
 
 
 class Application(BaseModel):
@@ -184,6 +188,19 @@ class DeployConfig(BaseModel):
     @property
     def app(self) -> AppConfig:
         return self.applications[0].args
+
+    def serve_config(self, gateway_user_config: dict | None = None) -> dict[str, Any]:
+        """This file as Serve reads it (ServeDeploySchema), with `args` resolved. `gateway_user_config`, when
+        given, overrides the gateway's user_config through `deployments:`; Serve applies a change of only
+        that in place (reconfigure on every replica) because the app's code version hashes the args, not it."""
+        entry = self.applications[0].model_dump(mode="json")
+        entry["args"] = self.app.model_dump(mode="json")
+        if gateway_user_config is not None:
+            others = [d for d in entry.get("deployments") or [] if d.get("name") != GATEWAY_DEPLOYMENT]
+            entry["deployments"] = [*others, {"name": GATEWAY_DEPLOYMENT, "user_config": gateway_user_config}]
+        top = {k: v for k, v in (self.model_extra or {}).items()}
+        return {**top, "proxy_location": self.proxy_location, "http_options": self.http_options.model_dump(),
+                "applications": [entry]}
 
     @property
     def url(self) -> str:

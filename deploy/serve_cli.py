@@ -51,21 +51,20 @@ def serve_forever(config: DeployConfig) -> int:
     import ray
     from ray import serve
 
-    from deploy.app import build_app
+    from deploy.app import deploy
 
-    entry, started_ray = config.applications[0], not config.ray_init.address
+    started_ray = not config.ray_init.address
     print(f"starting Ray ({config.ray_init.address or 'local'}) ...", flush=True)
     ray.init(**config.ray_init.init_kwargs())
     previous = signal.signal(signal.SIGTERM, _raise_stop)
-    code, deployed = 0, False
+    code, running = 0, False
     try:
-        serve.start(http_options=config.http_options.model_dump(), proxy_location=config.proxy_location)
         names = ", ".join(e.name for e in config.app.experts)
         print(f"deploying gateway + {len(config.app.experts)} experts ({names}); engines take ~30-60 s ...",
               flush=True)
         t0 = time.time()
-        serve.run(build_app(config.app), name=entry.name, route_prefix=entry.route_prefix)
-        deployed = True
+        deploy(config)
+        running = True
         print(f"\nensemble gateway ready in {time.time() - t0:.0f} s at {config.url}/v1\n"
               f"  models:      ensemble, {names}\n"
               f"  traffic log: {config.app.traffic_log.path}\n"
@@ -82,8 +81,7 @@ def serve_forever(config: DeployConfig) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)       # a second SIGTERM must not cut the cleanup short
         try:
-            if deployed:
-                drain(config, entry)
+            stop(config, drain_first=running)
             if started_ray:
                 serve.shutdown()                            # a shared cluster's Serve is left running
         finally:
@@ -94,19 +92,22 @@ def serve_forever(config: DeployConfig) -> int:
     return code
 
 
-def drain(config: DeployConfig, entry) -> None:
+def stop(config: DeployConfig, drain_first: bool) -> None:
     """Stop the app without cutting a stream: first every gateway replica finishes its in-flight requests
-    (a user_config-only redeploy, so nothing restarts), then `serve.delete` stops the replicas (the
+    (a user_config-only update, so nothing restarts), then `serve.delete` stops the replicas (the
     gateway's __del__ flushes the traffic log) while the HTTP proxy is still up."""
     from ray import serve
 
-    from deploy.app import build_app
+    from deploy.app import deploy
 
-    app_name, timeout_s = entry.name, config.app.gateway.graceful_shutdown_timeout_s + 30
-    try:
-        serve.run(build_app(config.app, draining=True), name=app_name, route_prefix=entry.route_prefix)
-    except Exception as exc:  # noqa: BLE001 - still delete the app below
-        print(f"warning: could not drain the gateway first ({type(exc).__name__}: {exc})", file=sys.stderr)
+    app_name, timeout_s = config.applications[0].name, config.app.gateway.graceful_shutdown_timeout_s + 30
+    if drain_first:
+        try:
+            deploy(config, gateway_user_config=config.app.gateway_user_config(draining=True), timeout_s=timeout_s)
+        except Exception as exc:  # noqa: BLE001 - still delete the app below
+            print(f"warning: could not drain the gateway first ({type(exc).__name__}: {exc})", file=sys.stderr)
+    if app_name not in serve.status().applications:
+        return
     serve.delete(app_name, _blocking=False)
     deadline = time.monotonic() + timeout_s
     while app_name in serve.status().applications:

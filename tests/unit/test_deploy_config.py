@@ -134,3 +134,20 @@ def test_app_builder_binds_the_gateway_over_one_deployment_per_expert() -> None:
     assert {a._bound_deployment.name for a in experts.values()} == {"expert-code", "expert-prose", "expert-math",
                                                                      "expert-json"}
     assert settings.top_k == 2 and settings.traffic_log_path.endswith("traffic.db")
+
+
+def test_a_gate_swap_or_drain_changes_only_the_gateway_user_config_not_the_code_version() -> None:
+    """Serve restarts replicas when an app's code version changes; it hashes import_path + args, not the
+    deployments' user_config overrides, so these redeploys are reconfigure-only."""
+    from ray.serve._private.deploy_utils import get_app_code_version
+    from ray.serve.schema import ServeDeploySchema
+
+    c = load_config()
+    base = c.serve_config(c.app.gateway_user_config())
+    drained = c.serve_config(c.app.gateway_user_config(draining=True))
+    swapped = c.serve_config({"gate": {"path": c.app.gate.path, "version": "gate-v7"}, "draining": False})
+    apps = [ServeDeploySchema.model_validate(x).applications[0] for x in (base, drained, swapped)]
+    assert len({get_app_code_version(a) for a in apps}) == 1
+    assert apps[1].deployments[0].name == "gateway" and apps[1].deployments[0].user_config["draining"] is True
+    assert "ray_init" not in base and base["http_options"]["port"] == 8000
+    parse_app_args(apps[2].args)                       # the resolved args still validate on the cluster side
