@@ -7,6 +7,7 @@ places that translate it into vLLM and Ray Serve terms.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -33,6 +34,9 @@ class ExpertConfig(BaseModel):
     max_model_len: int = 2048
     # CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE). Unset, vLLM takes half the RAM per engine.
     kv_cache_space_gib: float = 1.0
+    # CPU only: VLLM_CPU_OMP_THREADS_BIND for this engine's worker: "auto" (vLLM reserves one core and pins
+    # to the rest; on 2 cores every engine lands on core 0), "nobind", or core ids such as "1" or "0-3".
+    cpu_threads_bind: str = "auto"
     # GPU only: fraction of device memory for weights + KV cache.
     gpu_memory_utilization: float = 0.9
     # True skips graph capture/compilation: ~20 s engine start on CPU instead of minutes.
@@ -62,6 +66,13 @@ class ExpertConfig(BaseModel):
         # Existence is checked where the engine starts (the path may only exist on the worker node).
         if not v.strip():
             raise ValueError("model_path must be a non-empty path to a Hugging Face checkpoint directory")
+        return v
+
+    @field_validator("cpu_threads_bind")
+    @classmethod
+    def _bind_spec(cls, v: str) -> str:
+        if v not in ("auto", "nobind") and not re.fullmatch(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*", v):
+            raise ValueError(f"cpu_threads_bind must be 'auto', 'nobind' or core ids like '1' or '0-3,6', got {v!r}")
         return v
 
     @field_validator("num_replicas")
@@ -164,10 +175,12 @@ class ExpertConfig(BaseModel):
         The variable only takes whole GiB and overrides kv_cache_memory_bytes, so a fractional size (e.g. 0.25
         for tests) is left to the engine argument alone.
         """
-        gib = self.kv_cache_space_gib
-        if self.on_gpu or gib != int(gib):
+        if self.on_gpu:
             return {}
-        return {"VLLM_CPU_KVCACHE_SPACE": str(int(gib))}
+        env = {"VLLM_CPU_OMP_THREADS_BIND": self.cpu_threads_bind}
+        if self.kv_cache_space_gib == int(self.kv_cache_space_gib):
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(int(self.kv_cache_space_gib))
+        return env
 
     def serve_options(self) -> dict[str, Any]:
         """Options for serve.deployment(ExpertServer).options(**...); runtime_env lives in ray_actor_options."""

@@ -7,13 +7,15 @@ and return the model's log-softmax top-k after them. score() is teacher-forced v
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import json
 import logging
 import numbers
+import os
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -351,7 +353,24 @@ def start_engine(config: ExpertConfig) -> Any:
 
     _require_checkpoint(config.model_path)
     args = {"disable_log_stats": True, **config.engine_args()}
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+    # The engine-core process inherits the environment at spawn: the same variables a Serve replica gets
+    # through runtime_env, set only while this engine starts so several engines in one process may differ.
+    with _environment(config.env_vars()):
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def read_expert_info(config: ExpertConfig) -> ExpertInfo:

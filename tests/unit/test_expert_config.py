@@ -43,14 +43,19 @@ def test_serve_options_put_runtime_env_in_ray_actor_options():
     assert opts["name"] == "expert-code" and opts["num_replicas"] == 1
     actor = opts["ray_actor_options"]
     assert actor["num_cpus"] == 0.5 and actor["num_gpus"] == 0
-    assert actor["runtime_env"] == {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "3"}}
+    assert actor["runtime_env"] == {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "3", "VLLM_CPU_OMP_THREADS_BIND": "auto"}}
     assert "runtime_env" not in opts
 
 
 def test_fractional_kv_space_goes_through_the_engine_argument_only():
     c = cfg(kv_cache_space_gib=0.25)
     assert c.engine_args()["kv_cache_memory_bytes"] == GIB // 4
-    assert c.serve_options()["ray_actor_options"]["runtime_env"] == {"env_vars": {}}
+    assert "VLLM_CPU_KVCACHE_SPACE" not in c.serve_options()["ray_actor_options"]["runtime_env"]["env_vars"]
+
+
+def test_cpu_threads_bind_reaches_the_engine_environment():
+    assert cfg(cpu_threads_bind="1").env_vars()["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    assert cfg(num_gpus=1).env_vars() == {}
 
 
 def test_config_round_trips_through_a_dict():
@@ -62,7 +67,7 @@ def test_config_round_trips_through_a_dict():
     ("name", ""), ("name", "has space"), ("model_path", " "), ("num_replicas", 2), ("num_cpus", -1),
     ("num_gpus", -0.5), ("max_model_len", 0), ("max_model_len", 1), ("kv_cache_space_gib", 0),
     ("max_top_k", 0), ("session_idle_timeout_s", 0), ("max_num_seqs", 0), ("gpu_memory_utilization", 1.5), ("dtype", "int4"),
-    ("engine_kwargs", {"skip_tokenizer_init": False}), ("unknown_field", 1),
+    ("engine_kwargs", {"skip_tokenizer_init": False}), ("cpu_threads_bind", "core0"), ("unknown_field", 1),
 ])
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValidationError) as err:
