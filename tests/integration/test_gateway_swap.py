@@ -1,0 +1,67 @@
+"""Live gate swap through Serve's user_config (what retraining does): no restart, in-flight streams finish
+with the gate they started with, new requests report the new version in system_fingerprint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+
+def add_gate_version(gate_dir) -> tuple[str, str]:
+    """A new, differently-weighted version in the registry (not promoted) -> (old, new) version names."""
+    from gating.checkpoint import GateRegistry
+
+    registry = GateRegistry(gate_dir)
+    current = registry.load_current()
+    torch.manual_seed(1)
+    state = {k: v + 0.5 * torch.randn_like(v) if v.is_floating_point() else v for k, v in current.state_dict.items()}
+    new = dataclasses.replace(current, version=registry.next_version(), state_dict=state, parent=current.version)
+    registry.add(new, promote=False)
+    return current.version, new.version
+
+
+def fingerprint(gw) -> str:
+    r = httpx.post(f"{gw.base_url}/v1/completions", json={"model": "ensemble", "prompt": "x", "max_tokens": 1},
+                   timeout=60)
+    return r.json()["system_fingerprint"]
+
+
+def test_gate_swaps_live_without_restart(live_gateway) -> None:
+    gate = live_gateway.config.gate.model_dump()
+    old, new = add_gate_version(live_gateway.gate_dir)
+    created = httpx.get(f"{live_gateway.base_url}/v1/models").json()["data"][0]["created"]
+    first_byte = threading.Event()
+
+    def long_stream():
+        body = {"model": "ensemble", "prompt": "while True:", "max_tokens": 48, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{live_gateway.base_url}/v1/completions", json=body, timeout=180) as r:
+            parts = []
+            for chunk in r.iter_text():
+                first_byte.set()
+                parts.append(chunk)
+        return "".join(parts)
+
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(long_stream)
+            assert first_byte.wait(120)
+            live_gateway.set_gateway_user_config({"gate": {**gate, "version": new}, "draining": False})
+            assert fingerprint(live_gateway) == new
+            raw = in_flight.result()
+        events = [json.loads(f.removeprefix("data: ")) for f in raw.split("\n\n") if f and f != "data: [DONE]"]
+        assert raw.endswith("data: [DONE]\n\n") and events[-1]["choices"][0]["finish_reason"] == "length"
+        assert {e["system_fingerprint"] for e in events} == {old}          # kept the gate it started with
+        assert httpx.get(f"{live_gateway.base_url}/v1/models").json()["data"][0]["created"] == created
+        metrics = httpx.get(f"{live_gateway.base_url}/metrics").text
+        assert f'ensemble_gate_info{{version="{new}"}} 1.0' in metrics
+    finally:
+        live_gateway.set_gateway_user_config({"gate": gate, "draining": False})
+    assert fingerprint(live_gateway) == old
