@@ -3,8 +3,9 @@
 (a) fresh request per step: the whole prefix, max_tokens=1, prefix caching on (only here, for comparison);
 (b) streaming-input session: the library's VLLMExpert (one resumable request per session, one chunk per step).
 Both feed the same predetermined tokens and must return the same top-k; the script checks that.
+--via-serve measures (b) through Ray Serve (ServeExpertClient -> ExpertServer), i.e. with the per-step RPC.
 
-    .venv/bin/python scripts/measure_expert_stepping.py --model artifacts/demo/experts/code
+    .venv/bin/python scripts/measure_expert_stepping.py --model artifacts/demo/experts/code [--via-serve]
 """
 
 from __future__ import annotations
@@ -91,17 +92,49 @@ def report(name: str, streams: int, times: list[float]) -> None:
           f" ms/step  {tps:8.1f} tokens/s")
 
 
+def probe_config(args) -> ExpertConfig:
+    return ExpertConfig(name="probe", model_path=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+                        max_num_seqs=max(64, 2 * max(args.streams)), kv_cache_space_gib=1,
+                        cpu_threads_bind=args.cpu_threads_bind)
+
+
+def workload(rng: random.Random, vocab: int, streams: int, args):
+    prompts = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(streams)]
+    feeds = [[rng.randrange(vocab) for _ in range(args.steps)] for _ in range(streams)]
+    return prompts, feeds
+
+
+async def measure_via_serve(args) -> None:
+    """Variant (b) through Ray Serve: ServeExpertClient -> ExpertServer replica, one RPC per batched step."""
+    import ray
+    from ray import serve
+
+    from experts.server import run_experts
+
+    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
+    try:
+        client = (await asyncio.to_thread(run_experts, [probe_config(args)]))["probe"]
+        vocab, rng = (await client.info()).vocab_size, random.Random(0)
+        for streams in args.streams:
+            prompts, feeds = workload(rng, vocab, streams, args)
+            for _ in range(2 if args.warmup else 1):
+                _, times = await run_streaming(client, prompts, feeds, args.top_k)
+            report("(b) via Ray Serve", streams, times)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 async def measure(args) -> None:
-    cfg = ExpertConfig(name="probe", model_path=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                       max_num_seqs=max(64, 2 * max(args.streams)))
-    expert = VLLMExpert(cfg)
+    if args.via_serve:
+        return await measure_via_serve(args)
+    expert = VLLMExpert(probe_config(args))
     info = await expert.info()
     rng = random.Random(0)
     stepper = FreshRequestStepper(expert.engine, args.top_k)
     try:
         for streams in args.streams:
-            prompts = [[rng.randrange(info.vocab_size) for _ in range(args.prompt_len)] for _ in range(streams)]
-            feeds = [[rng.randrange(info.vocab_size) for _ in range(args.steps)] for _ in range(streams)]
+            prompts, feeds = workload(rng, info.vocab_size, streams, args)
             for _ in range(2 if args.warmup else 1):  # first round warms both paths up; keep the last
                 s_out, s_times = await run_streaming(expert, prompts, feeds, args.top_k)
                 f_out, f_times = await run_fresh(stepper, prompts, feeds)
@@ -123,6 +156,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--cpu-threads-bind", default="auto", help="VLLM_CPU_OMP_THREADS_BIND of the engine")
+    p.add_argument("--via-serve", action="store_true", help="measure (b) through a Ray Serve deployment instead")
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
     asyncio.run(measure(p.parse_args()))
 
