@@ -149,3 +149,24 @@ async def test_info_describes_the_checkpoint(expert_clients, expert_config_by_na
         assert info.eos_token_id is None or 0 <= info.eos_token_id < info.vocab_size
     # The demo experts share one tokenizer: the startup check passes.
     assert check_shared_tokenizer(infos) == infos[0].tokenizer_fingerprint
+
+
+async def test_concurrent_open_advance_score_calls(expert_clients, tokenize, tolerance):
+    """The orchestrator's batcher issues open, advance and score calls to one expert at the same time."""
+    import asyncio
+
+    name, client = next(iter(expert_clients.items()))
+    tokens = tokenize(SAMPLE_TEXTS["code"])[:12]
+    stepping = [new_id("conc") for _ in range(4)]
+    await client.open([SessionStep(s, tuple(tokens[:6])) for s in stepping], K)
+    fresh = [new_id("conc-open") for _ in range(4)]
+    opened, advanced, (scored,) = await asyncio.gather(
+        client.open([SessionStep(s, tuple(tokens[:7])) for s in fresh], K),
+        client.advance([SessionStep(s, (tokens[6],)) for s in stepping], K),
+        client.score([tokens[:8]], K),
+    )
+    expected = TopK(scored.topk_ids[6], scored.topk_logprobs[6])  # row 6: the prediction after tokens[:7]
+    for out in opened + advanced:
+        assert out.error is None and out.length == 7
+        assert_close(out.topk, expected, tolerance[name], f"concurrent {out.session_id}")
+    await client.close(stepping + fresh)
