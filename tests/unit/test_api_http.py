@@ -221,6 +221,28 @@ async def test_client_disconnect_mid_stream_is_logged_once(gw) -> None:
     assert rec is not None and rec.request_id == rid
 
 
+async def test_a_started_stream_is_on_record_before_it_ends(gw) -> None:
+    """A provisional row is written when generation starts, so a hard kill mid-stream still leaves a record."""
+    from starlette.requests import Request
+
+    body = json.dumps(completion(max_tokens=5, stream=True)).encode()
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    resp = await gw.core.handle(Request(scope, receive), "completions")
+    rid = resp.headers[REQUEST_ID_HEADER]
+    provisional = (await records(gw))[rid]
+    assert provisional.complete is False and provisional.status == 0 and "incomplete" in provisional.error
+    chunks = [c async for c in resp.body_iterator]
+    await resp.on_close()
+    final = (await records(gw))[rid]
+    assert final.complete is True and final.status == 200 and len(final.output_ids) == 5
+    assert chunks[-1] == "data: [DONE]\n\n"
+
+
 async def test_feedback_needs_a_logged_request(gw) -> None:
     rid = (await post(gw, "/v1/completions", completion(max_tokens=2))).json()["id"]
     ok = await gw.client.post("/v1/feedback", json={"request_id": rid, "rating": 1, "corrected_text": "better"})
