@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = export(dbs, args.out, _parse_since(args.since))
     except FileNotFoundError as exc:
-        print(f"ensemble export-log: {exc}")
+        print(f"ensemble export-log: {exc}", file=sys.stderr)
         return 1
     print(json.dumps({**summary, "seconds": round(time.perf_counter() - t0, 2)}))
     return 0

@@ -142,7 +142,7 @@ def test_export_log_reports_a_missing_database(tmp_path, capsys) -> None:
     from orchestrator.export_log import run
 
     assert run(argparse.Namespace(db=[tmp_path / "nope.db"], config=None, out=tmp_path / "o", since=None)) == 1
-    assert "not found" in capsys.readouterr().out
+    assert "not found" in capsys.readouterr().err
 
 
 def test_a_provisional_row_is_replaced_once_by_the_final_one(tmp_path) -> None:
