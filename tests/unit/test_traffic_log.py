@@ -61,7 +61,8 @@ def test_close_mid_load_loses_and_duplicates_nothing(tmp_path) -> None:
 
 async def test_write_never_blocks_the_event_loop(tmp_path) -> None:
     log = TrafficLog(tmp_path / "t.db")
-    hold = sqlite3.connect(tmp_path / "t.db", timeout=0)
+    assert log.flush()                            # the writer is up and idle (its schema setup also writes)
+    hold = sqlite3.connect(tmp_path / "t.db", timeout=10)
     hold.execute("BEGIN IMMEDIATE")               # another writer holds the lock: inserts must wait
     t0 = time.perf_counter()
     for i in range(200):
