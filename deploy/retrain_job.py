@@ -1,0 +1,149 @@
+"""`ensemble retrain`: fit a new gate on logged traffic, promote it only if it beats the live one on
+held-out requests, and swap it into the running service through Serve's user_config (no restart).
+
+The same command runs locally and as a Ray job on a cluster (`ray job submit -- ensemble retrain ...`).
+Interrupting it, or any error, leaves the live gate version untouched and writes no checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import glob
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=Path("deploy/local.yaml"), help="the service's deploy YAML")
+    p.add_argument("--log", type=Path, nargs="*", help="traffic log SQLite file(s) (default: the config's)")
+    p.add_argument("--parquet", type=Path, help="read an `ensemble export-log` directory instead of SQLite")
+    p.add_argument("--since", type=float, help="only requests created at/after this unix time")
+    p.add_argument("--include-unrated-completions", action="store_true",
+                   help="also train on sampled completions nobody rated (reinforces the current gate)")
+    p.add_argument("--heldout", type=float, default=0.2, help="share of requests held out (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="promote even if the new gate is not better")
+    p.add_argument("--no-swap", action="store_true", help="promote in the registry but do not touch the service")
+    p.add_argument("--report", type=Path, help="PNG: expert share per prompt cluster, before and after")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def log_files(config, args) -> list[Path]:
+    if args.log:
+        return list(args.log)
+    pattern = config.app.traffic_log.path.replace("{replica}", "*")
+    return [Path(p) for p in sorted(glob.glob(pattern))]
+
+
+def read_log(config, args) -> tuple[list, list]:
+    """-> (records, feedback) from SQLite file(s) or a Parquet export, deduplicated by id."""
+    if args.parquet:
+        import pyarrow.dataset as ds
+
+        req = ds.dataset(args.parquet / "requests", format="parquet", partitioning="hive").to_table().to_pylist()
+        fb_dir = args.parquet / "feedback"
+        fb = ds.dataset(fb_dir, format="parquet").to_table().to_pylist() if fb_dir.exists() else []
+        records = [SimpleNamespace(**r) for r in req if args.since is None or r["created"] >= args.since]
+        return records, [SimpleNamespace(**f) for f in fb]
+    from orchestrator.traffic_log import iter_feedback, iter_records
+
+    files = log_files(config, args)
+    if not files:
+        raise FileNotFoundError(f"no traffic log at {config.app.traffic_log.path}; serve some traffic first")
+    records, feedback, seen = [], [], set()
+    for f in files:
+        for r in iter_records(f, since=args.since):
+            if r.request_id not in seen:
+                seen.add(r.request_id)
+                records.append(r)
+        feedback += list(iter_feedback(f))
+    return records, feedback
+
+
+@contextlib.asynccontextmanager
+async def experts_for(config):
+    """The running service's expert deployments if it is up (scoring shares their engines), else fresh ones."""
+    import ray
+    from ray import serve
+
+    from deploy.local_experts import running_experts
+    from experts.server import ServeExpertClient
+
+    names = [e.name for e in config.app.experts]
+    app_name = config.applications[0].name
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        if not ray.is_initialized():
+            ray.init(address=config.ray_init.address or "auto", log_to_driver=False)
+    if ray.is_initialized() and app_name in serve.status().applications:
+        yield {n: ServeExpertClient(serve.get_deployment_handle(f"expert-{n}", app_name), n) for n in names}, True
+        return
+    async with running_experts(list(config.app.experts)) as clients:
+        yield clients, False
+
+
+def swap_live_gate(config, registry_path: str, version: str) -> None:
+    from deploy.app import deploy
+
+    user_config = {"gate": {"path": registry_path, "version": version}, "draining": False}
+    deploy(config, gateway_user_config=user_config, timeout_s=300)
+
+
+async def retrain_from_log(args) -> dict:
+    from deploy.config import load_config
+    from gating.checkpoint import GateRegistry
+    from gating.jobs import load_tokenizer
+    from gating.retrain import RetrainError, RetrainOptions, build_sequences, check_log, retrain
+
+    config = load_config(args.config)
+    if config.app.gate is None:
+        raise RetrainError(f"{args.config}: no gate configured; train one first (`ensemble train-gate`)")
+    registry = GateRegistry(Path(config.app.gate.path))
+    opts = RetrainOptions(include_unrated_completions=args.include_unrated_completions, heldout_fraction=args.heldout,
+                          epochs=args.epochs, seed=args.seed, force=args.force, top_logprobs=config.app.logprobs_k)
+    records, feedback = read_log(config, args)
+    tokenizer = load_tokenizer(config.app.experts[0].model_path)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    async with experts_for(config) as (experts, live):
+        info = await next(iter(experts.values())).info()
+        log_fp = next((r.params.get("tokenizer_fingerprint") for r in records if isinstance(r.params, dict)
+                       and r.params.get("tokenizer_fingerprint")), None)
+        check_log(records, list(experts), log_fp, info.tokenizer_fingerprint)
+        seqs = build_sequences(records, feedback, opts, encode)
+        result, ckpt, corpus = await retrain(experts, registry, seqs, opts)
+        if ckpt is not None and live and not args.no_swap:
+            await asyncio.to_thread(swap_live_gate, config, str(registry.root), ckpt.version)
+            result["swapped_live"] = True
+    if args.report:
+        from gating.report import share_report
+
+        share_report(corpus, registry, result, args.report)
+    return result
+
+
+def run(args) -> int:
+    from gating.retrain import RetrainError
+
+    t0 = time.time()
+    try:
+        result = asyncio.run(retrain_from_log(args))
+    except KeyboardInterrupt:
+        print("ensemble retrain: interrupted; no checkpoint written, the live gate is unchanged", file=sys.stderr)
+        return 130
+    except (RetrainError, FileNotFoundError) as err:
+        print(f"ensemble retrain: {err}", file=sys.stderr)
+        return 2
+    result["seconds"] = round(time.time() - t0, 1)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        verdict = "promoted" if result["promoted"] else "kept"
+        print(f"{verdict} {result['new_version']} (was {result['old_version']}): held-out NLL/token "
+              f"{result['heldout_nll_old']:.4f} -> {result['heldout_nll_new']:.4f} on {result['heldout_tokens']} "
+              f"tokens; trained on {result['train_sequences']} sequences in {result['seconds']} s")
+    return 0
