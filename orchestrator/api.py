@@ -6,12 +6,11 @@ and, when asked for, `choices[].routing` (which experts produced each token, wit
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from orchestrator.types import TokenEvent
+from starlette.requests import Request
 
 MAX_LOGPROBS = 20            # the engine reports at most 20 alternatives per token
 MAX_STOP_STRINGS = 16
@@ -54,6 +53,27 @@ def error_from_validation(exc: ValidationError) -> OpenAIError:
     elif err["type"] == "extra_forbidden":
         msg = "unrecognized parameter"
     return OpenAIError(f"{param}: {msg}" if param else msg, param=param, code="invalid_parameter")
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The request body as a JSON object, refusing bodies over `limit` bytes before reading them all."""
+    declared = request.headers.get("content-length", "")
+    too_big = OpenAIError(f"request body exceeds {limit} bytes", status=413, code="request_too_large")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_big
+    try:
+        obj = json.loads(bytes(body))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OpenAIError(f"We could not parse the JSON body of your request ({exc}).",
+                          code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise OpenAIError("the request body must be a JSON object", code="invalid_json")
+    return obj
 
 
 # ---- requests ------------------------------------------------------------------------------------------
@@ -347,60 +367,3 @@ class FeedbackResponse(BaseModel):
     object: str = "feedback"
     request_id: str
     rating: int
-
-
-# ---- builders: engine TokenEvents -> response fields -----------------------------------------------------
-# `token_text(id)` renders one token for humans (the stream's codec); kept as a parameter so these stay pure.
-
-
-def routing_of(events: Sequence[TokenEvent], token_text: Callable[[int], str], gate_version: str) -> Routing:
-    tokens: list[TokenRoute] = []
-    totals: dict[str, float] = {}
-    for ev in events:
-        pairs = sorted(zip(ev.routing.experts, ev.routing.weights), key=lambda p: -p[1])
-        tokens.append(TokenRoute(index=ev.index, token=token_text(ev.token_id),
-                                 experts={name: round(w, 4) for name, w in pairs}))
-        for name, w in pairs:
-            totals[name] = totals.get(name, 0.0) + w
-    n = max(len(events), 1)
-    share = {name: round(w / n, 4) for name, w in sorted(totals.items(), key=lambda p: -p[1])}
-    return Routing(gate_version=gate_version, share=share, tokens=tokens)
-
-
-def expert_token_counts(events: Sequence[TokenEvent]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for ev in events:
-        for name in ev.routing.experts:
-            counts[name] = counts.get(name, 0) + 1
-    return dict(sorted(counts.items(), key=lambda p: -p[1]))
-
-
-def usage_of(prompt_tokens: int, events: Sequence[TokenEvent]) -> Usage:
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=len(events),
-                 total_tokens=prompt_tokens + len(events), expert_tokens=expert_token_counts(events))
-
-
-def completion_logprobs(events: Sequence[TokenEvent], token_text: Callable[[int], str],
-                        text_offset: int = 0) -> CompletionLogprobs:
-    """Legacy /v1/completions logprobs; `text_offset` is where the first token's text starts."""
-    out = CompletionLogprobs()
-    for ev in events:
-        text = token_text(ev.token_id)
-        out.tokens.append(text)
-        out.token_logprobs.append(ev.logprob)
-        out.top_logprobs.append({token_text(t): lp for t, lp in ev.top_logprobs} or None)
-        out.text_offset.append(text_offset)
-        text_offset += len(text)
-    return out
-
-
-def chat_logprobs(events: Sequence[TokenEvent], token_text: Callable[[int], str]) -> ChatLogprobs:
-    def top(t: int, lp: float) -> TopLogprob:
-        s = token_text(t)
-        return TopLogprob(token=s, logprob=lp, bytes=list(s.encode()))
-
-    return ChatLogprobs(content=[
-        ChatTokenLogprob(**top(ev.token_id, ev.logprob).model_dump(),
-                         top_logprobs=[top(t, lp) for t, lp in ev.top_logprobs])
-        for ev in events
-    ])

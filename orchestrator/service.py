@@ -7,21 +7,21 @@ once. orchestrator/gateway.py puts this behind FastAPI routes inside the Serve i
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from orchestrator import api
-from orchestrator.api import OpenAIError
+from orchestrator import api, responses
+from orchestrator.api import OpenAIError, read_json
 from orchestrator.metrics import GatewayMetrics
+from orchestrator.responses import ClosingStreamingResponse, sse
 from orchestrator.stream import StopMatcher, TextCodec, TextDelta, stream_text
 from orchestrator.traffic_log import TrafficLog, TrafficRecord
 from orchestrator.types import GenerationParams, GenerationRequest, TokenEvent
@@ -156,6 +156,9 @@ class GatewayCore:
         except OpenAIError as exc:
             trace.error, trace.status = exc.message, exc.status
             return JSONResponse(exc.body(), status_code=exc.status, headers={REQUEST_ID_HEADER: trace.request_id})
+        except asyncio.CancelledError:         # the client went away while we were generating
+            trace.error, trace.status = "client disconnected", 499
+            raise
         except Exception as exc:               # a bug or a dead expert, never the client's input
             logger.exception("request %s failed", trace.request_id)
             trace.error, trace.status = f"{type(exc).__name__}: {exc}", 500
@@ -254,7 +257,7 @@ class GatewayCore:
         choice = api.CompletionChoice(text=prep.prompt_text, logprobs=logprobs, finish_reason="length")
         return api.CompletionResponse(id=req.request_id, created=int(trace.created), model=req.model,
                                       system_fingerprint=trace.gate_version, choices=[choice],
-                                      usage=api.usage_of(len(req.prompt_ids), [])).model_dump()
+                                      usage=responses.usage_of(len(req.prompt_ids), [])).model_dump()
 
     def _prompt_logprobs(self, ids: tuple[int, ...], scores: list) -> api.CompletionLogprobs:
         _, offsets = self.codec.offsets(ids)
@@ -267,7 +270,7 @@ class GatewayCore:
     # ---- response shapes -----------------------------------------------------------------------------
 
     def _routing(self, prep: _Prepared, trace: _Trace, events) -> api.Routing | None:
-        return api.routing_of(events, self.codec.token_text, trace.gate_version) if prep.return_routing else None
+        return responses.routing_of(events, self.codec.token_text, trace.gate_version) if prep.return_routing else None
 
     @staticmethod
     def _head(trace: _Trace) -> dict:
@@ -277,15 +280,15 @@ class GatewayCore:
     def _final_body(self, prep: _Prepared, trace: _Trace, deltas: list[TextDelta]) -> dict:
         req, ev, tt = prep.request, trace.events, self.codec.token_text
         text = "".join(d.text for d in deltas)
-        head = {**self._head(trace), "usage": api.usage_of(len(req.prompt_ids), ev)}
+        head = {**self._head(trace), "usage": responses.usage_of(len(req.prompt_ids), ev)}
         if trace.endpoint == "completions":
             echo = prep.prompt_text if prep.echo else ""
-            lp = api.completion_logprobs(ev, tt, len(echo)) if prep.logprobs else None
+            lp = responses.completion_logprobs(ev, tt, len(echo)) if prep.logprobs else None
             choice = api.CompletionChoice(text=echo + text, logprobs=lp, finish_reason=trace.finish_reason,
                                           routing=self._routing(prep, trace, ev))
             return api.CompletionResponse(**head, choices=[choice]).model_dump()
         choice = api.ChatChoice(message=api.AssistantMessage(content=text), finish_reason=trace.finish_reason,
-                                logprobs=api.chat_logprobs(ev, tt) if prep.logprobs else None,
+                                logprobs=responses.chat_logprobs(ev, tt) if prep.logprobs else None,
                                 routing=self._routing(prep, trace, ev))
         return api.ChatCompletionResponse(**head, choices=[choice]).model_dump()
 
@@ -295,12 +298,12 @@ class GatewayCore:
         head = self._head(trace)
         finish, routing = (delta.finish_reason if delta else None), (self._routing(prep, trace, ev) if ev else None)
         if trace.endpoint == "completions":
-            lp = api.completion_logprobs(ev, tt, len(trace.output_text) - len(delta.text)) if prep.logprobs else None
+            lp = responses.completion_logprobs(ev, tt, len(trace.output_text) - len(delta.text)) if prep.logprobs else None
             choice = api.CompletionChoice(text=delta.text, logprobs=lp, finish_reason=finish, routing=routing)
             return api.CompletionResponse(**head, choices=[choice]).model_dump()
         content = api.ChatDelta(role="assistant", content="") if delta is None else api.ChatDelta(content=delta.text)
         choice = api.ChatChunkChoice(delta=content, finish_reason=finish, routing=routing,
-                                     logprobs=api.chat_logprobs(ev, tt) if prep.logprobs and ev else None)
+                                     logprobs=responses.chat_logprobs(ev, tt) if prep.logprobs and ev else None)
         return api.ChatCompletionChunk(**head, choices=[choice]).model_dump()
 
     async def _sse(self, prep: _Prepared, trace: _Trace, first: TextDelta,
@@ -312,7 +315,7 @@ class GatewayCore:
             async for delta in deltas:
                 yield sse(self._chunk(prep, trace, delta))
             if prep.include_usage:
-                usage = api.usage_of(len(prep.request.prompt_ids), trace.events).model_dump()
+                usage = responses.usage_of(len(prep.request.prompt_ids), trace.events).model_dump()
                 obj = "text_completion" if trace.endpoint == "completions" else "chat.completion.chunk"
                 yield sse({**self._head(trace), "object": obj, "choices": [], "usage": usage})
             yield "data: [DONE]\n\n"
@@ -380,44 +383,3 @@ class GatewayCore:
         await asyncio.to_thread(self.log.close)
         if hasattr(self.engine, "stop"):
             await self.engine.stop()
-
-
-class ClosingStreamingResponse(StreamingResponse):
-    """Starlette abandons the body iterator when the client goes away; close it (and run `on_close`) so the
-    request is logged and its engine sessions are freed right away, not whenever the GC gets to it."""
-
-    def __init__(self, content, on_close: Callable[[], Awaitable[None]], **kw) -> None:
-        super().__init__(content, **kw)
-        self.on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()
-            await self.on_close()
-
-
-def sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
-
-
-async def read_json(request: Request, limit: int) -> dict:
-    """The request body as a JSON object, refusing bodies over `limit` bytes before reading them all."""
-    declared = request.headers.get("content-length", "")
-    too_big = OpenAIError(f"request body exceeds {limit} bytes", status=413, code="request_too_large")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_big
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_big
-    try:
-        obj = json.loads(bytes(body))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OpenAIError(f"We could not parse the JSON body of your request ({exc}).",
-                          code="invalid_json") from None
-    if not isinstance(obj, dict):
-        raise OpenAIError("the request body must be a JSON object", code="invalid_json")
-    return obj

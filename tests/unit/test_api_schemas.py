@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from orchestrator import api
+from orchestrator import api, responses
 from orchestrator.types import GateDecision, TokenEvent
 
 
@@ -73,12 +73,12 @@ def test_chat_log_params_keep_the_messages() -> None:
 def test_routing_is_heaviest_first_with_a_share_summary() -> None:
     events = [TokenEvent("r", 0, 7, -0.1, GateDecision(("prose", "code"), (0.25, 0.75), 0.6)),
               TokenEvent("r", 1, 8, -0.2, GateDecision(("code", "math"), (0.5, 0.5), 0.7))]
-    routing = api.routing_of(events, lambda t: f"t{t}", "gate-v3")
+    routing = responses.routing_of(events, lambda t: f"t{t}", "gate-v3")
     dumped = routing.model_dump()
     assert list(dumped["tokens"][0]["experts"]) == ["code", "prose"]
     assert dumped["tokens"][0] == {"index": 0, "token": "t7", "experts": {"code": 0.75, "prose": 0.25}}
     assert dumped["share"] == {"code": 0.625, "math": 0.25, "prose": 0.125}
-    assert api.usage_of(5, events).expert_tokens == {"code": 2, "prose": 1, "math": 1}
+    assert responses.usage_of(5, events).expert_tokens == {"code": 2, "prose": 1, "math": 1}
 
 
 def test_optional_extras_are_absent_not_null() -> None:
