@@ -99,6 +99,7 @@ class GatewayCore:
         self._open: dict[str, _Trace] = {}
         self._draining = False
         self.started = time.time()
+        self.fingerprint = engine.infos[0].tokenizer_fingerprint if engine.infos else None
         metrics.set_gate(engine.gate_version)
 
     @property
@@ -128,7 +129,8 @@ class GatewayCore:
                 req = schema.model_validate(body)
             except ValidationError as exc:
                 raise api.error_from_validation(exc) from None
-            trace.model, trace.params = req.model, req.log_params()
+            # The fingerprint says which tokenizer made prompt_ids/output_ids (retraining refuses a mismatch).
+            trace.model, trace.params = req.model, {**req.log_params(), "tokenizer_fingerprint": self.fingerprint}
             prep = self._prepare(req, trace)
             self.log.write(trace.record(complete=False))    # on record even if the process is killed mid-way
             if prep.echo and prep.request.params.max_tokens == 0:

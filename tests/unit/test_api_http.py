@@ -88,6 +88,7 @@ async def test_completion_reports_usage_fingerprint_and_is_logged_with_the_same_
     assert rec.output_text == choice["text"] and len(rec.output_ids) == 12
     assert list(rec.logprobs) == pytest.approx(choice["logprobs"]["token_logprobs"])
     assert rec.gate_version == "gate-test" and rec.status == 200 and rec.finish_reason == "length"
+    assert rec.params["tokenizer_fingerprint"] == "fp-shared" and rec.params["logprobs"] == 2
     assert "authorization" not in json.dumps(rec.params).lower() and "sk-secret" not in json.dumps(rec.params)
 
 
