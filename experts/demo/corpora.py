@@ -71,7 +71,8 @@ class Budget:
 
 
 FULL = Budget(domain_chars=6_500_000)
-QUICK = Budget(domain_chars=150_000)
+# small documents in quick builds, so every split of every domain still gets a few dozen
+QUICK = Budget(domain_chars=150_000, code_file=3_000, prose_doc=2_000, json_piece=2_000, math_doc=2_000)
 # Largest share of a domain's characters one origin may take (stdlib and botocore are collections of many files).
 ORIGIN_CAP = {"python-stdlib": 0.30, "pkg:botocore": 0.75, "python3-doc": 0.30, "fortunes": 0.30,
               "generated:math": 1.0}
@@ -82,7 +83,7 @@ Loader = tuple[str, Callable[[], list[Doc]]]  # (origin, read its docs): files a
 
 
 def take(loaders: Iterable[Loader], domain: str, limit: int, seen: set[str]) -> list[Doc]:
-    """Accept docs in order until `limit` characters, skipping duplicates and origins over their cap."""
+    """Accept docs in order until `limit` characters, skipping duplicates and origins that reached their cap."""
     taken: list[Doc] = []
     total, per_origin = 0, {}
     for origin, load in loaders:
@@ -91,7 +92,7 @@ def take(loaders: Iterable[Loader], domain: str, limit: int, seen: set[str]) -> 
             continue
         for doc in load():
             key = textutil.dedup_key(doc.text)
-            if key in seen or per_origin.get(origin, 0) + len(doc.text) > cap:
+            if key in seen or per_origin.get(origin, 0) >= cap:  # may overshoot by one doc: never reads in vain
                 continue
             seen.add(key)
             taken.append(doc)

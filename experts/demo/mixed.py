@@ -19,6 +19,8 @@ CHARS_PER_TOKEN = 3.2  # rough, only to cut windows; final lengths are checked w
 # documents per kind per split (full build); quick builds use a tenth
 COUNTS = {"gate": {"code_comments": 80, "readme": 110, "json_prose": 80, "math_prose": 70, "stitched": 120},
           "heldout": {"code_comments": 30, "readme": 45, "json_prose": 30, "math_prose": 25, "stitched": 50}}
+REQUIRES = {"code_comments": {"code"}, "readme": set(), "json_prose": {"json", "prose"}, "math_prose": {"math"},
+            "stitched": set()}  # pools a kind cannot do without (a tiny quick build may leave one empty)
 README_GATE_SHARE = 0.6  # of packages; the rest are held out
 _FENCE = {"code": "python", "json": "json", "math": "", "prose": ""}
 _LEADS = ["Here is an example:", "For example:", "The following snippet shows this:", "Consider the following.",
@@ -117,11 +119,12 @@ def build_mixed(split: str, pools: dict[str, list[Doc]], readmes: list[tuple[str
                 n_tokens: Callable[[str], int], scale: float = 1.0) -> list[Doc]:
     """Mixed docs of one split (gate or heldout), each MIN..MAX tokens, from that split's pools only."""
     rng = random.Random(f"{seed}:mixed:{split}")
+    pools = {domain: pool for domain, pool in pools.items() if pool}
     docs: list[Doc] = []
     seen: set[str] = set()  # small pools can yield the same window twice
     for kind, count in COUNTS[split].items():
         want, tries = max(2, int(count * scale)), 0
-        if kind == "readme" and not readmes:
+        if REQUIRES[kind] - set(pools) or (kind == "readme" and not readmes) or len(pools) < 2:
             continue
         while sum(d.origin == kind for d in docs) < want and tries < want * 20:
             tries += 1

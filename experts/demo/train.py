@@ -110,7 +110,7 @@ def train_model(config, rows: np.ndarray, args: TrainArgs, out_dir: Path, desc: 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
     return {"steps": args.steps, "tokens": args.steps * args.tokens_per_step, "seconds": round(seconds, 1),
-            "tokens_per_s": round(args.steps * args.tokens_per_step / seconds),
+            "tokens_per_s": round(args.steps * args.tokens_per_step / seconds), "threads": args.threads,
             "final_loss": round(float(np.mean(losses[-max(1, args.steps // 20):])), 4)}
 
 
