@@ -6,6 +6,8 @@ Deterministic for a given seed and rows (seeded init and data order); reports to
 from __future__ import annotations
 
 import math
+import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +116,18 @@ def train_model(config, rows: np.ndarray, args: TrainArgs, out_dir: Path, desc: 
             "final_loss": round(float(np.mean(losses[-max(1, args.steps // 20):])), 4)}
 
 
+def _exit_with_parent(poll_s: float = 5.0) -> None:
+    """A killed build must not leave minutes of orphaned training behind: exit when the parent is gone."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 Job = tuple[str, np.ndarray, TrainArgs, Path]  # (model name, rows, args, output directory)
 
 
@@ -121,6 +135,7 @@ def train_jobs(config_dict: dict, jobs: list[Job], position: int = 0) -> dict[st
     """Worker-process entry point: train the jobs one after another; returns {name: stats}."""
     from transformers import MixtralConfig
 
+    _exit_with_parent()
     config = MixtralConfig.from_dict(config_dict)
     stats = {}
     for name, rows, args, out_dir in jobs:
