@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 from experts.demo import mathgen, readers, textutil
 from experts.demo.readers import Doc
@@ -109,7 +109,11 @@ def _files(files: list, rng: random.Random, read: Callable) -> list[Loader]:
     rng.shuffle(files)
 
     def loader(origin: str, path: Path) -> Callable[[], list[Doc]]:
-        return lambda: (lambda r: r if isinstance(r, list) else [r] if r else [])(read(origin, path))
+        def load() -> list[Doc]:
+            result = read(origin, path)  # a reader returns one Doc, a list of them, or None
+            return result if isinstance(result, list) else [result] if result else []
+
+        return load
 
     return [(origin, loader(origin, path)) for origin, path in files]
 

@@ -14,7 +14,7 @@ from experts.demo import mathwords
 NAMES = mathwords.NAMES
 
 
-def fmt_num(x: float | int | Fraction) -> str:
+def fmt_num(x: float | Fraction) -> str:
     """Integers without decimals, other values rounded to at most 2 places, fractions as a/b."""
     if isinstance(x, Fraction):
         return str(x.numerator) if x.denominator == 1 else f"{x.numerator}/{x.denominator}"
@@ -185,7 +185,7 @@ def quadratic(rng: random.Random) -> str:
     else:
         disc = b * b - 4 * c
         steps = [f"Use the quadratic formula with a = 1, b = {b}, c = {c}.",
-                 f"The discriminant is b^2 - 4ac = {b * b} - {4 * c} = {disc}, and √{disc} = {int(math.isqrt(disc))}.",
+                 f"The discriminant is b^2 - 4ac = {b * b} - {4 * c} = {disc}, and √{disc} = {math.isqrt(disc)}.",
                  f"x = ({-b} ± {math.isqrt(disc)})/2, so x = {max(r1, r2)} or x = {min(r1, r2)}."]
     roots = sorted({r1, r2})
     return render(rng, rng.choice([f"Solve {poly} = 0.", f"Find the roots of {poly}.",
@@ -246,11 +246,11 @@ def powers(rng: random.Random) -> str:
     b, m, n = rng.randint(2, 7), rng.randint(2, 6), rng.randint(1, 5)
     kind = rng.randrange(3)
     if kind == 0:
-        return render(rng, f"Simplify {b}^{m} × {b}^{n}.", [f"When multiplying powers with the same base, add the "
-                      f"exponents: {m} + {n} = {m + n}.", f"{b}^{m + n} = {b ** (m + n)}."], f"{b ** (m + n)}")
+        return render(rng, f"Simplify {b}^{m} × {b}^{n}.", [(f"When multiplying powers with the same base, add the "
+                      f"exponents: {m} + {n} = {m + n}."), f"{b}^{m + n} = {b ** (m + n)}."], f"{b ** (m + n)}")
     if kind == 1:
-        return render(rng, f"Simplify ({b}^{m})^{n}.", [f"A power of a power multiplies the exponents: {m} × {n} = "
-                      f"{m * n}.", f"So the result is {b}^{m * n}."], f"{b}^{m * n}")
+        return render(rng, f"Simplify ({b}^{m})^{n}.", [(f"A power of a power multiplies the exponents: {m} × {n} = "
+                      f"{m * n}."), f"So the result is {b}^{m * n}."], f"{b}^{m * n}")
     k = b ** m
     return render(rng, f"Solve {b}^x = {k}.", [f"Write {k} as a power of {b}: {k} = {b}^{m}.",
                   "Equal bases mean equal exponents."], f"x = {m}")
@@ -263,7 +263,7 @@ def derivative(rng: random.Random) -> str:
     poly = "".join(_term(c, e, i == 0) for i, (c, e) in enumerate(terms))
     dterms = [(c * e, e - 1) for c, e in terms if e > 0]
     dpoly = "".join(_term(c, e, i == 0) for i, (c, e) in enumerate(dterms)) or "0"
-    steps = [f"Use the power rule d/dx x^n = n x^(n-1) on each term."] + [
+    steps = ["Use the power rule d/dx x^n = n x^(n-1) on each term."] + [
         f"d/dx ({_term(c, e, True)}) = {_term(c * e, e - 1, True)}." for c, e in terms if e > 0]
     return render(rng, rng.choice([f"Differentiate f(x) = {poly}.", f"Find the derivative of {poly}.",
                                    f"Compute f'(x) for f(x) = {poly}."]), steps, f"f'(x) = {dpoly}")

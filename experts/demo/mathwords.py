@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable
+from collections.abc import Callable
 
 NAMES = ["Aisha", "Ben", "Carmen", "Dmitri", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jamal", "Kofi", "Lena",
          "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tariq", "Uma", "Victor", "Wen", "Ximena",
@@ -31,7 +31,7 @@ def _money(rng: random.Random, cur: str, x: float) -> str:
 
 
 def shopping(rng: random.Random, render: Render) -> str:
-    who, (one, many, lo, hi) = rng.choice(NAMES), rng.choice(ITEMS)
+    who, (_one, many, lo, hi) = rng.choice(NAMES), rng.choice(ITEMS)
     cur, n = rng.choice(CURRENCY), rng.randint(2, 12)
     price = round(rng.uniform(lo, hi) * 4) / 4 or lo
     total = n * price
@@ -84,8 +84,8 @@ def ages(rng: random.Random, render: Render) -> str:
     a, b = rng.sample(NAMES[:54], 2)
     young, k, years = rng.randint(3, 15), rng.randint(2, 4), rng.randint(2, 10)
     old = k * young
-    steps = [f"Let {b}'s age be y, so {a} is {k}y.", f"In {years} years: {k}y + {years} + y + {years} = "
-             f"{old + young + 2 * years}.", f"{k + 1}y = {old + young}, so y = {young} and {a} is {old}."]
+    steps = [f"Let {b}'s age be y, so {a} is {k}y.", (f"In {years} years: {k}y + {years} + y + {years} = "
+             f"{old + young + 2 * years}."), f"{k + 1}y = {old + young}, so y = {young} and {a} is {old}."]
     q = (f"{a} is {k} times as old as {b}. In {years} years their ages will add up to {old + young + 2 * years}. "
          f"How old are they now?")
     return render(rng, q, steps, f"{a} is {old} and {b} is {young}")
@@ -181,7 +181,7 @@ def probability(rng: random.Random, render: Render) -> str:
     ways = sum(1 for i in range(1, 7) for j in range(1, 7) if i + j == s)
     g = math.gcd(ways, 36)
     return render(rng, f"Two fair dice are rolled. What is the probability that the total is {s}?",
-                  [f"There are 36 equally likely outcomes.", f"{ways} of them sum to {s}.",
+                  ["There are 36 equally likely outcomes.", f"{ways} of them sum to {s}.",
                    f"P = {ways}/36 = {ways // g}/{36 // g}."], f"{ways // g}/{36 // g}")
 
 
@@ -210,11 +210,11 @@ def recipe(rng: random.Random, render: Render) -> str:
 def temperature(rng: random.Random, render: Render) -> str:
     if rng.random() < 0.5:
         c = rng.randint(-20, 40)
-        return render(rng, f"Convert {c} °C to Fahrenheit.", [f"F = C × 9/5 + 32.", f"{c} × 9/5 = {c * 9 / 5:g}.",
+        return render(rng, f"Convert {c} °C to Fahrenheit.", ["F = C × 9/5 + 32.", f"{c} × 9/5 = {c * 9 / 5:g}.",
                       f"{c * 9 / 5:g} + 32 = {c * 9 / 5 + 32:g}."], f"{c * 9 / 5 + 32:g} °F")
     f = rng.randint(-4, 104)
     return render(rng, f"The thermometer reads {f} °F. What is that in Celsius?",
-                  [f"C = (F - 32) × 5/9.", f"({f} - 32) × 5/9 = {(f - 32) * 5 / 9:.1f}."], f"{(f - 32) * 5 / 9:.1f} °C")
+                  ["C = (F - 32) × 5/9.", f"({f} - 32) × 5/9 = {(f - 32) * 5 / 9:.1f}."], f"{(f - 32) * 5 / 9:.1f} °C")
 
 
 def clock(rng: random.Random, render: Render) -> str:
@@ -222,8 +222,8 @@ def clock(rng: random.Random, render: Render) -> str:
     h, m = rng.randint(6, 20), rng.choice(range(0, 60, 5))
     dur = rng.randint(25, 260)
     end = h * 60 + m + dur
-    steps = [f"{dur} minutes is {dur // 60} h {dur % 60} min.", f"{h:02d}:{m:02d} + {dur // 60} h {dur % 60} min = "
-             f"{end // 60 % 24:02d}:{end % 60:02d}."]
+    steps = [f"{dur} minutes is {dur // 60} h {dur % 60} min.", (f"{h:02d}:{m:02d} + {dur // 60} h {dur % 60} min = "
+             f"{end // 60 % 24:02d}:{end % 60:02d}.")]
     act = rng.choice(["a train journey", "a football match", "a baking session", "a hike", "a flight", "an exam"])
     return render(rng, f"{who} starts {act} at {h:02d}:{m:02d}. It lasts {dur} minutes. When does it end?", steps,
                   f"{end // 60 % 24:02d}:{end % 60:02d}")
@@ -258,10 +258,10 @@ def sequence(rng: random.Random, render: Render) -> str:
     if rng.random() < 0.5:
         return render(rng, f"A theatre has {a} seats in the first row and each row has {d} more seats than the one "
                       f"before. How many seats are in row {n}?",
-                      [f"Row n has a + (n - 1)d seats.", f"{a} + {n - 1} × {d} = {a + (n - 1) * d}."], str(a + (n - 1) * d))
+                      ["Row n has a + (n - 1)d seats.", f"{a} + {n - 1} × {d} = {a + (n - 1) * d}."], str(a + (n - 1) * d))
     s = n * (2 * a + (n - 1) * d) // 2
     return render(rng, f"Find the sum of the first {n} terms of the arithmetic sequence {a}, {a + d}, {a + 2 * d}, ...",
-                  [f"S = n/2 × (2a + (n - 1)d).", f"S = {n}/2 × ({2 * a} + {(n - 1) * d}) = {s}."], str(s))
+                  ["S = n/2 × (2a + (n - 1)d).", f"S = {n}/2 × ({2 * a} + {(n - 1) * d}) = {s}."], str(s))
 
 
 def consecutive(rng: random.Random, render: Render) -> str:
@@ -278,8 +278,8 @@ def leftovers(rng: random.Random, render: Render) -> str:
     made, gave, box = rng.randint(30, 200), rng.randint(3, 25), rng.choice([4, 6, 8, 12])
     thing = rng.choice(["cookies", "muffins", "dumplings", "candles", "bracelets", "seedlings"])
     left = made - gave
-    steps = [f"After giving some away: {made} - {gave} = {left}.", f"{left} ÷ {box} = {left // box} full boxes "
-             f"with {left % box} left over."]
+    steps = [f"After giving some away: {made} - {gave} = {left}.", (f"{left} ÷ {box} = {left // box} full boxes "
+             f"with {left % box} left over.")]
     q = f"{who} made {made} {thing}, gave {gave} to neighbours and packs the rest in boxes of {box}. How many full boxes are there?"
     return render(rng, q, steps, f"{left // box} boxes ({left % box} left over)")
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from experts.demo import readers, textutil
 from experts.demo.readers import Doc
@@ -35,7 +35,7 @@ def metadata_readmes() -> list[tuple[str, str]]:
         if not meta.is_file():
             continue
         text = meta.read_text(encoding="utf-8", errors="replace")
-        head, _, body = text.partition("\n\n")  # RFC 822 headers, blank line, then the long description
+        _head, _, body = text.partition("\n\n")  # RFC 822 headers, blank line, then the long description
         if len(body.strip()) >= 1500:
             out.append((dist.name.split("-")[0].lower(), body.strip()))
     return out

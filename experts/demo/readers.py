@@ -12,9 +12,9 @@ import json
 import os
 import re
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from experts.demo import textutil
 
@@ -202,7 +202,7 @@ MATH_PACKAGES = ("sympy", "mpmath", "numpy", "scipy")
 _MATH_WORDS = re.compile(
     r"\b(integer|integral|polynomial|matrix|equation|derivative|prime|sqrt|root|series|sum|product|"
     r"logarithm|exponential|fraction|rational|theorem|sine|cosine|factor|divisor|modulo|limit|"
-    r"eigen\w*|determinant|vector|probability|distribution|function|zeta|gamma|bessel|coefficient)s?\b", re.I)
+    r"eigen\w*|determinant|vector|probability|distribution|function|zeta|gamma|bessel|coefficient)s?\b", re.IGNORECASE)
 _DOCSTRING = re.compile(r'(?s)[ \t]*(?:r|R)?("""|\'\'\')(.*?)\1')
 
 

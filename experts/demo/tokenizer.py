@@ -6,8 +6,8 @@ Encoding with add_special_tokens=True prepends `<s>` (as real Mixtral tokenizers
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 SPECIALS = [UNK, BOS, EOS, PAD]  # ids 0..3, the Mixtral/Llama convention for unk, bos, eos

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
 import pytest
 
-from experts.demo import specialisation, tokenizer as tk
+from experts.demo import specialisation
+from experts.demo import tokenizer as tk
 from experts.demo.model_config import DemoModelArgs
 from experts.demo.train import TrainArgs, lr_at, pack_rows, take_rows
 
@@ -86,5 +88,5 @@ def test_lr_schedule_warms_up_then_decays_to_floor():
     args = TrainArgs(steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
     lrs = [lr_at(s, args) for s in range(100)]
     assert lrs[0] < lrs[9] == pytest.approx(1e-3)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
     assert lrs[-1] == pytest.approx(1e-4, rel=0.05)
