@@ -166,17 +166,29 @@ class Gateway:
             config = GatewayUserConfig.model_validate(user_config)
         except ValidationError as exc:
             raise ValueError(f"invalid gateway user_config {user_config!r}: {exc}") from None
-        if config.gate is not None and config.gate != self._gate_source:
-            await self._swap_gate(config.gate)
+        if config.gate == self._gate_source:
+            self.core.gate_error = None         # asked for what is live (e.g. after a failed swap)
+        elif config.gate is not None:
+            try:
+                await self._swap_gate(config.gate)
+            except Exception as exc:
+                if self._gate_source is None:
+                    raise               # at startup there is no gate to fall back on: fail the deployment
+                # Raising here would make Serve replace the replica, which would fail the same way: keep
+                # serving the live gate and say so in /health (callers check gate_version after a swap).
+                self.core.gate_error = f"gate {config.gate.version or config.gate.path} not loaded: {exc}"
+                logger.error(self.core.gate_error)
         if config.draining:
             await self.core.drain()
+        else:
+            self.core.resume()
 
     async def _swap_gate(self, source: GateSource) -> None:
         engine, t0 = self.core.engine, time.perf_counter()
         gate = await asyncio.to_thread(load_gate, source, engine.expert_names,
                                        engine.infos[0].tokenizer_fingerprint, engine.top_k, engine.mix_space)
         self.core.set_gate(gate)
-        self._gate_source = source
+        self._gate_source, self.core.gate_error = source, None
         logger.info("gate %s live after %.2f s (from %s)", gate.version, time.perf_counter() - t0, source.path)
 
     async def gate_version(self) -> str:

@@ -99,6 +99,7 @@ class GatewayCore:
         self._open: dict[str, _Trace] = {}
         self._draining = False
         self.started = time.time()
+        self.gate_error: str | None = None    # the last failed live gate swap (the previous gate stays live)
         self.fingerprint = engine.infos[0].tokenizer_fingerprint if engine.infos else None
         metrics.set_gate(engine.gate_version)
 
@@ -365,9 +366,11 @@ class GatewayCore:
 
     def health(self) -> tuple[int, dict]:
         ok = not self._draining and self.log.healthy
-        return (200 if ok else 503), {"status": "ok" if ok else "unavailable", "gate_version":
-                                      self.engine.gate_version, "models": self.models,
-                                      "in_flight": len(self._open)}
+        body = {"status": "ok" if ok else "unavailable", "gate_version": self.engine.gate_version,
+                "models": self.models, "in_flight": len(self._open)}
+        if self.gate_error:
+            body["gate_error"] = self.gate_error
+        return (200 if ok else 503), body
 
     async def drain(self) -> None:
         """Refuse new requests (503) and wait, up to drain_timeout_s, for in-flight ones to finish."""
@@ -375,6 +378,9 @@ class GatewayCore:
         deadline = time.monotonic() + self.settings.drain_timeout_s
         while self._open and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+
+    def resume(self) -> None:
+        self._draining = False
 
     async def aclose(self) -> None:
         """Graceful stop: drain, log the stragglers as interrupted, flush the traffic log."""

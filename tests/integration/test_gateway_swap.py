@@ -65,3 +65,18 @@ def test_gate_swaps_live_without_restart(live_gateway) -> None:
     finally:
         live_gateway.set_gateway_user_config({"gate": gate, "draining": False})
     assert fingerprint(live_gateway) == old
+
+
+def test_a_bad_gate_version_keeps_the_live_gate_and_says_so(live_gateway) -> None:
+    gate = live_gateway.config.gate.model_dump()
+    before = fingerprint(live_gateway)
+    try:
+        live_gateway.set_gateway_user_config({"gate": {**gate, "version": "gate-v999"}, "draining": False})
+        health = httpx.get(f"{live_gateway.base_url}/health").json()
+        assert health["status"] == "ok" and health["gate_version"] == before
+        assert "gate-v999" in health["gate_error"]
+        assert fingerprint(live_gateway) == before
+    finally:
+        live_gateway.set_gateway_user_config({"gate": gate, "draining": False})
+    health = httpx.get(f"{live_gateway.base_url}/health").json()
+    assert "gate_error" not in health and health["gate_version"] == before
