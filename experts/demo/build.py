@@ -21,8 +21,11 @@ REFERENCE_TOKENS_PER_S = 5000
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("artifacts/demo"), help="output directory")
     parser.add_argument("--minutes", type=float, default=14.0,
-                        help="training budget at the reference throughput: 1/8 per expert, 4/8 for the generalist")
-    parser.add_argument("--tokens-per-expert", type=int, default=None, help="override the budget in tokens")
+                        help="training budget in minutes at the reference throughput (all models together)")
+    # 0 = every model from scratch (what the committed demo table was measured with). > 0 = c-BTM style:
+    # train a seed on the union first, then branch each expert (and continue the generalist) from it.
+    parser.add_argument("--seed-share", type=float, default=0.0,
+                        help="share of the budget for a seed model all experts branch from (0: from scratch)")
     parser.add_argument("--quick", action="store_true", help="tiny corpora and a few dozen steps (~1-2 min)")
     parser.add_argument("--seed", type=int, default=0)
     # small batches: at this budget more optimizer steps beat bigger batches (16 -> 8 -> 4 rows of 256 tokens
@@ -38,15 +41,26 @@ def log(msg: str) -> None:
     print(f"[build-demo] {msg}", flush=True)
 
 
-def train_args(args: argparse.Namespace):
+def phase_args(args: argparse.Namespace, out: Path):
+    """(seed, branch) TrainArgs. Token accounting: seed + 4 x branch for the experts together, and the
+    generalist = the same seed + 4 x branch tokens of the union (c-BTM's compute-matched comparison)."""
     from experts.demo.train import TrainArgs
 
     if args.quick:
-        return TrainArgs(steps=24, seq_len=128, batch_size=4, lr=args.lr, warmup_steps=4, seed=args.seed)
-    tokens = args.tokens_per_expert or int(args.minutes * 60 * REFERENCE_TOKENS_PER_S / 8)
-    steps = max(1, tokens // (args.batch_size * args.seq_len))
-    return TrainArgs(steps=steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
-                     warmup_steps=max(4, steps // 25), seed=args.seed)
+        total, size = 160 * 4 * 128, {"seq_len": 128, "batch_size": 4}
+    else:
+        total = int(args.minutes * 60 * REFERENCE_TOKENS_PER_S)
+        size = {"seq_len": args.seq_len, "batch_size": args.batch_size}
+    per_step = size["seq_len"] * size["batch_size"]
+    seed_steps = int(total * args.seed_share) // per_step // 4 * 4  # a multiple of 4: equal rows per domain
+    branch_steps = max(1, (total - seed_steps * per_step) // 8 // per_step)  # 4 experts + generalist's 4x
+    common = {**size, "lr": args.lr, "seed": args.seed}
+    # one thread even alone: with two, a busy machine slowed the seed 20-fold (thread barriers), one degrades gently
+    seed = TrainArgs(steps=seed_steps, warmup_steps=max(4, seed_steps // 25), decay=False, threads=1, **common)
+    # a branch starts with a fresh optimizer at the seed's peak lr: a short re-warmup avoids a loss spike
+    branch = TrainArgs(steps=branch_steps, warmup_steps=max(4, branch_steps // 25 if not seed_steps else 10),
+                       init_from=out / "seed" if seed_steps else None, **common)
+    return seed, branch
 
 
 def build_tokenizer(out: Path, corpora: dict):
@@ -81,12 +95,9 @@ def worker_plans(rows: dict, targs, out: Path, workers: int) -> list[list]:
     """Jobs per worker process. Two single-thread workers (one trains the generalist, the other the experts,
     equal token budgets) beat one two-thread trainer: small matmuls scale poorly across threads, and a
     thread barrier per op stalls badly when other processes share the cores."""
-    import numpy as np
-
     gen_args = replace(targs, steps=targs.steps * len(EXPERTS), warmup_steps=targs.warmup_steps * len(EXPERTS))
     experts = [(name, rows[name], targs, out / "experts" / name) for name in EXPERTS]
-    union = np.concatenate([rows[name] for name in EXPERTS])
-    generalist = [("generalist", union[np.random.default_rng(targs.seed + 99).permutation(len(union))],
+    generalist = [("generalist", _shuffled_union([rows[name] for name in EXPERTS], targs.seed + 99),
                    gen_args, out / "generalist")]
     if workers == 1:
         return [experts + generalist]
@@ -94,37 +105,61 @@ def worker_plans(rows: dict, targs, out: Path, workers: int) -> list[list]:
     return [[(n, r, replace(a, threads=threads), o) for n, r, a, o in plan] for plan in (generalist, experts)]
 
 
-def train_all(out: Path, tokenizer, corpora: dict, targs, model_args, workers: int) -> dict:
-    """Experts on their domain's train split; the generalist on the union of exactly those rows (4x budget)."""
+def _shuffled_union(parts: list, seed: int):
+    import numpy as np
+
+    union = np.concatenate(parts)
+    return union[np.random.default_rng(seed).permutation(len(union))]
+
+
+def run_plans(config, plans: list[list]) -> dict:
+    """Each plan in its own spawned process (the parent's torch thread pools must not be inherited)."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    from experts.demo import tokenizer as tk
-    from experts.demo.model_config import mixtral_config
-    from experts.demo.train import encode_docs, pack_rows, take_rows, train_jobs
+    from experts.demo.train import train_jobs
 
-    config = mixtral_config(model_args, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    n_rows = targs.steps * targs.batch_size
-    rows = {}
-    for i, name in enumerate(EXPERTS):
-        docs = encode_docs(tokenizer, [d.text for d in corpora[name]["train"]])
-        rows[name] = take_rows(pack_rows(docs, targs.seq_len, targs.seed + i), n_rows, targs.seed + i)
-    plans = worker_plans(rows, targs, out, workers)
-    # spawn, not fork: the parent has torch loaded and its thread pools must not be inherited
     with ProcessPoolExecutor(len(plans), mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(train_jobs, config.to_dict(), plan, i) for i, plan in enumerate(plans)]
-        stats = {name: s for f in futures for name, s in f.result().items()}
+        return {name: s for f in futures for name, s in f.result().items()}
+
+
+def train_all(out: Path, tokenizer, corpora: dict, seed_args, targs, model_args, workers: int) -> dict:
+    """Seed on an equal mix of the domains; then each expert branches on its own domain and the generalist
+    continues on the union of exactly the experts' rows. Seed rows and branch rows never overlap."""
+    from experts.demo import tokenizer as tk
+    from experts.demo.model_config import mixtral_config
+    from experts.demo.train import encode_docs, pack_rows, take_rows
+
+    config = mixtral_config(model_args, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    n_seed = seed_args.steps * seed_args.batch_size // len(EXPERTS)
+    rows, seed_parts = {}, []
+    for i, name in enumerate(EXPERTS):
+        docs = encode_docs(tokenizer, [d.text for d in corpora[name]["train"]])
+        picked = take_rows(pack_rows(docs, targs.seq_len, targs.seed + i), n_seed + targs.steps * targs.batch_size,
+                           targs.seed + i)
+        seed_parts.append(picked[:n_seed])
+        rows[name] = picked[n_seed:]
+    stats = {}
+    if seed_args.steps:
+        stats.update(run_plans(config, [[("seed", _shuffled_union(seed_parts, targs.seed + 98), seed_args,
+                                          out / "seed")]]))
+    stats.update(run_plans(config, worker_plans(rows, targs, out, workers)))
     for name in EXPERTS:
         tk.copy_tokenizer(out / "tokenizer", out / "experts" / name)
-    tk.copy_tokenizer(out / "tokenizer", out / "generalist")
-    return {name: stats[name] for name in (*EXPERTS, "generalist")}
+    for name in ("generalist", "seed"):
+        if (out / name).is_dir():
+            tk.copy_tokenizer(out / "tokenizer", out / name)
+    return stats
 
 
-def manifest(args, targs, model_args, tokenizer, corpora, mixed, stats, times) -> dict:
+def manifest(args, seed_args, targs, model_args, tokenizer, corpora, mixed, stats, times) -> dict:
     import torch
     import transformers
 
     from experts.demo import corpora as cp
+
+    seed_tokens = seed_args.steps * seed_args.tokens_per_step
 
     return {
         "seed": args.seed, "quick": args.quick,
@@ -133,11 +168,14 @@ def manifest(args, targs, model_args, tokenizer, corpora, mixed, stats, times) -
         "tokenizer": {"type": "byte-level BPE (tokenizers)", "vocab_size": len(tokenizer),
                       "special_tokens": {"bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": "<pad>"},
                       "bos_added_by_post_processor": True},
-        "training": {"args": asdict(targs), "optimizer": "AdamW(0.9, 0.95), cosine with warmup, fp32",
-                     "workers": args.workers,
+        "training": {"seed_args": asdict(seed_args), "branch_args": asdict(targs), "workers": args.workers,
+                     "optimizer": "AdamW(0.9, 0.95), warmup-stable-decay (seed holds the peak lr, branches decay "
+                                  "it by cosine), fp32",
                      "budget": {"minutes": args.minutes, "reference_tokens_per_s": REFERENCE_TOKENS_PER_S,
-                                "tokens_per_expert": targs.steps * targs.tokens_per_step,
-                                "tokens_generalist": stats["generalist"]["tokens"]},
+                                "seed_share": args.seed_share, "seed_tokens": seed_tokens,
+                                "tokens_per_expert_branch": targs.steps * targs.tokens_per_step,
+                                "experts_total_tokens": seed_tokens + 4 * targs.steps * targs.tokens_per_step,
+                                "generalist_total_tokens": seed_tokens + stats["generalist"]["tokens"]},
                      "aggregate_tokens_per_s": round(sum(s["tokens"] for s in stats.values()) / times["training"]),
                      "models": stats},
         "corpus": corpus_stats(tokenizer, corpora, mixed),
@@ -161,14 +199,15 @@ def run(args: argparse.Namespace) -> int:
                            args.quick, cp.write_jsonl)
     times["tokenizer_and_mixed"] = round(time.perf_counter() - t0 - times["corpora"], 1)
     log(f"tokenizer: {len(tokenizer)} tokens; mixed docs: gate {len(mixed['gate'])}, heldout {len(mixed['heldout'])}")
-    model_args, targs = DemoModelArgs(), train_args(args)
-    log(f"training {targs.steps} steps x {targs.tokens_per_step} tokens per expert, {4 * targs.steps} for the generalist")
+    model_args, (seed_args, targs) = DemoModelArgs(), phase_args(args, out)
+    log(f"training: seed {seed_args.steps} steps, then {targs.steps} steps per expert and {4 * targs.steps} for "
+        f"the generalist, {targs.tokens_per_step} tokens per step")
     t1 = time.perf_counter()
-    stats = train_all(out, tokenizer, corpora, targs, model_args, args.workers)
+    stats = train_all(out, tokenizer, corpora, seed_args, targs, model_args, args.workers)
     times["training"] = round(time.perf_counter() - t1, 1)
     times["total"] = round(time.perf_counter() - t0, 1)
-    info = manifest(args, targs, model_args, tokenizer, corpora, mixed, stats, times)
-    (out / "manifest.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    info = manifest(args, seed_args, targs, model_args, tokenizer, corpora, mixed, stats, times)
+    (out / "manifest.json").write_text(json.dumps(info, indent=2, ensure_ascii=False, default=str) + "\n")
     (out / ".built").write_text(f"built in {times['total']} s\n")
     log(f"done in {times['total']} s -> {out}")
     return 0

@@ -27,6 +27,8 @@ class TrainArgs:
     grad_clip: float = 1.0
     seed: int = 0
     threads: int = 2
+    decay: bool = True  # False: hold the peak lr after warmup (a seed phase that branches will decay)
+    init_from: Path | None = None  # start from these weights (a branch of the seed model) instead of scratch
 
     @property
     def tokens_per_step(self) -> int:
@@ -60,9 +62,14 @@ def take_rows(rows: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def lr_at(step: int, args: TrainArgs) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio * lr."""
+    """Linear warmup, then cosine decay to min_lr_ratio * lr (or a constant lr when args.decay is False).
+
+    Seed (no decay) followed by a branch (short re-warmup for its fresh optimizer, then decay) is a
+    warmup-stable-decay schedule split across two runs."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
+    if not args.decay:
+        return args.lr
     progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -78,14 +85,17 @@ def _optimizer(model, args: TrainArgs):
 
 
 def train_model(config, rows: np.ndarray, args: TrainArgs, out_dir: Path, desc: str, position: int = 0) -> dict:
-    """Train from scratch on rows (one batch = batch_size consecutive rows) and save_pretrained to out_dir."""
+    """Train on rows (one batch = batch_size consecutive rows), from scratch or args.init_from; save_pretrained."""
     import torch
     from tqdm import tqdm
     from transformers import MixtralForCausalLM
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model = MixtralForCausalLM(config)
+    if args.init_from is None:
+        model = MixtralForCausalLM(config)
+    else:
+        model = MixtralForCausalLM.from_pretrained(str(args.init_from), dtype=torch.float32)
     model.train()
     opt = _optimizer(model, args)
     data = torch.from_numpy(rows.astype(np.int64))

@@ -90,3 +90,20 @@ def test_lr_schedule_warms_up_then_decays_to_floor():
     assert lrs[0] < lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
     assert lrs[-1] == pytest.approx(1e-4, rel=0.05)
+
+
+def test_seed_schedule_holds_peak_lr_and_branches_keep_the_token_budget(tmp_path):
+    import argparse
+
+    from experts.demo import build
+
+    seed_args = TrainArgs(steps=50, lr=2e-3, warmup_steps=5, decay=False)
+    assert lr_at(4, seed_args) == pytest.approx(2e-3) and lr_at(49, seed_args) == pytest.approx(2e-3)
+    parser = argparse.ArgumentParser()
+    build.add_arguments(parser)
+    for share in (0.0, 0.25):
+        args = parser.parse_args(["--minutes", "2", "--seed-share", str(share)])
+        seed, branch = build.phase_args(args, tmp_path)
+        used = seed.steps * seed.tokens_per_step + 8 * branch.steps * branch.tokens_per_step
+        assert used <= 2 * 60 * build.REFERENCE_TOKENS_PER_S
+        assert (branch.init_from is None) == (share == 0.0) and seed.steps % 4 == 0
