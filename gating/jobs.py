@@ -48,6 +48,12 @@ def tokenize(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
     return [s for s in seqs if len(s) >= 2]
 
 
+def vocab_size_of(model_path: str) -> int:
+    """The logit vector's size, from the checkpoint's config.json."""
+    with open(Path(model_path) / "config.json") as f:
+        return int(json.load(f)["vocab_size"])
+
+
 def demo_expert_configs(demo: Path, names=DEMO_EXPERTS, max_model_len: int = 1024) -> list[ExpertConfig]:
     return [ExpertConfig(name=n, model_path=str(demo / "experts" / n), max_model_len=max_model_len) for n in names]
 

@@ -18,8 +18,8 @@ from torch import nn
 class GateArgs:
     vocab_size: int
     n_experts: int
-    embed_dim: int = 64
-    hidden_dim: int = 128
+    embed_dim: int = 32
+    hidden_dim: int = 64
     dropout: float = 0.1
 
     def __post_init__(self) -> None:

@@ -25,6 +25,8 @@ class GateRuntime:
     """Wraps one immutable gate version; the engine swaps whole runtimes, never mutates one."""
 
     def __init__(self, gate: Gate, version: str, expert_names: list[str], top_k: int, mix_space: str) -> None:
+        # Per-token gate/mix ops are tiny; OpenMP threads only add barrier spinning next to vLLM engines.
+        torch.set_num_threads(1)
         self.gate = gate.eval()
         self.version = version
         self.expert_names = list(expert_names)

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gating.model import Gate, GateArgs
-from gating.objective import gated_logprob, mixture_logprob
+from gating.objective import gated_logprob, single_expert_logprob
 from gating.scores import ScoredCorpus
 
 
@@ -29,41 +29,43 @@ class FitArgs:
     batch_docs: int = 16
     # Only the 2 selected logits get gradient from the served loss (Mixtral's rule), so the gate would
     # never learn about experts it does not already pick. The dense term mixes all experts by the full
-    # softmax, which gives every gate logit a gradient; it is the regulariser that prevents collapse.
+    # softmax (in probability space, where each expert is already normalised, so it needs no candidate
+    # union and is cheap), which gives every gate logit a gradient; it is the regulariser against collapse.
     dense_weight: float = 0.5
     patience: int = 3
     seed: int = 0
+    # Positions per document used for fitting (the gate is a recurrent net: cost grows with length).
+    max_positions: int = 512
 
     def __post_init__(self) -> None:
         assert self.k >= 1 and self.epochs >= 1 and self.batch_docs >= 1, "k, epochs, batch_docs must be >= 1"
         assert self.space in ("logits", "probs"), "space must be 'logits' or 'probs'"
 
 
-def _batch(corpus: ScoredCorpus, docs: list[int]):
+def _batch(corpus: ScoredCorpus, docs: list[int], max_positions: int):
     """Pad the documents' gate inputs; return (tokens [B, T], mask [B, T], row index [N] into the corpus)."""
-    lengths = [corpus.doc_offsets[d + 1] - corpus.doc_offsets[d] for d in docs]
+    lengths = [min(corpus.doc_offsets[d + 1] - corpus.doc_offsets[d], max_positions) for d in docs]
     t = max(lengths)
     tokens = torch.zeros(len(docs), t, dtype=torch.long)
     mask = torch.zeros(len(docs), t, dtype=torch.bool)
     rows = []
     for b, (d, n) in enumerate(zip(docs, lengths)):
-        sl = corpus.doc_rows(d)
-        tokens[b, :n] = corpus.context[sl]
+        start = corpus.doc_offsets[d]
+        tokens[b, :n] = corpus.context[start:start + n]
         mask[b, :n] = True
-        rows.append(torch.arange(sl.start, sl.stop))
+        rows.append(torch.arange(start, start + n))
     return tokens, mask, torch.cat(rows)
 
 
 def batch_nll(gate: Gate, corpus: ScoredCorpus, docs: list[int], fit: FitArgs, vocab_size: int):
     """-> (served NLL sum, dense NLL sum, positions)."""
-    tokens, mask, rows = _batch(corpus, docs)
+    tokens, mask, rows = _batch(corpus, docs, fit.max_positions)
     logits, _ = gate(tokens)                                            # [B, T, E]
     logits = logits[mask]                                               # [N, E], same order as rows
     ids, lps, tgt = corpus.ids[rows], corpus.lps[rows], corpus.targets[rows]
     served = gated_logprob(ids, lps, tgt, logits, fit.k, vocab_size, fit.space)
-    e = logits.shape[-1]
-    dense = mixture_logprob(ids, lps, tgt, torch.arange(e).expand(len(rows), e), torch.softmax(logits, -1),
-                            vocab_size, fit.space)
+    single = single_expert_logprob(ids, lps, tgt, vocab_size)            # [N, E], no gradient needed
+    dense = torch.logsumexp(torch.log_softmax(logits, -1) + single, dim=-1)  # log Σ_e g_e · p_e(target)
     return -served.sum(), -dense.sum(), len(rows)
 
 
@@ -84,6 +86,9 @@ def fit_gate(
     vocab_size: int, init_state: dict | None = None, progress: bool = True,
 ) -> tuple[Gate, dict]:
     """Train from `init_state` (or scratch); keep the epoch with the best validation NLL."""
+    # The gate's ops are tiny: extra OpenMP threads only add barrier spinning, which under load (vLLM
+    # engines on the same cores) made each batch ~100x slower here. One thread is faster.
+    torch.set_num_threads(1)
     torch.manual_seed(fit.seed)
     order_rng = random.Random(fit.seed)
     gate = Gate(args)

@@ -23,7 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registry", type=Path, help="gate registry directory (default: DEMO/gate)")
     p.add_argument("--k", type=int, default=2, help="experts per token, as served (default %(default)s)")
     p.add_argument("--mix", choices=["logits", "probs"], default="logits", help="mixing space, as served")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--hidden", type=int, default=64, help="gate GRU hidden size (default %(default)s)")
+    p.add_argument("--fit-positions", type=int, default=512, help="positions per document used for fitting")
     p.add_argument("--max-docs-per-file", type=int, default=400)
     p.add_argument("--doc-tokens", type=int, default=DEFAULT_DOC_TOKENS)
     p.add_argument("--top-logprobs", type=int, default=DEFAULT_TOP_K)
@@ -70,7 +72,9 @@ async def train(args) -> dict:
     from deploy.local_experts import running_experts
     from gating.checkpoint import GateCheckpoint, GateRegistry
     from gating.doc_router import DocRouter
-    from gating.jobs import load_tokenizer, scored, tokenize
+    from experts.tokenizer_check import tokenizer_fingerprint
+    from gating.jobs import load_tokenizer, scored, tokenize, vocab_size_of
+    from gating.scores import cache_key, load_scored
     from gating.model import GateArgs
     from gating.train import FitArgs, fit_gate
 
@@ -82,13 +86,19 @@ async def train(args) -> dict:
     sequences = tokenize(tokenizer, [d["text"] for d in docs], args.doc_tokens)
     if len(sequences) < 10:
         raise SystemExit(f"ensemble train-gate: only {len(sequences)} usable documents; need at least 10")
-    async with running_experts(configs) as experts:
-        infos = await asyncio.gather(*(e.info() for e in experts.values()))
-        fingerprint, vocab = infos[0].tokenizer_fingerprint, infos[0].vocab_size
-        corpus = await scored(experts, sequences, args.top_logprobs, registry.root / "cache", fingerprint, "scoring")
+    fingerprint, vocab = tokenizer_fingerprint(configs[0].model_path), vocab_size_of(configs[0].model_path)
+    cache = registry.root / "cache" / f"{cache_key([c.name for c in configs], sequences, args.top_logprobs, fingerprint)}.npz"
+    if cache.exists():                      # same experts, documents and k: reuse, no engines needed
+        corpus = load_scored(cache)
+    else:
+        async with running_experts(configs) as experts:
+            infos = await asyncio.gather(*(e.info() for e in experts.values()))
+            if infos[0].tokenizer_fingerprint != fingerprint:
+                raise ValueError("the experts' tokenizer differs from the one in their checkpoint directory")
+            corpus = await scored(experts, sequences, args.top_logprobs, registry.root / "cache", fingerprint, "scoring")
     train_docs, val_docs = train_test_split(list(range(corpus.n_docs)), test_size=0.15, random_state=args.seed)
-    gate_args = GateArgs(vocab_size=vocab, n_experts=len(configs))
-    fit = FitArgs(k=args.k, space=args.mix, epochs=args.epochs, seed=args.seed)
+    gate_args = GateArgs(vocab_size=vocab, n_experts=len(configs), embed_dim=32, hidden_dim=args.hidden)
+    fit = FitArgs(k=args.k, space=args.mix, epochs=args.epochs, seed=args.seed, max_positions=args.fit_positions)
     gate, history = fit_gate(corpus, train_docs, val_docs, gate_args, fit, vocab)
     router = DocRouter.fit(corpus, vocab, seed=args.seed)
     version = registry.next_version()
