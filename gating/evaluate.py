@@ -38,6 +38,7 @@ def evaluate(
     generalist: ScoredCorpus | None = None,
 ) -> dict:
     """-> {"documents", "tokens", "perplexity": {...}, "gate_share": {...}, "gap_recovered": ...}"""
+    torch.set_num_threads(1)            # tiny ops: OpenMP threads only spin (see gating/train.py)
     single = single_expert_logprob(corpus.ids, corpus.lps, corpus.targets, vocab_size)   # [N, E]
     result: dict[str, float] = {f"expert:{n}": ppl(single[:, e]) for e, n in enumerate(corpus.expert_names)}
     result["uniform"] = ppl(uniform_logprob(corpus.ids, corpus.lps, corpus.targets, vocab_size, space))

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--hidden", type=int, default=64, help="gate GRU hidden size (default %(default)s)")
     p.add_argument("--fit-positions", type=int, default=512, help="positions per document used for fitting")
-    p.add_argument("--max-docs-per-file", type=int, default=400)
+    p.add_argument("--max-docs-per-file", type=int, default=300)
     p.add_argument("--doc-tokens", type=int, default=DEFAULT_DOC_TOKENS)
     p.add_argument("--top-logprobs", type=int, default=DEFAULT_TOP_K)
     p.add_argument("--seed", type=int, default=0)
