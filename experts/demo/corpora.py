@@ -36,7 +36,7 @@ SOURCES: dict[str, list[dict[str, str]]] = {
         {"source": "python3-doc: Python 3.11 docs reST sources (tutorial, howto, faq, whatsnew, reference, "
                    "library; code blocks removed)", "licence": "PSF-2.0"},
         {"source": "gnu-standards (GNU Coding Standards, Information for Maintainers)", "licence": "GFDL-1.3+"},
-        {"source": "jargon-text (The Jargon File 4.4.7)", "licence": "GPL-2 (Debian package), public domain text"},
+        {"source": "jargon-text (The Jargon File 4.4.7)", "licence": "public domain (packaging scripts GPL)"},
         {"source": "fortunes, fortunes-min (BSD fortune databases)", "licence": "BSD-3-Clause / public domain"},
         {"source": "/usr/share/common-licenses (licence texts from base-files)", "licence": "verbatim copying"},
     ],
@@ -48,8 +48,8 @@ SOURCES: dict[str, list[dict[str, str]]] = {
     "json": [
         {"source": "botocore data/ (AWS API models, paginators, waiters, examples; .json and .json.gz)",
          "licence": "Apache-2.0"},
-        {"source": "other .json shipped in .venv packages (pycountry, vllm, sklearn, ray, jsonschema "
-                   "specifications, dist-info metadata, ...)", "licence": "each package's own (manifest.json)"},
+        {"source": "other .json shipped in .venv packages (vllm, sklearn, pycountry, ray, jsonschema "
+                   "specifications, ...)", "licence": "each package's own (manifest.json)"},
     ],
     "mixed": [
         {"source": "package long descriptions (*.dist-info/METADATA bodies: README markdown/reST with code)",
