@@ -48,10 +48,11 @@ async def running_experts(configs: list[ExpertConfig], *, num_cpus: int | None =
         log.info("started %d experts in %.0f s", len(configs), time.time() - t0)
         yield clients
     finally:
-        for app in apps:
-            with contextlib.suppress(Exception):
-                serve.delete(app)
-        if started_ray:
+        if not started_ray:                 # a shared cluster: remove only what we deployed
+            for app in apps:
+                with contextlib.suppress(Exception):
+                    serve.delete(app)
+        else:                               # our own local Ray: stopping it stops every engine at once
             import ray
 
             with contextlib.suppress(Exception):

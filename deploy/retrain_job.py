@@ -131,7 +131,10 @@ def run(args) -> int:
 
     t0 = time.time()
     try:
-        result = asyncio.run(retrain_from_log(args))
+        from orchestrator.cli import stdout_to_stderr
+
+        with stdout_to_stderr():
+            result = asyncio.run(retrain_from_log(args))
     except KeyboardInterrupt:
         print("ensemble retrain: interrupted; no checkpoint written, the live gate is unchanged", file=sys.stderr)
         return 130

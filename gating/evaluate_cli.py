@@ -66,7 +66,10 @@ def run(args) -> int:
     from gating.evaluate import format_table
 
     try:
-        summary, (corpus, gate) = asyncio.run(evaluate_file(args))
+        from orchestrator.cli import stdout_to_stderr
+
+        with stdout_to_stderr():
+            summary, (corpus, gate) = asyncio.run(evaluate_file(args))
     except (ValueError, FileNotFoundError) as err:
         print(f"ensemble eval: {err}", file=sys.stderr)
         return 2

@@ -114,7 +114,10 @@ async def train(args) -> dict:
 
 def run(args) -> int:
     try:
-        result = asyncio.run(train(args))
+        from orchestrator.cli import stdout_to_stderr
+
+        with stdout_to_stderr():
+            result = asyncio.run(train(args))
     except ValueError as err:
         print(f"ensemble train-gate: {err}", file=sys.stderr)
         return 2

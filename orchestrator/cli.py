@@ -53,3 +53,24 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+class stdout_to_stderr:
+    """Send everything written to fd 1 (including Ray's and vLLM's log lines) to stderr while a job runs,
+    so that a command's `--json` output is the only thing on stdout."""
+
+    def __enter__(self):
+        import os
+
+        sys.stdout.flush()
+        self._saved = os.dup(1)
+        os.dup2(2, 1)
+        return self
+
+    def __exit__(self, *exc):
+        import os
+
+        sys.stdout.flush()
+        os.dup2(self._saved, 1)
+        os.close(self._saved)
+        return False
