@@ -54,7 +54,7 @@ class VLLMExpert:
                 rid = f"{step.session_id}#{next(self._ids)}"
                 self._sessions[step.session_id] = _Session(rid, self._engine)
         return list(await asyncio.gather(*(
-            self._feed(step, top_k, opening=True) if err is None else _failed_step(step, err)
+            self._feed(step, top_k, opening=True) if err is None else _ready(_failed_step(step, err))
             for step, err in zip(steps, errors)
         )))
 
@@ -62,7 +62,7 @@ class VLLMExpert:
         """Append 1..n tokens per session (n > 1 = catch-up after being skipped) and return the next top-k."""
         errors = self._validate_advance(steps, top_k)
         return list(await asyncio.gather(*(
-            self._feed(step, top_k, opening=False) if err is None else _failed_step(step, err)
+            self._feed(step, top_k, opening=False) if err is None else _ready(_failed_step(step, err))
             for step, err in zip(steps, errors)
         )))
 
@@ -336,8 +336,13 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-async def _failed_step(step: SessionStep, error: str) -> StepOutput:
+def _failed_step(step: SessionStep, error: str) -> StepOutput:
     return StepOutput(step.session_id, error=error)
+
+
+async def _ready(output: StepOutput) -> StepOutput:
+    """An already-known result as an awaitable, to sit next to engine calls in one gather()."""
+    return output
 
 
 def _describe(exc: BaseException) -> str:
