@@ -55,7 +55,11 @@ def serve_forever(config: DeployConfig) -> int:
 
     started_ray = not config.ray_init.address
     print(f"starting Ray ({config.ray_init.address or 'local'}) ...", flush=True)
-    ray.init(**config.ray_init.init_kwargs())
+    try:
+        ray.init(**config.ray_init.init_kwargs())
+    except Exception as exc:  # noqa: BLE001 - e.g. no cluster at `address`, or a local Ray that timed out
+        print(f"ensemble serve: could not start or join Ray: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     code, running = 0, False
     try:
