@@ -90,8 +90,17 @@ async def experts_for(config):
 def swap_live_gate(config, registry_path: str, version: str) -> None:
     from deploy.app import deploy
 
+    from ray import serve
+
+    from gating.retrain import RetrainError
+
     user_config = {"gate": {"path": registry_path, "version": version}, "draining": False}
     deploy(config, gateway_user_config=user_config, timeout_s=300)
+    # A failed load keeps the old gate live (the gateway reports gate_error in /health), so check.
+    live = serve.get_app_handle(config.applications[0].name).gate_version.remote().result(timeout_s=60)
+    if live != version:
+        raise RetrainError(f"{version} was promoted in the registry but the service still serves {live}; "
+                           "see GET /health for the gateway's gate_error")
 
 
 async def retrain_from_log(args) -> dict:
