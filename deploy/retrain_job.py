@@ -73,7 +73,7 @@ async def experts_for(config):
     from ray import serve
 
     from deploy.local_experts import running_experts
-    from experts.server import ServeExpertClient
+    from experts.server import connect_experts
 
     names = [e.name for e in config.app.experts]
     app_name = config.applications[0].name
@@ -81,17 +81,16 @@ async def experts_for(config):
         if not ray.is_initialized():
             ray.init(address=config.ray_init.address or "auto", log_to_driver=False)
     if ray.is_initialized() and app_name in serve.status().applications:
-        yield {n: ServeExpertClient(serve.get_deployment_handle(f"expert-{n}", app_name), n) for n in names}, True
+        yield connect_experts(names, app_name), True
         return
     async with running_experts(list(config.app.experts)) as clients:
         yield clients, False
 
 
 def swap_live_gate(config, registry_path: str, version: str) -> None:
-    from deploy.app import deploy
-
     from ray import serve
 
+    from deploy.app import deploy
     from gating.retrain import RetrainError
 
     user_config = {"gate": {"path": registry_path, "version": version}, "draining": False}
@@ -117,14 +116,14 @@ async def retrain_from_log(args) -> dict:
                           epochs=args.epochs, seed=args.seed, force=args.force, top_logprobs=config.app.logprobs_k)
     records, feedback = read_log(config, args)
     tokenizer = load_tokenizer(config.app.experts[0].model_path)
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     async with experts_for(config) as (experts, live):
         info = await next(iter(experts.values())).info()
         log_fp = next((r.params.get("tokenizer_fingerprint") for r in records if isinstance(r.params, dict)
                        and r.params.get("tokenizer_fingerprint")), None)
         check_log(records, list(experts), log_fp, info.tokenizer_fingerprint)
         seqs = build_sequences(records, feedback, opts, encode)
-        result, ckpt, corpus = await retrain(experts, registry, seqs, opts)
+        result, ckpt, corpus = await retrain(experts, info, registry, seqs, opts)
         if ckpt is not None and live and not args.no_swap:
             await asyncio.to_thread(swap_live_gate, config, str(registry.root), ckpt.version)
             result["swapped_live"] = True

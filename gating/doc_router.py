@@ -40,7 +40,7 @@ class DocRouter:
     model: object
 
     @classmethod
-    def fit(cls, corpus: ScoredCorpus, vocab_size: int, seed: int = 0) -> "DocRouter":
+    def fit(cls, corpus: ScoredCorpus, vocab_size: int, seed: int = 0) -> DocRouter:
         labels = best_expert_per_doc(corpus, vocab_size)
         if len(set(labels.tolist())) == 1:      # degenerate data: always the one expert
             model = ("constant", int(labels[0]))
@@ -61,5 +61,5 @@ class DocRouter:
         tmp.replace(path)
 
     @staticmethod
-    def load(path: Path) -> "DocRouter":
+    def load(path: Path) -> DocRouter:
         return pickle.loads(Path(path).read_bytes())

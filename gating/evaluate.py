@@ -57,7 +57,7 @@ def evaluate(
         counts = torch.bincount(chosen[:, 0], minlength=len(corpus.expert_names)).float()
         share = {n: float(c / counts.sum()) for n, c in zip(corpus.expert_names, counts)}
     result["oracle"] = ppl(single.max(1).values)
-    summary = {"documents": corpus.n_docs, "tokens": int(len(corpus.targets)), "mix": space, "perplexity": result}
+    summary = {"documents": corpus.n_docs, "tokens": len(corpus.targets), "mix": space, "perplexity": result}
     if gate is not None:
         best = min(v for k, v in result.items() if k.startswith("expert:"))
         # share of the best-single-expert -> oracle gap the gate closes, in log-perplexity (NLL) units

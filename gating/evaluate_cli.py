@@ -30,21 +30,29 @@ async def evaluate_file(args) -> tuple[dict, object]:
     from gating.checkpoint import load_checkpoint, resolve_gate_path
     from gating.doc_router import DocRouter
     from gating.evaluate import evaluate
-    from gating.jobs import demo_expert_configs, generalist_config, load_tokenizer, read_jsonl, scored, tokenize
+    from gating.jobs import (
+        demo_expert_configs,
+        generalist_config,
+        load_tokenizer,
+        read_jsonl,
+        scored,
+        tokenize,
+    )
 
-    gate_path = resolve_gate_path(args.gate or args.demo / "gate")
-    ckpt = load_checkpoint(gate_path)
+    ckpt = load_checkpoint(resolve_gate_path(args.gate or args.demo / "gate"))
     configs = demo_expert_configs(args.demo, tuple(ckpt.expert_names))
     docs = read_jsonl([args.data])[: args.max_docs or None]
     sequences = tokenize(load_tokenizer(configs[0].model_path), [d["text"] for d in docs], args.doc_tokens)
     if not sequences:
         raise ValueError(f"{args.data}: no document with at least 2 tokens")
-    cache = (args.gate or args.demo / "gate")
-    cache = (cache if cache.is_dir() else cache.parent) / "cache"
+    gate_arg = args.gate or args.demo / "gate"
+    gate_dir = gate_arg if gate_arg.is_dir() else gate_arg.parent     # holds cache/ and doc_router.pkl
+    cache = gate_dir / "cache"
     gen_cfg = generalist_config(args.demo)
     has_generalist = Path(gen_cfg.model_path).exists()
     async with running_experts(configs + ([gen_cfg] if has_generalist else [])) as clients:
-        fingerprint = (await clients[configs[0].name].info()).tokenizer_fingerprint
+        info = await clients[configs[0].name].info()
+        fingerprint, vocab = info.tokenizer_fingerprint, info.vocab_size
         ckpt.check_matches([c.name for c in configs], fingerprint)
         experts = {c.name: clients[c.name] for c in configs}
         corpus = await scored(experts, sequences, args.top_logprobs, cache, fingerprint, "scoring (experts)")
@@ -52,9 +60,7 @@ async def evaluate_file(args) -> tuple[dict, object]:
         if has_generalist:
             generalist = await scored({"generalist": clients["generalist"]}, sequences, args.top_logprobs, cache,
                                       fingerprint, "scoring (generalist)")
-        vocab = (await clients[configs[0].name].info()).vocab_size
-    router_path = (args.gate or args.demo / "gate")
-    router_path = (router_path if router_path.is_dir() else router_path.parent) / "doc_router.pkl"
+    router_path = gate_dir / "doc_router.pkl"
     router = DocRouter.load(router_path) if router_path.exists() else None
     gate = ckpt.build()
     summary = evaluate(corpus, vocab, args.mix or ckpt.mix_space, gate=gate, router=router, generalist=generalist)

@@ -7,12 +7,11 @@ version untouched (GateRegistry writes are atomic).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from experts.protocol import Expert
+from experts.protocol import Expert, ExpertInfo
 from gating.checkpoint import GateCheckpoint, GateRegistry
 from gating.scores import ScoredCorpus
 from gating.train import FitArgs, evaluate_nll, fit_gate
@@ -97,13 +96,12 @@ def split_by_request(seqs: list[Sequence], fraction: float, seed: int) -> tuple[
 
 
 async def retrain(
-    experts: dict[str, Expert], registry: GateRegistry, seqs: list[Sequence], opts: RetrainOptions,
+    experts: dict[str, Expert], info: ExpertInfo, registry: GateRegistry, seqs: list[Sequence], opts: RetrainOptions,
 ) -> tuple[dict, GateCheckpoint | None, ScoredCorpus]:
-    """-> (result summary, the new checkpoint if promoted, the scored corpus)."""
+    """-> (result summary, the new checkpoint if promoted, the scored corpus). `info`: any expert's (shared)."""
     from gating.scores import score_sequences
 
     current = registry.load_current()
-    info = (await asyncio.gather(*(e.info() for e in experts.values())))[0]
     current.check_matches(list(experts), info.tokenizer_fingerprint)
     train_idx, held_idx = split_by_request(seqs, opts.heldout_fraction, opts.seed)
     corpus = await score_sequences(experts, [list(s.tokens) for s in seqs], opts.top_logprobs, desc="scoring traffic")

@@ -70,12 +70,12 @@ async def train(args) -> dict:
     from sklearn.model_selection import train_test_split
 
     from deploy.local_experts import running_experts
+    from experts.tokenizer_check import tokenizer_fingerprint
     from gating.checkpoint import GateCheckpoint, GateRegistry
     from gating.doc_router import DocRouter
-    from experts.tokenizer_check import tokenizer_fingerprint
     from gating.jobs import load_tokenizer, scored, tokenize, vocab_size_of
-    from gating.scores import cache_key, load_scored
     from gating.model import GateArgs
+    from gating.scores import cache_key, load_scored
     from gating.train import FitArgs, fit_gate
 
     t0 = time.time()
@@ -103,7 +103,7 @@ async def train(args) -> dict:
     router = DocRouter.fit(corpus, vocab, seed=args.seed)
     version = registry.next_version()
     metrics = {"val_nll": history["best_val_nll"], "initial_val_nll": history["val_nll"][0],
-               "train_docs": len(train_docs), "val_docs": len(val_docs), "tokens": int(len(corpus.targets))}
+               "train_docs": len(train_docs), "val_docs": len(val_docs), "tokens": len(corpus.targets)}
     ckpt = GateCheckpoint(version, gate_args, gate.state_dict(), [c.name for c in configs], fingerprint,
                           top_k=args.k, mix_space=args.mix, parent=registry.current(), metrics=metrics)
     registry.add(ckpt, promote=True, reason="train-gate")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -20,8 +19,8 @@ import torch
 from experts.protocol import Expert, ExpertInfo, SessionStep, StepOutput, TopK
 from gating.mix import MIX_SPACES, Mixed, gate_weights, logprob_of, mix
 from gating.objective import select_experts
-from gating.scores import stack_scores
 from gating.runtime import GateRuntime, GateState
+from gating.scores import stack_scores
 from orchestrator.batcher import StepBatcher
 from orchestrator.sample import make_rng, sample_token, top_alternatives
 from orchestrator.types import GateDecision, GenerationRequest, TokenEvent
