@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import time
 import uuid
@@ -39,7 +40,7 @@ async def _run_streams(engine, model: str, streams: int, tokens: int, prompt: li
     results = await asyncio.gather(*(one(i) for i in range(streams)))
     wall = time.perf_counter() - t0
     total = sum(n for n, _ in results)
-    gaps = sorted(b - a for _, s in results for a, b in zip(s, s[1:]))
+    gaps = sorted(b - a for _, s in results for a, b in itertools.pairwise(s))
     return {"model": model, "streams": streams, "tokens": total, "seconds": round(wall, 3),
             "tokens_per_s": round(total / wall, 1), "itl_ms_p50": round(1000 * gaps[len(gaps) // 2], 2) if gaps else None}
 

@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log", type=Path, nargs="*", help="traffic log SQLite file(s) (default: the config's)")
     p.add_argument("--parquet", type=Path, help="read an `ensemble export-log` directory instead of SQLite")
     p.add_argument("--since", type=float, help="only requests created at/after this unix time")
+    p.add_argument("--until", type=float, help="only requests created before this unix time")
     p.add_argument("--include-unrated-completions", action="store_true",
                    help="also train on sampled completions nobody rated (reinforces the current gate)")
     p.add_argument("--heldout", type=float, default=0.2, help="share of requests held out (default %(default)s)")
@@ -49,7 +50,8 @@ def read_log(config, args) -> tuple[list, list]:
         req = ds.dataset(args.parquet / "requests", format="parquet", partitioning="hive").to_table().to_pylist()
         fb_dir = args.parquet / "feedback"
         fb = ds.dataset(fb_dir, format="parquet").to_table().to_pylist() if fb_dir.exists() else []
-        records = [SimpleNamespace(**r) for r in req if args.since is None or r["created"] >= args.since]
+        records = [SimpleNamespace(**r) for r in req if (args.since is None or r["created"] >= args.since)
+                   and (args.until is None or r["created"] < args.until)]
         return records, [SimpleNamespace(**f) for f in fb]
     from orchestrator.traffic_log import iter_feedback, iter_records
 
@@ -58,7 +60,7 @@ def read_log(config, args) -> tuple[list, list]:
         raise FileNotFoundError(f"no traffic log at {config.app.traffic_log.path}; serve some traffic first")
     records, feedback, seen = [], [], set()
     for f in files:
-        for r in iter_records(f, since=args.since):
+        for r in iter_records(f, since=args.since, until=args.until):
             if r.request_id not in seen:
                 seen.add(r.request_id)
                 records.append(r)
@@ -87,12 +89,14 @@ async def experts_for(config):
         yield clients, False
 
 
-def swap_live_gate(config, registry_path: str, version: str) -> None:
+def swap_live_gate(config, registry_path: str, version: str) -> dict:
+    """Point the live gateway at `version` in place -> {"started", "finished"} (unix times)."""
     from ray import serve
 
     from deploy.app import deploy
     from gating.retrain import RetrainError
 
+    started = time.time()
     user_config = {"gate": {"path": registry_path, "version": version}, "draining": False}
     deploy(config, gateway_user_config=user_config, timeout_s=300)
     # A failed load keeps the old gate live (the gateway reports gate_error in /health), so check.
@@ -100,6 +104,7 @@ def swap_live_gate(config, registry_path: str, version: str) -> None:
     if live != version:
         raise RetrainError(f"{version} was promoted in the registry but the service still serves {live}; "
                            "see GET /health for the gateway's gate_error")
+    return {"started": started, "finished": time.time()}
 
 
 async def retrain_from_log(args) -> dict:
@@ -125,8 +130,8 @@ async def retrain_from_log(args) -> dict:
         seqs = build_sequences(records, feedback, opts, encode)
         result, ckpt, corpus = await retrain(experts, info, registry, seqs, opts)
         if ckpt is not None and live and not args.no_swap:
-            await asyncio.to_thread(swap_live_gate, config, str(registry.root), ckpt.version)
-            result["swapped_live"] = True
+            result["swap"] = await asyncio.to_thread(swap_live_gate, config, str(registry.root), ckpt.version)
+        result["swapped_live"] = "swap" in result
     if args.report:
         from gating.report import share_report
 

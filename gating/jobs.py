@@ -30,7 +30,7 @@ def read_jsonl(paths: list[Path]) -> list[dict]:
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
                 if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-                    raise ValueError(f'{path}:{n}: each line must be an object with a string "text" field')
+                    raise ValueError(f'{path}:{n}: each line must be an object with a string "text" field')  # noqa: TRY004
                 if doc["text"].strip():
                     docs.append(doc)
     return docs

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from experts.protocol import Expert, ExpertInfo
 from gating.checkpoint import GateCheckpoint, GateRegistry
+from gating.routing_stats import oracle_share, routing_stats
 from gating.scores import ScoredCorpus
 from gating.train import FitArgs, evaluate_nll, fit_gate
 
@@ -28,6 +29,9 @@ class RetrainOptions:
     include_unrated_completions: bool = False
     min_rating: int = 1
     heldout_fraction: float = 0.2
+    # Early stopping picks an epoch on its own slice of the training requests, so the held-out comparison
+    # that decides promotion is not also the set the new gate was selected on.
+    validation_fraction: float = 0.15
     doc_tokens: int = 512
     epochs: int = 8
     top_logprobs: int = 20
@@ -95,6 +99,16 @@ def split_by_request(seqs: list[Sequence], fraction: float, seed: int) -> tuple[
     return sorted(train.tolist()), sorted(held.tolist())
 
 
+def three_way_split(seqs: list[Sequence], opts: RetrainOptions) -> tuple[list[int], list[int], list[int]]:
+    """-> (fit, validation, held-out) indices, all split by request. Too few requests to carve out a
+    validation slice: validate on the fit requests (early stopping is then only a guard against divergence)."""
+    train, held = split_by_request(seqs, opts.heldout_fraction, opts.seed)
+    if len({seqs[i].request_id for i in train}) < 8:
+        return train, train, held
+    fit, val = split_by_request([seqs[i] for i in train], opts.validation_fraction, opts.seed + 1)
+    return [train[i] for i in fit], [train[i] for i in val], held
+
+
 async def retrain(
     experts: dict[str, Expert], info: ExpertInfo, registry: GateRegistry, seqs: list[Sequence], opts: RetrainOptions,
 ) -> tuple[dict, GateCheckpoint | None, ScoredCorpus]:
@@ -103,13 +117,13 @@ async def retrain(
 
     current = registry.load_current()
     current.check_matches(list(experts), info.tokenizer_fingerprint)
-    train_idx, held_idx = split_by_request(seqs, opts.heldout_fraction, opts.seed)
+    train_idx, val_idx, held_idx = three_way_split(seqs, opts)
     corpus = await score_sequences(experts, [list(s.tokens) for s in seqs], opts.top_logprobs, desc="scoring traffic")
     fit = FitArgs(k=current.top_k, space=current.mix_space, epochs=opts.epochs, seed=opts.seed, patience=opts.epochs)
     old_gate = current.build()
     old_nll = evaluate_nll(old_gate, corpus, fit, info.vocab_size, held_idx)
-    # Fine-tune from the live gate, validating on the held-out requests.
-    new_gate, history = fit_gate(corpus, train_idx, held_idx, current.args, fit, info.vocab_size,
+    # Fine-tune from the live gate; early stopping sees only the validation requests, never the held-out ones.
+    new_gate, history = fit_gate(corpus, train_idx, val_idx, current.args, fit, info.vocab_size,
                                  init_state=current.state_dict)
     new_nll = evaluate_nll(new_gate, corpus, fit, info.vocab_size, held_idx)
     better = new_nll < old_nll - 1e-4
@@ -118,8 +132,13 @@ async def retrain(
     held_tokens = sum(len(seqs[i].tokens) - 1 for i in held_idx)
     result = {
         "old_version": current.version, "new_version": version if promote else current.version,
-        "promoted": promote, "train_sequences": len(train_idx), "heldout_tokens": held_tokens,
+        "promoted": promote, "train_sequences": len(train_idx) + len(set(val_idx) - set(train_idx)),
+        "heldout_tokens": held_tokens,
         "heldout_nll_old": round(old_nll, 5), "heldout_nll_new": round(new_nll, 5),
+        # Where the data says the weight belongs (per-token oracle expert) and where each gate puts it.
+        "heldout_oracle_share": oracle_share(corpus, info.vocab_size, held_idx),
+        "routing_old": routing_stats(old_gate, corpus, fit.k, info.vocab_size, held_idx),
+        "routing_new": routing_stats(new_gate, corpus, fit.k, info.vocab_size, held_idx),
     }
     ckpt = None
     if promote:

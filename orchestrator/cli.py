@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("gating.evaluate_cli", "perplexity of experts, baselines and the gate on a JSONL file"),
     "serve": ("deploy.serve_cli", "start the Ray Serve application (gateway + experts) from a YAML config"),
     "export-log": ("orchestrator.export_log", "export the traffic log to Parquet"),
+    "replay": ("deploy.replay", "send prompts (a file, or a demo traffic shift) to a running gateway"),
     "retrain": ("deploy.retrain_job", "retrain the gate from logged traffic and promote it if better"),
     "gate-history": ("gating.registry_cli", "list gate versions, or restore an earlier one"),
     "bench": ("deploy.bench", "side-by-side throughput and latency benchmark"),

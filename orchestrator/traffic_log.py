@@ -256,14 +256,15 @@ def _record_from_row(row: sqlite3.Row) -> TrafficRecord:
     return TrafficRecord(**d)
 
 
-def iter_records(path: str | Path, *, since: float | None = None) -> Iterator[TrafficRecord]:
-    """All logged requests in arrival order (optionally only those created at/after `since`)."""
+def iter_records(path: str | Path, *, since: float | None = None, until: float | None = None) -> Iterator[TrafficRecord]:
+    """All logged requests in arrival order (optionally only those created in [since, until))."""
     with closing(connect(path, readonly=True)) as conn:
         conn.row_factory = sqlite3.Row
-        sql, args = f"SELECT {', '.join(COLUMNS)} FROM requests", ()
-        if since is not None:
-            sql, args = sql + " WHERE created >= ?", (since,)
-        for row in conn.execute(sql + " ORDER BY created, request_id", args):
+        where = [(c, v) for c, v in (("created >= ?", since), ("created < ?", until)) if v is not None]
+        sql = f"SELECT {', '.join(COLUMNS)} FROM requests"
+        if where:
+            sql += " WHERE " + " AND ".join(c for c, _ in where)
+        for row in conn.execute(sql + " ORDER BY created, request_id", tuple(v for _, v in where)):
             yield _record_from_row(row)
 
 

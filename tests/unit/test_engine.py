@@ -84,7 +84,7 @@ async def test_sessions_are_closed_after_the_request():
 
 
 async def test_concurrent_streams_share_round_trips():
-    engine, experts = await started()
+    engine, _experts = await started()
     reqs = [req(f"c{i}", prompt=(0, i + 2), max_tokens=10, temperature=0.0) for i in range(16)]
     results = await asyncio.gather(*(collect(engine, r) for r in reqs))
     assert all(len(r) == 10 for r in results)

@@ -39,7 +39,7 @@ def synthetic_corpus(n_docs=60, length=40, seed=0) -> ScoredCorpus:
                 row_lps.append([math.log(p_t)] + [math.log(0.05)] * (K - 1))
             ids.append(row_ids), lps.append(row_lps), tgt.append(s[j + 1]), ctx.append(s[j]), doc.append(d)
         offsets.append(len(tgt))
-    t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt)  # noqa: E731
+    t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt)
     return ScoredCorpus(NAMES, t(ids), t(lps, torch.float32), t(tgt), t(ctx), t(doc), offsets, seqs)
 
 
@@ -54,6 +54,24 @@ def test_gate_learns_to_route_by_context_and_beats_uniform():
     pp = summary["perplexity"]
     assert pp["gate_top2"] < pp["uniform"] and pp["gate_top2"] < min(pp[f"expert:{n}"] for n in NAMES)
     assert summary["gap_recovered"] > 0.5
+
+
+def test_routing_stats_follow_the_oracle_after_training():
+    from gating.model import Gate
+    from gating.routing_stats import oracle_share, routing_stats
+
+    corpus = synthetic_corpus()
+    args = GateArgs(V, E, 16, 32, 0.0)
+    untrained = Gate(args)
+    gate, _ = fit_gate(corpus, list(range(45)), list(range(45, 60)), args,
+                       FitArgs(epochs=15, lr=1e-2, patience=20, seed=0), V, progress=False)
+    held = list(range(45, 60))
+    before, after = routing_stats(untrained, corpus, 2, V, held), routing_stats(gate, corpus, 2, V, held)
+    for stats in (before, after):
+        assert math.isclose(sum(stats["expert_share"].values()), 1.0, abs_tol=1e-3)
+    assert after["oracle_weight"] > before["oracle_weight"] + 0.2
+    share = oracle_share(corpus, V, held)
+    assert math.isclose(sum(share.values()), 1.0, abs_tol=1e-3) and min(share.values()) > 0.1
 
 
 def test_training_is_reproducible_with_a_seed():

@@ -4,7 +4,14 @@ from types import SimpleNamespace as NS
 
 import pytest
 
-from gating.retrain import RetrainError, RetrainOptions, build_sequences, check_log, split_by_request
+from gating.retrain import (
+    RetrainError,
+    RetrainOptions,
+    build_sequences,
+    check_log,
+    split_by_request,
+    three_way_split,
+)
 
 
 def rec(rid, prompt, output=(9, 9), experts=(("code", "prose"),), error=None):
@@ -41,6 +48,21 @@ def test_split_keeps_each_request_on_one_side():
     train, held = split_by_request(seqs, 0.2, 0)
     assert {seqs[i].request_id for i in train}.isdisjoint({seqs[i].request_id for i in held})
     assert held and train
+
+
+def test_fit_validation_and_heldout_are_disjoint_requests():
+    records = [rec(f"r{i}", [1, i + 2]) for i in range(40)]
+    seqs = build_sequences(records, [fb(f"r{i}", 1) for i in range(40)], RetrainOptions(), encode)
+    fit, val, held = three_way_split(seqs, RetrainOptions())
+    sides = [{seqs[i].request_id for i in part} for part in (fit, val, held)]
+    assert all(sides) and sum(map(len, sides)) == 40 and len(set().union(*sides)) == 40
+    assert sorted(fit + val + held) == list(range(len(seqs)))
+
+
+def test_too_few_requests_validate_on_the_fit_slice():
+    seqs = build_sequences([rec(f"r{i}", [1, i + 2]) for i in range(5)], [], RetrainOptions(), encode)
+    fit, val, held = three_way_split(seqs, RetrainOptions())
+    assert fit == val and held and not set(fit) & set(held)
 
 
 def test_bad_logs_are_reported_clearly():

@@ -108,6 +108,8 @@ def test_read_since_filters_by_arrival_time(tmp_path) -> None:
         log.write(record(i))
     log.close()
     assert [r.request_id for r in iter_records(tmp_path / "t.db", since=1003.0)] == ["cmpl-3", "cmpl-4"]
+    assert [r.request_id for r in iter_records(tmp_path / "t.db", until=1001.0)] == ["cmpl-0"]
+    assert [r.request_id for r in iter_records(tmp_path / "t.db", since=1001.0, until=1003.0)] == ["cmpl-1", "cmpl-2"]
 
 
 def test_export_log_writes_partitioned_parquet_without_duplicates(tmp_path) -> None:
