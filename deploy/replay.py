@@ -42,13 +42,16 @@ class ReplayStats:
     expert_tokens: Counter = field(default_factory=Counter)
     fingerprints: Counter = field(default_factory=Counter)
     seconds: float = 0.0
+    started: float = 0.0       # unix time of the first request: `ensemble retrain --since` takes it
+    finished: float = 0.0
 
     def summary(self) -> dict:
         total = sum(self.expert_tokens.values()) or 1
         return {"requests": self.requests, "ok": self.ok, "errors": len(self.errors),
                 "first_errors": self.errors[:3], "completion_tokens": self.completion_tokens,
                 "expert_share": {e: round(n / total, 4) for e, n in sorted(self.expert_tokens.items())},
-                "system_fingerprints": dict(self.fingerprints), "seconds": round(self.seconds, 1)}
+                "system_fingerprints": dict(self.fingerprints), "seconds": round(self.seconds, 1),
+                "started": round(self.started, 3), "finished": round(self.finished, 3)}
 
 
 def window(text: str, chars: int, rng: random.Random) -> str:
@@ -92,7 +95,7 @@ async def _post_all(base_url: str, bodies: list[dict], concurrency: int, desc: s
     import httpx
     from tqdm import tqdm
 
-    stats, sem, t0 = ReplayStats(requests=len(bodies)), asyncio.Semaphore(concurrency), time.monotonic()
+    stats, sem, t0 = ReplayStats(requests=len(bodies), started=time.time()), asyncio.Semaphore(concurrency), time.monotonic()
     bar = tqdm(total=len(bodies), desc=desc, unit="req", file=sys.stderr)
     async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
         async def one(body: dict) -> None:
@@ -112,7 +115,7 @@ async def _post_all(base_url: str, bodies: list[dict], concurrency: int, desc: s
 
         await asyncio.gather(*(one(b) for b in bodies))
     bar.close()
-    stats.seconds = time.monotonic() - t0
+    stats.seconds, stats.finished = time.monotonic() - t0, time.time()
     return stats
 
 

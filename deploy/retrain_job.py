@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=Path("deploy/local.yaml"), help="the service's deploy YAML")
     p.add_argument("--log", type=Path, nargs="*", help="traffic log SQLite file(s) (default: the config's)")
     p.add_argument("--parquet", type=Path, help="read an `ensemble export-log` directory instead of SQLite")
+    p.add_argument("--ray-data", action="store_true",
+                   help="large logs: read the Parquet partitions and score with Ray Data across the cluster")
     p.add_argument("--since", type=float, help="only requests created at/after this unix time")
     p.add_argument("--until", type=float, help="only requests created before this unix time")
     p.add_argument("--include-unrated-completions", action="store_true",
@@ -47,12 +49,20 @@ def read_log(config, args) -> tuple[list, list]:
     if args.parquet:
         import pyarrow.dataset as ds
 
-        req = ds.dataset(args.parquet / "requests", format="parquet", partitioning="hive").to_table().to_pylist()
+        keep = lambda r: ((args.since is None or r["created"] >= args.since)
+                          and (args.until is None or r["created"] < args.until))
+        if args.ray_data:       # partitions read in parallel by Ray Data tasks, rows streamed to this driver
+            import ray.data
+
+            columns = ["request_id", "created", "params", "prompt_ids", "output_ids", "routing_experts", "error"]
+            rows = ray.data.read_parquet(str(args.parquet / "requests"), columns=columns).iter_rows()
+            req = [dict(r) for r in rows if keep(r)]
+        else:
+            req = [r for r in ds.dataset(args.parquet / "requests", format="parquet", partitioning="hive")
+                   .to_table().to_pylist() if keep(r)]
         fb_dir = args.parquet / "feedback"
         fb = ds.dataset(fb_dir, format="parquet").to_table().to_pylist() if fb_dir.exists() else []
-        records = [SimpleNamespace(**r) for r in req if (args.since is None or r["created"] >= args.since)
-                   and (args.until is None or r["created"] < args.until)]
-        return records, [SimpleNamespace(**f) for f in fb]
+        return [SimpleNamespace(**r) for r in req], [SimpleNamespace(**f) for f in fb]
     from orchestrator.traffic_log import iter_feedback, iter_records
 
     files = log_files(config, args)
@@ -68,6 +78,21 @@ def read_log(config, args) -> tuple[list, list]:
     return records, feedback
 
 
+def join_ray(config, start_local: bool = True) -> None:
+    """Join the cluster the service runs on (the config's address, else a running local Ray); failing that,
+    start a local Ray if `start_local` (running_experts starts one itself when it has to)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        ray.init(address=config.ray_init.address or "auto", log_to_driver=False)
+    if not ray.is_initialized() and start_local:
+        from deploy.local_experts import ensure_ray
+
+        ensure_ray(config.ray_init.num_cpus)
+
+
 @contextlib.asynccontextmanager
 async def experts_for(config):
     """The running service's expert deployments if it is up (scoring shares their engines), else fresh ones."""
@@ -79,14 +104,20 @@ async def experts_for(config):
 
     names = [e.name for e in config.app.experts]
     app_name = config.applications[0].name
-    with contextlib.suppress(ConnectionError, RuntimeError):
-        if not ray.is_initialized():
-            ray.init(address=config.ray_init.address or "auto", log_to_driver=False)
+    join_ray(config, start_local=False)
     if ray.is_initialized() and app_name in serve.status().applications:
         yield connect_experts(names, app_name), True
         return
     async with running_experts(list(config.app.experts)) as clients:
         yield clients, False
+
+
+def logged_fingerprint(params) -> str | None:
+    """The tokenizer fingerprint a record was served with (params: a dict from SQLite, JSON text from Parquet)."""
+    if isinstance(params, str):
+        with contextlib.suppress(ValueError):
+            params = json.loads(params)
+    return params.get("tokenizer_fingerprint") if isinstance(params, dict) else None
 
 
 def swap_live_gate(config, registry_path: str, version: str) -> dict:
@@ -119,16 +150,27 @@ async def retrain_from_log(args) -> dict:
     registry = GateRegistry(Path(config.app.gate.path))
     opts = RetrainOptions(include_unrated_completions=args.include_unrated_completions, heldout_fraction=args.heldout,
                           epochs=args.epochs, seed=args.seed, force=args.force, top_logprobs=config.app.logprobs_k)
+    if args.ray_data:
+        if not args.parquet:
+            raise RetrainError("--ray-data reads a Parquet export: run `ensemble export-log --out DIR`, then "
+                               "pass --parquet DIR")
+        join_ray(config)
     records, feedback = read_log(config, args)
     tokenizer = load_tokenizer(config.app.experts[0].model_path)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     async with experts_for(config) as (experts, live):
         info = await next(iter(experts.values())).info()
-        log_fp = next((r.params.get("tokenizer_fingerprint") for r in records if isinstance(r.params, dict)
-                       and r.params.get("tokenizer_fingerprint")), None)
+        log_fp = next((fp for r in records if (fp := logged_fingerprint(r.params))), None)
         check_log(records, list(experts), log_fp, info.tokenizer_fingerprint)
         seqs = build_sequences(records, feedback, opts, encode)
-        result, ckpt, corpus = await retrain(experts, info, registry, seqs, opts)
+        score = None
+        if args.ray_data:
+            from gating.ray_data_scoring import score_with_ray_data
+
+            app = config.applications[0].name if live else None      # offline experts are apps of their own
+            score = lambda sequences: asyncio.to_thread(
+                score_with_ray_data, app, list(experts), sequences, opts.top_logprobs)
+        result, ckpt, corpus = await retrain(experts, info, registry, seqs, opts, score)
         if ckpt is not None and live and not args.no_swap:
             result["swap"] = await asyncio.to_thread(swap_live_gate, config, str(registry.root), ckpt.version)
         result["swapped_live"] = "swap" in result
@@ -162,4 +204,10 @@ def run(args) -> int:
         print(f"{verdict} {result['new_version']} (was {result['old_version']}): held-out NLL/token "
               f"{result['heldout_nll_old']:.4f} -> {result['heldout_nll_new']:.4f} on {result['heldout_tokens']} "
               f"tokens; trained on {result['train_sequences']} sequences in {result['seconds']} s")
+        fmt = lambda share: "  ".join(f"{e} {v:.3f}" for e, v in share.items())
+        print(f"  held-out oracle share (where the data says weight belongs): {fmt(result['heldout_oracle_share'])}")
+        for which in ("old", "new"):
+            r = result[f"routing_{which}"]
+            print(f"  {which} gate routing share: {fmt(r['expert_share'])}  | weight on oracle expert "
+                  f"{r['oracle_weight']:.3f}")
     return 0

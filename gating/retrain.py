@@ -8,7 +8,7 @@ version untouched (GateRegistry writes are atomic).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from experts.protocol import Expert, ExpertInfo
@@ -111,14 +111,20 @@ def three_way_split(seqs: list[Sequence], opts: RetrainOptions) -> tuple[list[in
 
 async def retrain(
     experts: dict[str, Expert], info: ExpertInfo, registry: GateRegistry, seqs: list[Sequence], opts: RetrainOptions,
+    score: Callable[[list[list[int]]], Awaitable[ScoredCorpus]] | None = None,
 ) -> tuple[dict, GateCheckpoint | None, ScoredCorpus]:
-    """-> (result summary, the new checkpoint if promoted, the scored corpus). `info`: any expert's (shared)."""
+    """-> (result summary, the new checkpoint if promoted, the scored corpus). `info`: any expert's (shared).
+    `score` replaces the in-process scoring loop (e.g. gating.ray_data_scoring for large logs)."""
     from gating.scores import score_sequences
 
     current = registry.load_current()
     current.check_matches(list(experts), info.tokenizer_fingerprint)
     train_idx, val_idx, held_idx = three_way_split(seqs, opts)
-    corpus = await score_sequences(experts, [list(s.tokens) for s in seqs], opts.top_logprobs, desc="scoring traffic")
+    sequences = [list(s.tokens) for s in seqs]
+    if score is None:
+        corpus = await score_sequences(experts, sequences, opts.top_logprobs, desc="scoring traffic")
+    else:
+        corpus = await score(sequences)
     fit = FitArgs(k=current.top_k, space=current.mix_space, epochs=opts.epochs, seed=opts.seed, patience=opts.epochs)
     old_gate = current.build()
     old_nll = evaluate_nll(old_gate, corpus, fit, info.vocab_size, held_idx)
