@@ -50,6 +50,14 @@ def usage_of(prompt_tokens: int, events: Sequence[TokenEvent]) -> Usage:
                  total_tokens=prompt_tokens + len(events), expert_tokens=expert_token_counts(events))
 
 
+def concat_logprobs(first: CompletionLogprobs, second: CompletionLogprobs) -> CompletionLogprobs:
+    """Prompt logprobs followed by completion logprobs (echo=true with generation)."""
+    return CompletionLogprobs(tokens=first.tokens + second.tokens,
+                              token_logprobs=first.token_logprobs + second.token_logprobs,
+                              top_logprobs=first.top_logprobs + second.top_logprobs,
+                              text_offset=first.text_offset + second.text_offset)
+
+
 def completion_logprobs(events: Sequence[TokenEvent], token_text: Callable[[int], str],
                         text_offset: int = 0) -> CompletionLogprobs:
     """Legacy /v1/completions logprobs; `text_offset` is where the first token's text starts."""

@@ -154,7 +154,9 @@ class GatewayCore:
                                                 media_type="text/event-stream",
                                                 headers={REQUEST_ID_HEADER: trace.request_id})
             collected = [first] + [d async for d in deltas]
-            return JSONResponse(self._final_body(prep, trace, collected),
+            # echo + logprobs with generation: the prompt's own logprobs come first, as in OpenAI's API
+            prompt_lp = await self._score_prompt(prep) if prep.echo and prep.logprobs else None
+            return JSONResponse(self._final_body(prep, trace, collected, prompt_lp),
                                 headers={REQUEST_ID_HEADER: trace.request_id})
         except OpenAIError as exc:
             trace.error, trace.status = exc.message, exc.status
@@ -244,18 +246,19 @@ class GatewayCore:
             trace.events.append(ev)
             yield ev
 
+    async def _score_prompt(self, prep: _Prepared) -> api.CompletionLogprobs:
+        req = prep.request
+        try:
+            scores = await self.engine.score(req.request_id, list(req.prompt_ids), req.model, req.params.top_logprobs)
+        except ValueError as exc:
+            raise OpenAIError(str(exc)) from None
+        return self._prompt_logprobs(req.prompt_ids, scores)
+
     async def _echo_only(self, prep: _Prepared, trace: _Trace) -> dict:
         """echo=true, max_tokens=0: the prompt back, with its per-token logprobs if asked (lm-eval scoring)."""
         req = prep.request
         trace.gate_version, trace.finish_reason = self.engine.gate_version, "length"
-        logprobs = None
-        if prep.logprobs:
-            try:
-                scores = await self.engine.score(req.request_id, list(req.prompt_ids), req.model,
-                                                 req.params.top_logprobs)
-            except ValueError as exc:
-                raise OpenAIError(str(exc)) from None
-            logprobs = self._prompt_logprobs(req.prompt_ids, scores)
+        logprobs = await self._score_prompt(prep) if prep.logprobs else None
         trace.output_text = ""
         choice = api.CompletionChoice(text=prep.prompt_text, logprobs=logprobs, finish_reason="length")
         return api.CompletionResponse(id=req.request_id, created=int(trace.created), model=req.model,
@@ -280,13 +283,16 @@ class GatewayCore:
         return {"id": trace.request_id, "created": int(trace.created), "model": trace.model,
                 "system_fingerprint": trace.gate_version}
 
-    def _final_body(self, prep: _Prepared, trace: _Trace, deltas: list[TextDelta]) -> dict:
+    def _final_body(self, prep: _Prepared, trace: _Trace, deltas: list[TextDelta],
+                    prompt_logprobs: api.CompletionLogprobs | None = None) -> dict:
         req, ev, tt = prep.request, trace.events, self.codec.token_text
         text = "".join(d.text for d in deltas)
         head = {**self._head(trace), "usage": responses.usage_of(len(req.prompt_ids), ev)}
         if trace.endpoint == "completions":
             echo = prep.prompt_text if prep.echo else ""
             lp = responses.completion_logprobs(ev, tt, len(echo)) if prep.logprobs else None
+            if lp is not None and prompt_logprobs is not None:
+                lp = responses.concat_logprobs(prompt_logprobs, lp)
             choice = api.CompletionChoice(text=echo + text, logprobs=lp, finish_reason=trace.finish_reason,
                                           routing=self._routing(prep, trace, ev))
             return api.CompletionResponse(**head, choices=[choice]).model_dump()

@@ -148,6 +148,21 @@ async def test_echo_with_zero_max_tokens_returns_prompt_logprobs(gw) -> None:
     assert all(len(t) <= 3 for t in lp["top_logprobs"][1:])
 
 
+async def test_echo_with_generation_returns_prompt_then_completion_logprobs(gw) -> None:
+    prompt = "The quick brown fox"
+    only = (await post(gw, "/v1/completions", completion(prompt=prompt, echo=True, max_tokens=0, logprobs=2))).json()
+    body = (await post(gw, "/v1/completions", completion(prompt=prompt, echo=True, max_tokens=5, logprobs=2,
+                                                          temperature=0.0))).json()
+    plain = (await post(gw, "/v1/completions", completion(prompt=prompt, max_tokens=5, logprobs=2,
+                                                           temperature=0.0))).json()
+    lp, n_prompt = body["choices"][0]["logprobs"], body["usage"]["prompt_tokens"]
+    assert body["choices"][0]["text"] == prompt + plain["choices"][0]["text"]
+    assert len(lp["tokens"]) == n_prompt + body["usage"]["completion_tokens"]
+    assert lp["token_logprobs"][:n_prompt] == only["choices"][0]["logprobs"]["token_logprobs"]
+    assert lp["token_logprobs"][n_prompt:] == plain["choices"][0]["logprobs"]["token_logprobs"]
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][n_prompt] == len(prompt)
+
+
 async def test_stop_string_truncates_the_output_and_the_log(gw) -> None:
     base = (await post(gw, "/v1/completions", completion(max_tokens=30))).json()["choices"][0]["text"]
     stop = base[10:13]
