@@ -92,7 +92,7 @@ class AppConfig(BaseModel):
     experts: list[ExpertConfig] = Field(min_length=1)
     gate: GateConfig | None = None     # None: no trained gate yet, the ensemble mixes all experts uniformly
     top_k: int = Field(2, ge=1)
-    mix_space: Literal["logits", "probs"] = "logits"
+    mix_space: Literal["logits", "probs"] | None = None    # None: the gate checkpoint's own (trained) space
     logprobs_k: int = Field(20, ge=1, le=64)
     traffic_log: TrafficLogConfig = Field(default_factory=TrafficLogConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)

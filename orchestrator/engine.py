@@ -120,6 +120,7 @@ class EnsembleEngine:
         """Yield one TokenEvent per generated token; the last carries finish_reason."""
         self.validate(req)
         params, gate = req.params, self._gate            # pin the gate version for this request
+        space = self._space(req.model, gate)
         seq = _Sequence(req.request_id, list(req.prompt_ids))
         rng = make_rng(params.seed)
         gate_state = gate.feed(GateState(), seq.tokens) if gate is not None and req.model == ENSEMBLE else None
@@ -130,7 +131,7 @@ class EnsembleEngine:
                 # 2) step the chosen experts at once; an expert skipped earlier catches up in the same call
                 outs = await asyncio.gather(*(self._sync(seq, e) for e in experts))
                 # 3) mix their top-k into one distribution over the candidate union
-                mixed = self._mix(outs, weights)                          # rows: 1, C candidates
+                mixed = self._mix(outs, weights, space)                   # rows: 1, C candidates
                 # 4) sample
                 token = sample_token(mixed.cand_ids[0], mixed.cand_logprobs[0], params.temperature, params.top_p, rng)
                 logprob = float(logprob_of(mixed, torch.tensor([token]))[0])
@@ -168,11 +169,15 @@ class EnsembleEngine:
         seq.synced[e] = len(seq.tokens)
         return out.topk
 
-    def _mix(self, outs: list[TopK], weights: list[float]) -> Mixed:
+    def _space(self, model: str, gate: GateRuntime | None) -> str:
+        """The mixing space of a request: its gate's (trained for it, or set by config), else the default."""
+        return gate.mix_space if gate is not None and model == ENSEMBLE else self.mix_space
+
+    def _mix(self, outs: list[TopK], weights: list[float], space: str) -> Mixed:
         k = min(len(o.token_ids) for o in outs)
         ids = torch.tensor([[o.token_ids[:k] for o in outs]], dtype=torch.long)        # [1, S, K]
         lps = torch.tensor([[o.logprobs[:k] for o in outs]], dtype=torch.float32)      # [1, S, K]
-        return mix(ids, lps, torch.tensor([weights], dtype=torch.float32), self.vocab_size, self.mix_space)
+        return mix(ids, lps, torch.tensor([weights], dtype=torch.float32), self.vocab_size, space)
 
     def _finish_reason(self, token: int, index: int, params, length: int) -> str | None:
         if token in params.stop_token_ids or (token == self.eos_token_id and not params.ignore_eos):
@@ -197,7 +202,7 @@ class EnsembleEngine:
         all_ids, all_lps, targets = stack_scores([o[0] for o in outs])             # [N, E', K], [N]
         experts, weights = self._sequence_routing(model, list(token_ids), len(targets))
         ids, lps = select_experts(all_ids, all_lps, experts)                          # [N, S, K]
-        mixed = mix(ids, lps, weights, self.vocab_size, self.mix_space)
+        mixed = mix(ids, lps, weights, self.vocab_size, self._space(model, self._gate))
         lp = logprob_of(mixed, targets)                                                # [N]
         return [(None, ())] + [
             (float(lp[j]), top_alternatives(mixed, j, top_logprobs)) for j in range(len(targets))

@@ -55,7 +55,7 @@ class GatewayUserConfig(BaseModel):
 
 
 def load_gate(source: GateSource, expert_names: list[str], tokenizer_fingerprint: str | None,
-              top_k: int, mix_space: str):
+              top_k: int, mix_space: str | None):
     """Read and check a gate checkpoint (blocking: torch.load) -> GateRuntime."""
     from gating.checkpoint import GateRegistry, load_checkpoint, resolve_gate_path
     from gating.runtime import GateRuntime
@@ -148,7 +148,7 @@ class Gateway:
         from orchestrator.engine import EnsembleEngine
 
         clients = {name: ServeExpertClient(handle, name) for name, handle in experts.items()}
-        engine = EnsembleEngine(clients, None, top_k=settings.top_k, mix_space=settings.mix_space,
+        engine = EnsembleEngine(clients, None, top_k=settings.top_k, mix_space=settings.mix_space or "logits",
                                 logprobs_k=settings.logprobs_k)
         await engine.start()
         codec = await asyncio.to_thread(TextCodec.from_pretrained, engine.infos[0].model_path)
@@ -186,7 +186,7 @@ class Gateway:
     async def _swap_gate(self, source: GateSource) -> None:
         engine, t0 = self.core.engine, time.perf_counter()
         gate = await asyncio.to_thread(load_gate, source, engine.expert_names,
-                                       engine.infos[0].tokenizer_fingerprint, engine.top_k, engine.mix_space)
+                                       engine.infos[0].tokenizer_fingerprint, engine.top_k, self.core.settings.mix_space)
         self.core.set_gate(gate)
         self._gate_source, self.core.gate_error = source, None
         logger.info("gate %s live after %.2f s (from %s)", gate.version, time.perf_counter() - t0, source.path)

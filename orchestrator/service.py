@@ -37,7 +37,7 @@ _INCOMPLETE = "incomplete: the gateway stopped before this request finished"
 class GatewaySettings:
     traffic_log_path: str                 # may contain "{replica}" so each replica writes its own file
     top_k: int = 2
-    mix_space: str = "logits"
+    mix_space: str | None = None       # None: each gate checkpoint's own space (the one it was trained for)
     logprobs_k: int = 20
     max_request_bytes: int = 1_000_000
     default_max_tokens: int = 16          # /v1/completions default, as in OpenAI's API

@@ -98,7 +98,8 @@ def test_echo_scoring_matches_the_offline_evaluation(live_gateway) -> None:
         ids = [_ids_of(live_gateway, text)]
         corpus = await scored(experts, ids, live_gateway.config.logprobs_k, None, info.tokenizer_fingerprint, "score")
         ckpt = load_checkpoint(resolve_gate_path(live_gateway.gate_dir))
-        return evaluate(corpus, info.vocab_size, live_gateway.config.mix_space, gate=ckpt.build())["perplexity"]
+        space = live_gateway.config.mix_space or ckpt.mix_space
+        return evaluate(corpus, info.vocab_size, space, gate=ckpt.build())["perplexity"]
 
     ppl = asyncio.run(offline())
     assert http_ppl == pytest.approx(ppl[f"gate_top{live_gateway.config.top_k}"], rel=1e-3)

@@ -56,9 +56,12 @@ async def test_temperature_zero_is_deterministic_and_seed_reproduces():
     assert seeded[0] == seeded[1]
 
 
-async def test_each_token_is_sampled_from_the_routed_mix_of_the_full_context():
-    """Recompute every step from scratch (experts' distribution of the whole context): catch-up is exact."""
+@pytest.mark.parametrize("space", ["logits", "probs"])
+async def test_each_token_is_sampled_from_the_routed_mix_of_the_full_context(space):
+    """Recompute every step from scratch (experts' distribution of the whole context): catch-up is exact.
+    The engine mixes in the space its gate was trained for (the runtime's), whatever its own default."""
     engine, experts = await started()
+    engine.set_gate(GateRuntime(engine._gate.gate, "gate-space", NAMES, 2, space))
     prompt = [0, 9, 10]
     events = await collect(engine, req(prompt=prompt, temperature=0.0, max_tokens=15))
     context = list(prompt)
@@ -67,7 +70,7 @@ async def test_each_token_is_sampled_from_the_routed_mix_of_the_full_context():
         tops = [topk_of(context_logprobs(experts[NAMES[i]].seed, context, V), 8) for i in idx]
         ids = torch.tensor([[t.token_ids for t in tops]])
         lps = torch.tensor([[t.logprobs for t in tops]])
-        mixed = mix(ids, lps, torch.tensor([ev.routing.weights]), V, "logits")
+        mixed = mix(ids, lps, torch.tensor([ev.routing.weights]), V, space)
         best = int(mixed.cand_ids[0][mixed.cand_logprobs[0].argmax()])
         assert ev.token_id == best
         assert ev.logprob == pytest.approx(float(logprob_of(mixed, torch.tensor([best]))[0]), abs=1e-5)
