@@ -182,6 +182,7 @@ async def retrain_from_log(args) -> dict:
 
 
 def run(args) -> int:
+    from gating.checkpoint import GateMismatchError
     from gating.retrain import RetrainError
 
     t0 = time.time()
@@ -193,7 +194,7 @@ def run(args) -> int:
     except KeyboardInterrupt:
         print("ensemble retrain: interrupted; no checkpoint written, the live gate is unchanged", file=sys.stderr)
         return 130
-    except (RetrainError, FileNotFoundError) as err:
+    except (RetrainError, GateMismatchError, FileNotFoundError) as err:
         print(f"ensemble retrain: {err}", file=sys.stderr)
         return 2
     result["seconds"] = round(time.time() - t0, 1)
