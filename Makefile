@@ -49,7 +49,8 @@ sysdeps:
 
 demo: $(DEMO)/.built
 
-$(DEMO)/.built: $(VENV)/.installed
+# Order-only (`|`): a reinstall (e.g. a dependency bump) must not throw away a 10-minute demo build.
+$(DEMO)/.built: | $(VENV)/.installed
 	$(MAKE) sysdeps
 	$(VENV)/bin/ensemble build-demo --out $(DEMO)
 
