@@ -120,6 +120,19 @@ def logged_fingerprint(params) -> str | None:
     return params.get("tokenizer_fingerprint") if isinstance(params, dict) else None
 
 
+def swap_if_running(config, registry_path: str, version: str) -> bool:
+    """Swap the live gateway of `config` to `version` if its application is running -> whether it was."""
+    from ray import serve
+
+    join_ray(config, start_local=False)
+    import ray
+
+    if not ray.is_initialized() or config.applications[0].name not in serve.status().applications:
+        return False
+    swap_live_gate(config, registry_path, version)
+    return True
+
+
 def swap_live_gate(config, registry_path: str, version: str) -> dict:
     """Point the live gateway at `version` in place -> {"started", "finished"} (unix times)."""
     from ray import serve

@@ -61,6 +61,8 @@ def serve_forever(config: DeployConfig) -> int:
         print(f"ensemble serve: could not start or join Ray: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     previous = signal.signal(signal.SIGTERM, _raise_stop)
+    # Also when started in the background by a non-interactive shell, which leaves SIGINT ignored.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     code, running = 0, False
     try:
         names = ", ".join(e.name for e in config.app.experts)
@@ -84,6 +86,7 @@ def serve_forever(config: DeployConfig) -> int:
         code = 1
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)       # a second SIGTERM must not cut the cleanup short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)        # nor a second Ctrl-C
         try:
             stop(config, drain_first=running)
             if started_ray:
@@ -92,6 +95,7 @@ def serve_forever(config: DeployConfig) -> int:
             if started_ray:
                 ray.shutdown()
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
     print("stopped.", flush=True)
     return code
 

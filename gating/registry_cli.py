@@ -1,7 +1,7 @@
 """`ensemble gate-history`: list gate versions and which is live, or restore an earlier one in one command.
 
-A running service picks up the restored version on its next reconfigure (`ensemble retrain` does this,
-or redeploy with the same config); see README "Retraining".
+`--restore` moves the registry's CURRENT pointer and, when the service of `--config` is running, swaps the
+live gateway to that version in place (the same Serve user_config update `ensemble retrain` uses).
 """
 
 from __future__ import annotations
@@ -9,22 +9,49 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sys
 from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--registry", type=Path, default=Path("artifacts/demo/gate"), help="gate registry (default %(default)s)")
-    p.add_argument("--restore", metavar="VERSION", help="make VERSION the live gate")
+    p.add_argument("--config", type=Path, default=Path("deploy/local.yaml"), help="the service's deploy YAML")
+    p.add_argument("--registry", type=Path, help="gate registry (default: the config's gate.path)")
+    p.add_argument("--restore", metavar="VERSION", help="make VERSION the live gate (registry and running service)")
+    p.add_argument("--no-swap", action="store_true", help="--restore: only move the registry pointer")
     p.add_argument("--json", action="store_true")
 
 
 def run(args) -> int:
     from gating.checkpoint import GateRegistry, load_checkpoint
 
-    reg = GateRegistry(args.registry)
+    config = None
+    if args.registry is None or (args.restore and not args.no_swap):
+        from deploy.config import ConfigError, load_config
+
+        try:
+            config = load_config(args.config)
+        except ConfigError as err:
+            print(f"ensemble gate-history: {err}", file=sys.stderr)
+            return 2
+        if args.registry is None and config.app.gate is None:
+            print(f"ensemble gate-history: {args.config} configures no gate; pass --registry", file=sys.stderr)
+            return 2
+    reg = GateRegistry(args.registry or Path(config.app.gate.path))
     if args.restore:
-        reg.set_current(args.restore, reason="restored by gate-history --restore")
-        print(f"live gate is now {args.restore}")
+        try:
+            reg.set_current(args.restore, reason="restored by gate-history --restore")
+        except FileNotFoundError as err:
+            print(f"ensemble gate-history: {err}", file=sys.stderr)
+            return 2
+        print(f"registry {reg.root}: CURRENT is now {args.restore}")
+        if config is not None:
+            from deploy.retrain_job import swap_if_running
+            from orchestrator.cli import stdout_to_stderr
+
+            with stdout_to_stderr():
+                swapped = swap_if_running(config, str(reg.root), args.restore)
+            print(f"the running service now serves {args.restore}" if swapped
+                  else "no running service found; it will load this version when started")
         return 0
     live = reg.current()
     rows = []

@@ -48,9 +48,10 @@ def share_report(corpus: ScoredCorpus, registry: GateRegistry, result: dict, out
             ax.bar(range(len(data)), data[:, e], bottom=bottom, label=name)
             bottom += data[:, e]
         ax.set_title(f"gate {title}")
-        ax.set_xlabel("prompt cluster")
+        ax.set_xticks(range(len(data)))
+        ax.set_xlabel("prompt cluster (k-means over the prompts' tokens)")
     axes[0].set_ylabel("top-1 expert share of tokens")
-    axes[1].legend(loc="upper right", fontsize=8)
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -121,9 +121,12 @@ def test_traffic_shift_retrain_promotes_a_better_gate_and_swaps_it_live(live_gat
         assert across and all(fps == {old} for _, _, fps, _ in across)     # kept the gate they started with
         assert all(len(fps) == 1 for *_, fps, _ in streams)       # one gate per response, never a mix
     finally:
-        # Leave the session's service as the other tests expect it: the demo gate, from CURRENT.
-        registry = GateRegistry(live_gateway.gate_dir)
-        if registry.current() != old:
-            registry.set_current(old, reason="restore after the retraining demonstration test")
-        live_gateway.set_gateway_user_config({"gate": gate, "draining": False})
+        # Roll back the way a user would (`ensemble gate-history --restore`), which also swaps the live service.
+        from gating.registry_cli import add_arguments, run
+
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        assert run(parser.parse_args(["--config", str(config_path), "--restore", old])) == 0
+        assert GateRegistry(live_gateway.gate_dir).current() == old
     assert fingerprint(url) == old
+    live_gateway.set_gateway_user_config({"gate": gate, "draining": False})      # the fixture's own user_config
