@@ -55,7 +55,7 @@ def read_log(config, args) -> tuple[list, list]:
             import ray.data
 
             columns = ["request_id", "created", "params", "prompt_ids", "output_ids", "routing_experts", "error"]
-            rows = ray.data.read_parquet(str(args.parquet / "requests"), columns=columns).iter_rows()
+            rows = ray.data.read_parquet(str(args.parquet / "requests")).select_columns(columns).iter_rows()
             req = [dict(r) for r in rows if keep(r)]
         else:
             req = [r for r in ds.dataset(args.parquet / "requests", format="parquet", partitioning="hive")
