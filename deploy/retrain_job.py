@@ -96,17 +96,13 @@ def join_ray(config, start_local: bool = True) -> None:
 @contextlib.asynccontextmanager
 async def experts_for(config):
     """The running service's expert deployments if it is up (scoring shares their engines), else fresh ones."""
-    import ray
-    from ray import serve
 
     from deploy.local_experts import running_experts
     from experts.server import connect_experts
 
     names = [e.name for e in config.app.experts]
-    app_name = config.applications[0].name
-    join_ray(config, start_local=False)
-    if ray.is_initialized() and app_name in serve.status().applications:
-        yield connect_experts(names, app_name), True
+    if app_running(config):
+        yield connect_experts(names, config.applications[0].name), True
         return
     async with running_experts(list(config.app.experts)) as clients:
         yield clients, False
@@ -120,14 +116,18 @@ def logged_fingerprint(params) -> str | None:
     return params.get("tokenizer_fingerprint") if isinstance(params, dict) else None
 
 
-def swap_if_running(config, registry_path: str, version: str) -> bool:
-    """Swap the live gateway of `config` to `version` if its application is running -> whether it was."""
+def app_running(config) -> bool:
+    """Whether the application of `config` runs on the Ray cluster this process can join."""
+    import ray
     from ray import serve
 
     join_ray(config, start_local=False)
-    import ray
+    return ray.is_initialized() and config.applications[0].name in serve.status().applications
 
-    if not ray.is_initialized() or config.applications[0].name not in serve.status().applications:
+
+def swap_if_running(config, registry_path: str, version: str) -> bool:
+    """Swap the live gateway of `config` to `version` if its application is running -> whether it was."""
+    if not app_running(config):
         return False
     swap_live_gate(config, registry_path, version)
     return True

@@ -18,11 +18,11 @@ from gating.scores import ScoredCorpus
 
 
 @torch.no_grad()
-def gate_logits_for(gate: Gate, corpus: ScoredCorpus) -> torch.Tensor:
-    """Teacher-forced gate logits for every row of the corpus -> [N, E]."""
+def gate_logits_for(gate: Gate, corpus: ScoredCorpus, docs: list[int] | None = None) -> torch.Tensor:
+    """Teacher-forced gate logits for the rows of `docs` (default: every document), in document order -> [N, E]."""
     gate.eval()
     out = []
-    for d in range(corpus.n_docs):
+    for d in range(corpus.n_docs) if docs is None else docs:
         logits, _ = gate(corpus.context[corpus.doc_rows(d)][None])
         out.append(logits[0])
     return torch.cat(out)

@@ -15,8 +15,7 @@ import pickle
 
 import numpy as np
 
-from experts.protocol import ScoreOutput
-from gating.scores import ScoredCorpus, assemble
+from gating.scores import ScoredCorpus, assemble, per_document
 
 
 class ScoreBatch:
@@ -34,15 +33,8 @@ class ScoreBatch:
         async def all_experts():
             return await asyncio.gather(*(self.experts[n].score(seqs, self.top_k) for n in self.names))
 
-        results = asyncio.run(all_experts())                                      # [E][B]
-        per_doc = []
-        for i, seq in enumerate(seqs):
-            outs: list[ScoreOutput] = [results[e][i] for e in range(len(self.names))]
-            for n, o in zip(self.names, outs):
-                if o.error:
-                    raise RuntimeError(f"expert {n} could not score a sequence of {len(seq)} tokens: {o.error}")
-            per_doc.append(pickle.dumps(outs))
-        return {"index": batch["index"], "scores": np.array(per_doc, dtype=object)}
+        per_doc = per_document(self.names, seqs, asyncio.run(all_experts()))
+        return {"index": batch["index"], "scores": np.array([pickle.dumps(o) for o in per_doc], dtype=object)}
 
 
 def score_with_ray_data(app_name: str, expert_names: list[str], sequences: list[list[int]], top_k: int, *,

@@ -138,7 +138,7 @@ async def retrain(
     held_tokens = sum(len(seqs[i].tokens) - 1 for i in held_idx)
     result = {
         "old_version": current.version, "new_version": version if promote else current.version,
-        "promoted": promote, "train_sequences": len(train_idx) + len(set(val_idx) - set(train_idx)),
+        "promoted": promote, "train_sequences": len(seqs) - len(held_idx),
         "heldout_tokens": held_tokens,
         "heldout_nll_old": round(old_nll, 5), "heldout_nll_new": round(new_nll, 5),
         # Where the data says the weight belongs (per-token oracle expert) and where each gate puts it.

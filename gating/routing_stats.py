@@ -24,9 +24,9 @@ def weight_per_expert(experts: torch.Tensor, weights: torch.Tensor, n_experts: i
     return torch.zeros(experts.shape[0], n_experts).scatter_add_(1, experts, weights)
 
 
-def oracle_experts(corpus: ScoredCorpus, vocab_size: int) -> torch.Tensor:
-    """[N] index of the expert that gives each actual next token the highest probability."""
-    return single_expert_logprob(corpus.ids, corpus.lps, corpus.targets, vocab_size).argmax(-1)
+def oracle_experts(corpus: ScoredCorpus, vocab_size: int, rows: torch.Tensor) -> torch.Tensor:
+    """Per row: index of the expert that gives the actual next token the highest probability."""
+    return single_expert_logprob(corpus.ids[rows], corpus.lps[rows], corpus.targets[rows], vocab_size).argmax(-1)
 
 
 @torch.no_grad()
@@ -35,10 +35,11 @@ def routing_stats(gate: Gate, corpus: ScoredCorpus, k: int, vocab_size: int, doc
 
     Both are averages over the positions of `docs` (all documents by default).
     """
-    rows = rows_of(corpus, docs if docs is not None else list(range(corpus.n_docs)))
-    experts, weights = gate_weights(gate_logits_for(gate, corpus)[rows], k)
+    docs = docs if docs is not None else list(range(corpus.n_docs))
+    rows = rows_of(corpus, docs)
+    experts, weights = gate_weights(gate_logits_for(gate, corpus, docs), k)
     dense = weight_per_expert(experts, weights, len(corpus.expert_names))          # [N, E]
-    oracle = oracle_experts(corpus, vocab_size)[rows]
+    oracle = oracle_experts(corpus, vocab_size, rows)
     return {
         "expert_share": {n: round(float(dense[:, e].mean()), 4) for e, n in enumerate(corpus.expert_names)},
         "oracle_weight": round(float(dense.gather(1, oracle[:, None]).mean()), 4),
@@ -48,5 +49,5 @@ def routing_stats(gate: Gate, corpus: ScoredCorpus, k: int, vocab_size: int, doc
 def oracle_share(corpus: ScoredCorpus, vocab_size: int, docs: list[int] | None = None) -> dict[str, float]:
     """Share of positions on which each expert is the oracle: where the data says the weight belongs."""
     rows = rows_of(corpus, docs if docs is not None else list(range(corpus.n_docs)))
-    counts = torch.bincount(oracle_experts(corpus, vocab_size)[rows], minlength=len(corpus.expert_names))
+    counts = torch.bincount(oracle_experts(corpus, vocab_size, rows), minlength=len(corpus.expert_names))
     return {n: round(float(counts[e]) / len(rows), 4) for e, n in enumerate(corpus.expert_names)}

@@ -59,14 +59,21 @@ async def score_sequences(
         for start in range(0, len(sequences), batch):
             chunk = sequences[start:start + batch]
             results = await asyncio.gather(*(experts[n].score(chunk, top_k) for n in names))   # [E][B]
-            for i, seq in enumerate(chunk):
-                outs = [results[e][i] for e in range(len(names))]
-                for n, o in zip(names, outs):
-                    if o.error:
-                        raise RuntimeError(f"expert {n} could not score a sequence of {len(seq)} tokens: {o.error}")
-                per_doc.append(outs)
+            per_doc += per_document(names, chunk, results)
             bar.update(sum(len(s) for s in chunk) * len(names))
     return assemble(names, sequences, per_doc)
+
+
+def per_document(names: list[str], chunk: list[list[int]], results: list[list[ScoreOutput]]) -> list[list[ScoreOutput]]:
+    """[E][B] outputs of one batched call per expert -> [B][E], raising on the first expert error."""
+    per_doc = []
+    for i, seq in enumerate(chunk):
+        outs = [results[e][i] for e in range(len(names))]
+        for n, o in zip(names, outs):
+            if o.error:
+                raise RuntimeError(f"expert {n} could not score a sequence of {len(seq)} tokens: {o.error}")
+        per_doc.append(outs)
+    return per_doc
 
 
 def assemble(names: list[str], sequences: list[list[int]], per_doc: list[list[ScoreOutput]]) -> ScoredCorpus:

@@ -43,13 +43,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         parser.print_help()
         return 0
-    name, rest = argv[0], argv[1:]
+    module, args = parse_command(argv[0], argv[1:])
+    return int(module.run(args) or 0)
+
+
+def parse_command(name: str, argv: list[str]):
+    """-> (the command's module, its parsed arguments), exactly as `ensemble NAME ARGV...` would see them."""
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"ensemble {name}", description=help_text)
     module.add_arguments(sub)
-    args = sub.parse_args(rest)
-    return int(module.run(args) or 0)
+    return module, sub.parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,12 @@ class LiveGateway:
 
         return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="sk-test-not-checked", max_retries=0, **kw)
 
+    def fingerprint(self) -> str:
+        """The gate version a new request is answered with (its system_fingerprint)."""
+        r = httpx.post(f"{self.base_url}/v1/completions", json={"model": "ensemble", "prompt": "{", "max_tokens": 1},
+                       timeout=60)
+        return r.json()["system_fingerprint"]
+
     def flush_log(self) -> None:
         """Wait until the gateway has committed every record so far (then read self.db)."""
         from ray import serve

@@ -28,12 +28,6 @@ def add_gate_version(gate_dir) -> tuple[str, str]:
     return current.version, new.version
 
 
-def fingerprint(gw) -> str:
-    r = httpx.post(f"{gw.base_url}/v1/completions", json={"model": "ensemble", "prompt": "x", "max_tokens": 1},
-                   timeout=60)
-    return r.json()["system_fingerprint"]
-
-
 def test_gate_swaps_live_without_restart(live_gateway) -> None:
     gate = live_gateway.config.gate.model_dump()
     old, new = add_gate_version(live_gateway.gate_dir)
@@ -54,7 +48,7 @@ def test_gate_swaps_live_without_restart(live_gateway) -> None:
             in_flight = pool.submit(long_stream)
             assert first_byte.wait(120)
             live_gateway.set_gateway_user_config({"gate": {**gate, "version": new}, "draining": False})
-            assert fingerprint(live_gateway) == new
+            assert live_gateway.fingerprint() == new
             raw = in_flight.result()
         events = [json.loads(f.removeprefix("data: ")) for f in raw.split("\n\n") if f and f != "data: [DONE]"]
         assert raw.endswith("data: [DONE]\n\n") and events[-1]["choices"][0]["finish_reason"] == "length"
@@ -64,18 +58,18 @@ def test_gate_swaps_live_without_restart(live_gateway) -> None:
         assert f'ensemble_gate_info{{version="{new}"}} 1.0' in metrics
     finally:
         live_gateway.set_gateway_user_config({"gate": gate, "draining": False})
-    assert fingerprint(live_gateway) == old
+    assert live_gateway.fingerprint() == old
 
 
 def test_a_bad_gate_version_keeps_the_live_gate_and_says_so(live_gateway) -> None:
     gate = live_gateway.config.gate.model_dump()
-    before = fingerprint(live_gateway)
+    before = live_gateway.fingerprint()
     try:
         live_gateway.set_gateway_user_config({"gate": {**gate, "version": "gate-v999"}, "draining": False})
         health = httpx.get(f"{live_gateway.base_url}/health").json()
         assert health["status"] == "ok" and health["gate_version"] == before
         assert "gate-v999" in health["gate_error"]
-        assert fingerprint(live_gateway) == before
+        assert live_gateway.fingerprint() == before
     finally:
         live_gateway.set_gateway_user_config({"gate": gate, "draining": False})
     health = httpx.get(f"{live_gateway.base_url}/health").json()

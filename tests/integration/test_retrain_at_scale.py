@@ -15,11 +15,9 @@ pytestmark = pytest.mark.integration
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    from deploy.retrain_job import add_arguments
+    from orchestrator.cli import parse_command
 
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(list(argv))
+    return parse_command("retrain", list(argv))[1]
 
 
 def test_ray_data_reads_the_export_and_scores_like_the_in_process_path(live_gateway, tmp_path) -> None:

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import threading
@@ -43,24 +42,11 @@ def stream_until(base_url: str, stop: threading.Event, results: list) -> None:
         results.append((start, time.time(), {e.get("system_fingerprint") for e in events}, done))
 
 
-def fingerprint(base_url: str) -> str:
-    r = httpx.post(f"{base_url}/v1/completions", json={"model": "ensemble", "prompt": "{", "max_tokens": 1}, timeout=60)
-    return r.json()["system_fingerprint"]
-
-
-def retrain_args(config_path, since: float, until: float, report) -> argparse.Namespace:
-    from deploy.retrain_job import add_arguments
-
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(["--config", str(config_path), "--since", str(since), "--until", str(until),
-                              "--report", str(report), "--json"])
-
-
 def test_traffic_shift_retrain_promotes_a_better_gate_and_swaps_it_live(live_gateway, tmp_path) -> None:
     from deploy.config import load_config
     from deploy.retrain_job import retrain_from_log
     from gating.checkpoint import GateRegistry
+    from orchestrator.cli import parse_command
     from tests.integration.conftest import DEMO
 
     url, gate = live_gateway.base_url, live_gateway.config.gate.model_dump()
@@ -72,7 +58,7 @@ def test_traffic_shift_retrain_promotes_a_better_gate_and_swaps_it_live(live_gat
 
     probes = shift_prompts(DEMO, "devtools", N_PROBES, seed=1, split="probe")
     traffic = shift_prompts(DEMO, "devtools", N_TRAFFIC, seed=0, split="traffic")
-    old = fingerprint(url)
+    old = live_gateway.fingerprint()
     nll_before, probe_tokens, st = asyncio.run(echo_nll(url, probes))
     assert st.ok == N_PROBES and set(st.fingerprints) == {old}
 
@@ -91,7 +77,9 @@ def test_traffic_shift_retrain_promotes_a_better_gate_and_swaps_it_live(live_gat
     for t in threads:
         t.start()
     try:
-        result = asyncio.run(retrain_from_log(retrain_args(config_path, since, until, tmp_path / "shift.png")))
+        _, args = parse_command("retrain", ["--config", str(config_path), "--since", str(since), "--until",
+                                            str(until), "--report", str(tmp_path / "shift.png"), "--json"])
+        result = asyncio.run(retrain_from_log(args))
         time.sleep(1.0)
     finally:
         stop.set()
@@ -109,7 +97,7 @@ def test_traffic_shift_retrain_promotes_a_better_gate_and_swaps_it_live(live_gat
         assert (tmp_path / "shift.png").stat().st_size > 10_000
         # 4c. The live service answers with the new version, and its NLL on the unseen probes fell.
         new = result["new_version"]
-        assert fingerprint(url) == new
+        assert live_gateway.fingerprint() == new
         nll_after, tokens_after, st = asyncio.run(echo_nll(url, probes))
         assert tokens_after == probe_tokens and set(st.fingerprints) == {new}
         print(f"live probe NLL/token {nll_before:.4f} -> {nll_after:.4f} on {probe_tokens} tokens")
@@ -122,11 +110,8 @@ def test_traffic_shift_retrain_promotes_a_better_gate_and_swaps_it_live(live_gat
         assert all(len(fps) == 1 for *_, fps, _ in streams)       # one gate per response, never a mix
     finally:
         # Roll back the way a user would (`ensemble gate-history --restore`), which also swaps the live service.
-        from gating.registry_cli import add_arguments, run
-
-        parser = argparse.ArgumentParser()
-        add_arguments(parser)
-        assert run(parser.parse_args(["--config", str(config_path), "--restore", old])) == 0
+        restore, args = parse_command("gate-history", ["--config", str(config_path), "--restore", old])
+        assert restore.run(args) == 0
         assert GateRegistry(live_gateway.gate_dir).current() == old
-    assert fingerprint(url) == old
+    assert live_gateway.fingerprint() == old
     live_gateway.set_gateway_user_config({"gate": gate, "draining": False})      # the fixture's own user_config

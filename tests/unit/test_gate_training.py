@@ -121,19 +121,19 @@ def test_registry_versions_promotion_and_restore(tmp_path):
 
 
 def test_gate_history_restore_moves_current_and_reports_bad_versions(tmp_path, capsys):
-    import argparse
-
     from gating.model import Gate
-    from gating.registry_cli import add_arguments, run
+    from orchestrator.cli import parse_command
 
     reg = GateRegistry(tmp_path / "gate")
     args = GateArgs(V, E, 8, 8)
     for _ in range(2):
         reg.add(GateCheckpoint(reg.next_version(), args, Gate(args).state_dict(), NAMES, "fp"), promote=True)
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    def run(*argv: str) -> int:
+        module, args = parse_command("gate-history", list(argv))
+        return module.run(args)
+
     base = ["--registry", str(tmp_path / "gate"), "--no-swap"]
-    assert run(parser.parse_args([*base, "--restore", "gate-v1"])) == 0 and reg.current() == "gate-v1"
-    assert run(parser.parse_args([*base, "--restore", "gate-v9"])) == 2 and reg.current() == "gate-v1"
+    assert run(*base, "--restore", "gate-v1") == 0 and reg.current() == "gate-v1"
+    assert run(*base, "--restore", "gate-v9") == 2 and reg.current() == "gate-v1"
     assert "unknown gate version 'gate-v9'" in capsys.readouterr().err
-    assert run(parser.parse_args(["--registry", str(tmp_path / "gate"), "--json"])) == 0
+    assert run("--registry", str(tmp_path / "gate"), "--json") == 0
