@@ -38,6 +38,9 @@ class RayInitOptions(BaseModel):
     include_dashboard: bool = False
     log_to_driver: bool = True
     namespace: str = "serve"          # the namespace `serve run` uses, so Serve CLI commands see the app
+    # Extra environment of every process of a local Ray, over deploy/serve_env.py's defaults (HAProxy ingress).
+    # Ignored when joining a cluster: there, the variables must be set where `ray start` runs.
+    serve_env: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _local_resources_only_for_local_ray(self) -> RayInitOptions:
@@ -46,9 +49,13 @@ class RayInitOptions(BaseModel):
         return self
 
     def init_kwargs(self) -> dict[str, Any]:
-        kw = self.model_dump(exclude_none=True)
+        from deploy.serve_env import serve_env
+
+        kw = self.model_dump(exclude_none=True, exclude={"serve_env"})
         if self.address:
             kw.pop("include_dashboard")
+        else:
+            kw["runtime_env"] = {"env_vars": serve_env(self.serve_env)}
         return kw
 
 
@@ -82,6 +89,8 @@ class GatewayConfig(BaseModel):
     max_request_bytes: int = Field(1_000_000, ge=1024)
     default_max_tokens: int = Field(16, ge=1)
     graceful_shutdown_timeout_s: float = Field(60.0, gt=0)
+    # A call to an expert replica slower than this counts as a dead replica (migrate, or route around it).
+    expert_timeout_s: float = Field(10.0, gt=0)
 
 
 class AppConfig(BaseModel):
@@ -151,7 +160,8 @@ class AppConfig(BaseModel):
         return GatewaySettings(traffic_log_path=self.traffic_log.path, top_k=self.top_k, mix_space=self.mix_space,
                                logprobs_k=self.logprobs_k, max_request_bytes=self.gateway.max_request_bytes,
                                default_max_tokens=self.gateway.default_max_tokens,
-                               drain_timeout_s=self.gateway.graceful_shutdown_timeout_s / 2)
+                               drain_timeout_s=self.gateway.graceful_shutdown_timeout_s / 2,
+                               expert_timeout_s=self.gateway.expert_timeout_s)
 
     def gateway_user_config(self, draining: bool = False) -> dict[str, Any]:
         """The gateway's Serve user_config (orchestrator.gateway.GatewayUserConfig): the gate, swappable live,

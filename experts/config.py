@@ -25,8 +25,13 @@ class ExpertConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    model_path: str
+    model_path: str                    # a local checkpoint directory, or a Hugging Face hub id ("org/name")
+    # Replicas of this expert, each its own engine. A session's steps always reach the replica holding its
+    # KV cache (experts/replica_router.py); new sessions spread over replicas by load.
     num_replicas: int = 1
+    # Serve's autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...); replaces
+    # num_replicas when set.
+    autoscaling_config: dict[str, Any] | None = None
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     tensor_parallel_size: int = 1
@@ -50,6 +55,10 @@ class ExpertConfig(BaseModel):
     seed: int = 0
     # Concurrent handle calls one replica accepts (Serve's default of 5 would serialize the orchestrator).
     max_ongoing_requests: int = 256
+    # How often Serve asks the replica whether its engine lives, and how long it waits for the answer; a
+    # failed check replaces the replica (e.g. after its engine-core process died).
+    health_check_period_s: float = 2.0
+    health_check_timeout_s: float = 10.0
     # Passed verbatim to vllm AsyncEngineArgs (e.g. {"max_num_batched_tokens": 4096}).
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
 
@@ -75,17 +84,6 @@ class ExpertConfig(BaseModel):
             raise ValueError(f"cpu_threads_bind must be 'auto', 'nobind' or core ids like '1' or '0-3,6', got {v!r}")
         return v
 
-    @field_validator("num_replicas")
-    @classmethod
-    def _single_replica(cls, v: int) -> int:
-        # Sessions live in one replica's engine; >1 needs session-affinity routing, which is not built yet.
-        if v != 1:
-            raise ValueError(
-                f"num_replicas must be 1 (got {v}): decode sessions are replica-local and the expert client "
-                "has no session-affinity routing yet"
-            )
-        return v
-
     @field_validator("num_cpus", "num_gpus")
     @classmethod
     def _resources_nonnegative(cls, v: float, info: Any) -> float:
@@ -93,14 +91,14 @@ class ExpertConfig(BaseModel):
             raise ValueError(f"{info.field_name} must be >= 0, got {v}")
         return v
 
-    @field_validator("kv_cache_space_gib", "session_idle_timeout_s")
+    @field_validator("kv_cache_space_gib", "session_idle_timeout_s", "health_check_period_s", "health_check_timeout_s")
     @classmethod
     def _positive_float(cls, v: float, info: Any) -> float:
         if v <= 0:
             raise ValueError(f"{info.field_name} must be > 0, got {v}")
         return v
 
-    @field_validator("tensor_parallel_size", "max_model_len", "max_num_seqs",
+    @field_validator("num_replicas", "tensor_parallel_size", "max_model_len", "max_num_seqs",
                      "max_top_k", "max_ongoing_requests")
     @classmethod
     def _positive_int(cls, v: int, info: Any) -> int:
@@ -134,6 +132,15 @@ class ExpertConfig(BaseModel):
                 f" (got num_gpus={self.num_gpus})"
             )
         return self
+
+    @property
+    def is_hub_id(self) -> bool:
+        """"org/name" that is not a local path: vLLM downloads it (where the cluster has network)."""
+        from pathlib import Path
+
+        p = self.model_path
+        return (re.fullmatch(r"[\w.-]+/[\w.-]+", p) is not None and not p.startswith(".")
+                and not Path(p).expanduser().exists())
 
     @property
     def on_gpu(self) -> bool:
@@ -184,10 +191,17 @@ class ExpertConfig(BaseModel):
 
     def serve_options(self) -> dict[str, Any]:
         """Options for serve.deployment(ExpertServer).options(**...); runtime_env lives in ray_actor_options."""
+        from experts.replica_router import ROUTER_PATH
+
+        scale = ({"autoscaling_config": self.autoscaling_config} if self.autoscaling_config
+                 else {"num_replicas": self.num_replicas})
         return {
             "name": self.deployment_name,
-            "num_replicas": self.num_replicas,
+            **scale,
             "max_ongoing_requests": self.max_ongoing_requests,
+            "request_router_config": {"request_router_class": ROUTER_PATH},
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
             "ray_actor_options": {
                 "num_cpus": self.num_cpus,
                 "num_gpus": self.num_gpus,

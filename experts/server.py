@@ -1,55 +1,86 @@
-"""Ray Serve side of an expert: the replica class that owns one VLLMExpert, and the Expert client over a handle.
+"""Ray Serve side of an expert: the replica class that owns one VLLMExpert, and its deployment options.
 
-One handle call carries a whole batch (all sequences' steps for this expert), so the orchestrator pays one
-RPC per expert per engine step. `ExpertServer` is a plain class; `expert_app(config)` makes it a deployment.
+One handle call carries a whole batch (every sequence's step for this expert on this replica), so the
+orchestrator pays one RPC per replica per engine step. Every call accepts `replica=`, which only the
+router reads (experts/replica_router.py). The client side is experts/client.py.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from experts.config import ExpertConfig
-from experts.protocol import ExpertInfo, ScoreOutput, SessionStep, StepOutput
+from experts.protocol import (
+    ExpertInfo,
+    GenerateRequest,
+    PollReply,
+    ReplicaStats,
+    ScoreOutput,
+    SessionStep,
+    StartReply,
+    StepReply,
+)
 
 log = logging.getLogger(__name__)
 
 
 class ExpertServer:
-    """Body of one Serve replica: starts the vLLM engine in __init__ and forwards the protocol methods.
+    """Body of one Serve replica: starts the vLLM engine in __init__ and serves the batched calls.
 
     Kept undecorated so the same class can be deployed with per-expert options (name, resources,
-    runtime_env) by `expert_app`, or bound by a larger application builder (deploy.app.build_app).
+    runtime_env, router) by `expert_app`, or bound by a larger application builder (deploy.app.build_app).
     """
 
     def __init__(self, config: ExpertConfig | dict) -> None:
+        from ray import serve
+
         from experts.vllm_expert import VLLMExpert  # vLLM is imported only inside the replica process
 
         self.config = config if isinstance(config, ExpertConfig) else ExpertConfig(**config)
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self._expert = VLLMExpert(self.config)
-        log.info("expert %s serving %s", self.config.name, self.config.model_path)
+        log.info("expert %s replica %s serving %s", self.config.name, self.replica, self.config.model_path)
 
-    async def info(self) -> ExpertInfo:
+    async def info(self, replica: str | None = None) -> ExpertInfo:
         return await self._expert.info()
 
-    async def open(self, steps: list[SessionStep], top_k: int) -> list[StepOutput]:
-        return await self._expert.open(steps, top_k)
+    async def open(self, steps: list[SessionStep], top_k: int, replica: str | None = None) -> StepReply:
+        t0 = time.perf_counter()
+        outputs = await self._expert.open(steps, top_k)
+        return StepReply(self.replica, tuple(outputs), time.perf_counter() - t0)
 
-    async def advance(self, steps: list[SessionStep], top_k: int) -> list[StepOutput]:
-        return await self._expert.advance(steps, top_k)
+    async def advance(self, steps: list[SessionStep], top_k: int, replica: str | None = None) -> StepReply:
+        t0 = time.perf_counter()
+        outputs = await self._expert.advance(steps, top_k)
+        return StepReply(self.replica, tuple(outputs), time.perf_counter() - t0)
 
-    async def close(self, session_ids: list[str]) -> None:
+    async def close(self, session_ids: list[str], replica: str | None = None) -> None:
         await self._expert.close(session_ids)
 
-    async def score(self, sequences: list[list[int]], top_k: int) -> list[ScoreOutput]:
+    async def start(self, requests: list[GenerateRequest], caller: str, replica: str | None = None) -> StartReply:
+        return StartReply(self.replica, tuple(self._expert.start(requests, caller)))
+
+    async def poll(self, caller: str, aborts: list[str], wait_s: float, replica: str | None = None) -> PollReply:
+        return PollReply(self.replica, tuple(await self._expert.poll(caller, aborts, wait_s)))
+
+    async def score(self, sequences: list[list[int]], top_k: int, replica: str | None = None) -> list[ScoreOutput]:
         return await self._expert.score(sequences, top_k)
 
-    async def num_open_sessions(self) -> int:
+    async def stats(self, replica: str | None = None) -> ReplicaStats:
+        return ReplicaStats(self.replica, self._expert.num_open_sessions, len(self._expert.generations))
+
+    async def num_open_sessions(self, replica: str | None = None) -> int:
         return self._expert.num_open_sessions
 
     async def check_health(self) -> None:
         # Serve restarts the replica when this raises (e.g. the engine-core process died).
         await self._expert.check_health()
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Serve's routing-stats hook: what a load-aware router may read of this replica."""
+        return {"open_sessions": self._expert.num_open_sessions, "generations": len(self._expert.generations)}
 
     def __del__(self) -> None:
         # Serve calls __del__ on replica shutdown: stop the engine-core process with it.
@@ -59,56 +90,31 @@ class ExpertServer:
 
 
 def expert_app(config: ExpertConfig) -> Any:
-    """The bound Serve application (or sub-graph node) for one expert, with its resources and env."""
+    """The bound Serve application (or sub-graph node) for one expert, with its resources, env and router."""
     from ray import serve
 
     return serve.deployment(ExpertServer).options(**config.serve_options()).bind(config.model_dump())
 
 
-class ServeExpertClient:
-    """The Expert protocol through a DeploymentHandle to an ExpertServer; one RPC per batched call."""
-
-    def __init__(self, handle: Any, name: str) -> None:
-        self._handle = handle
-        self.name = name
-
-    async def info(self) -> ExpertInfo:
-        return await self._handle.info.remote()
-
-    async def open(self, steps: list[SessionStep], top_k: int) -> list[StepOutput]:
-        return await self._handle.open.remote(steps, top_k)
-
-    async def advance(self, steps: list[SessionStep], top_k: int) -> list[StepOutput]:
-        return await self._handle.advance.remote(steps, top_k)
-
-    async def close(self, session_ids: list[str]) -> None:
-        await self._handle.close.remote(session_ids)
-
-    async def score(self, sequences: list[list[int]], top_k: int) -> list[ScoreOutput]:
-        return await self._handle.score.remote(sequences, top_k)
-
-    async def num_open_sessions(self) -> int:
-        return await self._handle.num_open_sessions.remote()
-
-    def __repr__(self) -> str:
-        return f"ServeExpertClient({self.name!r})"
-
-
-def run_experts(configs: list[ExpertConfig]) -> dict[str, ServeExpertClient]:
+def run_experts(configs: list[ExpertConfig]) -> dict[str, Any]:
     """Deploy each expert as its own Serve application (engines start in parallel); return clients by name.
 
     Needs ray.init (or a running cluster) first. Blocks until every replica is healthy.
     """
     from ray import serve
 
+    from experts.client import ServeExpertClient
+
     targets = [serve.RunTarget(expert_app(c), name=c.deployment_name, route_prefix=None) for c in configs]
     handles = serve.run_many(targets)
     return {c.name: ServeExpertClient(h, c.name) for c, h in zip(configs, handles)}
 
 
-def connect_experts(names: list[str], app_name: str | None = None) -> dict[str, ServeExpertClient]:
+def connect_experts(names: list[str], app_name: str | None = None) -> dict[str, Any]:
     """Clients for already-running expert deployments (own apps by default, or inside `app_name`)."""
     from ray import serve
+
+    from experts.client import ServeExpertClient
 
     def handle(name: str) -> Any:
         deployment = f"expert-{name}"

@@ -1,6 +1,7 @@
 """The gate as the serving path uses it: per-sequence incremental state, one GRU step per new token.
 
-Shape legend: E = experts, H = gate hidden size.
+`prefill` reads a prompt once; `step` advances many sequences by one token each in one batched GRU step.
+Shape legend: B = sequences, E = experts, H = gate hidden size.
 """
 
 from __future__ import annotations
@@ -45,6 +46,17 @@ class GateRuntime:
         x = torch.tensor([tokens], dtype=torch.long)                   # [1, T]
         logits, hidden = self.gate(x, state.hidden)                   # [1, T, E], [1, 1, H]
         return GateState(hidden, logits[0, -1], state.fed + len(tokens))
+
+    def prefill(self, tokens: list[int]) -> GateState:
+        return self.feed(GateState(), tokens)
+
+    @torch.inference_mode()
+    def step(self, states: list[GateState], tokens: list[int]) -> list[GateState]:
+        """One new token for each of B sequences, in one GRU step."""
+        hidden = torch.cat([s.hidden for s in states], dim=1)           # [1, B, H]
+        x = torch.tensor(tokens, dtype=torch.long)[:, None]             # [B, 1]
+        logits, hidden = self.gate(x, hidden)                          # [B, 1, E], [1, B, H]
+        return [GateState(hidden[:, i:i + 1].clone(), logits[i, 0], s.fed + 1) for i, s in enumerate(states)]
 
     @torch.inference_mode()
     def sequence_logits(self, tokens: list[int]) -> torch.Tensor:

@@ -23,9 +23,10 @@ class OpenAIError(Exception):
     """Raised anywhere in the gateway; rendered as {"error": {...}} with `status`."""
 
     def __init__(self, message: str, *, status: int = 400, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return ErrorResponse(error=ErrorDetail(message=self.message, type=self.type, param=self.param,
@@ -105,6 +106,8 @@ class _SamplingRequest(BaseModel):
     # Extensions.
     return_routing: bool = False
     ignore_eos: bool = False
+    # model="ensemble" only: experts mixed per token (the gate's top-k); default: the service's top_k.
+    experts_per_token: int | None = Field(None, ge=1, le=64)
 
     @field_validator("n")
     @classmethod
@@ -254,6 +257,9 @@ class Routing(BaseModel):
     gate_version: str
     share: dict[str, float]          # mean weight per expert over the tokens of this response/chunk
     tokens: list[TokenRoute]
+    # Tokens (indices) for which an expert the gate chose could not answer: their weights were renormalised
+    # over the experts that could. Empty when nothing was degraded.
+    degraded: list[int] = Field(default_factory=list)
 
 
 class Usage(BaseModel):

@@ -1,47 +1,41 @@
-"""The decode engine: an async generator that produces one token per step from the gated mix of experts.
+"""The decode engine: for each request an async generator of TokenEvents, one per generated token.
 
-It speaks token ids only (text lives in orchestrator/stream.py). Per token: route -> step -> mix ->
-sample -> feed back. Steps of concurrent sequences for the same expert share one round trip (batcher).
-
-Shape legend: S = selected experts, K = top-k per expert, C = S*K candidates.
+It speaks token ids only (text lives in orchestrator/stream.py). Two paths:
+  native    one expert makes every token (model=<expert>): its vLLM engine decodes alone and we relay the
+            tokens (orchestrator/native.py), so this costs what vLLM costs plus a thin relay;
+  lockstep  the gated ensemble (or a seeded single-expert request on an engine that cannot seed): every
+            running sequence of this replica advances one token per round of the decode loop
+            (orchestrator/decode_loop.py: route -> step -> mix -> sample -> feed back).
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
-import uuid
+import contextlib
+import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
-import torch
-
-from experts.protocol import Expert, ExpertInfo, SessionStep, StepOutput, TopK
-from gating.mix import MIX_SPACES, Mixed, gate_weights, logprob_of, mix
+from experts.protocol import Expert, ExpertInfo
+from gating.mix import MIX_SPACES, logprob_of, mix
 from gating.objective import select_experts
-from gating.runtime import GateRuntime, GateState
+from gating.runtime import GateRuntime
 from gating.scores import stack_scores
-from orchestrator.batcher import StepBatcher
-from orchestrator.sample import make_rng, sample_token, top_alternatives
-from orchestrator.types import GateDecision, GenerationRequest, TokenEvent
+from orchestrator.decode_loop import DecodeLoop
+from orchestrator.expert_health import ExpertHealth
+from orchestrator.native import native_events
+from orchestrator.profile import PhaseClock
+from orchestrator.sample import make_rng, top_alternatives
+from orchestrator.sequence import Sequence
+from orchestrator.types import ExpertsUnavailable, GenerationRequest, TokenEvent
 
+log = logging.getLogger(__name__)
 ENSEMBLE = "ensemble"
-
-
-@dataclass
-class _Sequence:
-    """One request's decoding state: its tokens and how far each expert's session has caught up."""
-
-    request_id: str
-    tokens: list[int]
-    synced: dict[int, int] = field(default_factory=dict)     # expert index -> tokens its session holds
-    session: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 class EnsembleEngine:
     def __init__(
         self, experts: dict[str, Expert], gate: GateRuntime | None, *,
-        top_k: int = 2, mix_space: str = "logits", logprobs_k: int = 20,
+        top_k: int = 2, mix_space: str = "logits", logprobs_k: int = 20, probe_interval_s: float = 1.0,
     ) -> None:
         if not experts:
             raise ValueError("the engine needs at least one expert")
@@ -52,13 +46,16 @@ class EnsembleEngine:
         if not 1 <= top_k <= len(self._experts):
             raise ValueError(f"top_k must be in [1, {len(self._experts)}], got {top_k}")
         self.top_k, self.mix_space, self.logprobs_k = top_k, mix_space, logprobs_k
-        self._batchers = [StepBatcher(n, e, logprobs_k) for n, e in zip(self.expert_names, self._experts)]
+        self.health = ExpertHealth(self.expert_names, probe_interval_s=probe_interval_s)
+        self.clock = PhaseClock()
         self._gate: GateRuntime | None = None
+        self._loop: DecodeLoop | None = None
+        self._prober: asyncio.Task | None = None
         self.infos: list[ExpertInfo] = []
         if gate is not None:
             self.set_gate(gate)
 
-    # ---- lifecycle -------------------------------------------------------------------------------
+    # ---- lifecycle -------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Fetch every expert's info and insist that they share one tokenizer."""
@@ -66,11 +63,22 @@ class EnsembleEngine:
 
         self.infos = list(await asyncio.gather(*(e.info() for e in self._experts)))
         check_shared_tokenizer(self.infos)
-        for b in self._batchers:
-            b.start()
+        self._loop = DecodeLoop(self._experts, self.expert_names, vocab_size=self.vocab_size,
+                                eos_token_id=self.eos_token_id, max_model_len=self.max_model_len,
+                                logprobs_k=self.logprobs_k, health=self.health, clock=self.clock)
+        self._loop.start()
+        self._prober = asyncio.get_running_loop().create_task(self._probe_down_experts(), name="expert-prober")
 
     async def stop(self) -> None:
-        await asyncio.gather(*(b.stop() for b in self._batchers))
+        if self._prober is not None:
+            self._prober.cancel()
+            await asyncio.gather(self._prober, return_exceptions=True)
+        if self._loop is not None:
+            await self._loop.stop()
+        for e in self._experts:
+            closer = getattr(e, "aclose", None)
+            if closer is not None:
+                await closer()
 
     def set_gate(self, gate: GateRuntime) -> None:
         """Swap the live gate. Running requests keep the runtime they started with."""
@@ -98,7 +106,11 @@ class EnsembleEngine:
     def models(self) -> list[str]:
         return [ENSEMBLE, *self.expert_names]
 
-    # ---- generation ------------------------------------------------------------------------------
+    @property
+    def active_sequences(self) -> int:
+        return self._loop.active if self._loop is not None else 0
+
+    # ---- generation ------------------------------------------------------------------------------------
 
     def validate(self, req: GenerationRequest) -> None:
         """Raise ValueError (user-facing message) for anything the experts would choke on."""
@@ -115,84 +127,73 @@ class EnsembleEngine:
                 f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.params.max_tokens}) exceeds "
                 f"the context length {self.max_model_len}"
             )
+        k = req.experts_per_token
+        if k is not None and not 1 <= k <= len(self._experts):
+            raise ValueError(f"experts_per_token must be in [1, {len(self._experts)}], got {k}")
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Yield one TokenEvent per generated token; the last carries finish_reason."""
         self.validate(req)
-        params, gate = req.params, self._gate            # pin the gate version for this request
-        space = self._space(req.model, gate)
-        seq = _Sequence(req.request_id, list(req.prompt_ids))
-        rng = make_rng(params.seed)
-        gate_state = gate.feed(GateState(), seq.tokens) if gate is not None and req.model == ENSEMBLE else None
+        if req.params.max_tokens == 0:
+            return
+        if self._native(req):
+            e = self.expert_names.index(req.model)
+            try:
+                async for ev in native_events(self._experts[e], req.model, req):
+                    yield ev
+            except ExpertsUnavailable as exc:
+                self.health.failed(e, str(exc))
+                raise
+            return
+        seq = self._sequence(req)
+        self._loop.submit(seq)
         try:
-            for index in range(params.max_tokens):
-                # 1) route: which experts produce this token, with what weights
-                experts, weights, entropy = self._route(req.model, gate, gate_state)
-                # 2) step the chosen experts at once; an expert skipped earlier catches up in the same call
-                outs = await asyncio.gather(*(self._sync(seq, e) for e in experts))
-                # 3) mix their top-k into one distribution over the candidate union
-                mixed = self._mix(outs, weights, space)                   # rows: 1, C candidates
-                # 4) sample
-                token = sample_token(mixed.cand_ids[0], mixed.cand_logprobs[0], params.temperature, params.top_p, rng)
-                logprob = float(logprob_of(mixed, torch.tensor([token]))[0])
-                # 5) feed the token back: to the sequence now, to the experts on their next step
-                seq.tokens.append(token)
-                if gate_state is not None:
-                    gate_state = gate.feed(gate_state, [token])
-                finish = self._finish_reason(token, index, params, len(seq.tokens))
-                yield TokenEvent(
-                    req.request_id, index, token, logprob,
-                    GateDecision(tuple(self.expert_names[e] for e in experts), tuple(weights), entropy),
-                    top_alternatives(mixed, 0, params.top_logprobs), finish,
-                )
-                if finish:
+            while True:
+                ev = await seq.next_event()
+                yield ev
+                if ev.finish_reason is not None:
                     return
         finally:
-            for e in seq.synced:
-                self._batchers[e].close(seq.session)
+            seq.cancel()          # the loop retires it and closes its sessions, whatever state it was in
 
-    def _route(self, model: str, gate: GateRuntime | None, state: GateState | None):
-        if model != ENSEMBLE:
-            return [self.expert_names.index(model)], [1.0], 0.0
-        if gate is None:                                   # no trained gate yet: uniform over all experts
-            n = len(self._experts)
-            return list(range(n)), [1.0 / n] * n, math.log(n)
-        return gate.choose(state, self.top_k)
+    def _native(self, req: GenerationRequest) -> bool:
+        if req.model == ENSEMBLE:
+            return False
+        info = self.infos[self.expert_names.index(req.model)]
+        return req.params.seed is None or bool(info.extra.get("native_seed", True))
 
-    async def _sync(self, seq: _Sequence, e: int) -> TopK:
-        held = seq.synced.get(e)
-        step = SessionStep(seq.session, tuple(seq.tokens if held is None else seq.tokens[held:]))
-        batcher = self._batchers[e]
-        out: StepOutput = await (batcher.open(step) if held is None else batcher.advance(step))
-        if out.error is not None or out.topk is None:
-            raise RuntimeError(f"expert {self.expert_names[e]}: {out.error}")
-        seq.synced[e] = len(seq.tokens)
-        return out.topk
+    def _sequence(self, req: GenerationRequest) -> Sequence:
+        gate = self._gate if req.model == ENSEMBLE else None          # pin the gate version for this request
+        fixed = None if req.model == ENSEMBLE else self.expert_names.index(req.model)
+        return Sequence(req.request_id, list(req.prompt_ids), req.params, make_rng(req.params.seed),
+                        space=self._space(req.model, gate), k=req.experts_per_token or self.top_k,
+                        gate=gate, fixed_expert=fixed)
 
     def _space(self, model: str, gate: GateRuntime | None) -> str:
         """The mixing space of a request: its gate's (trained for it, or set by config), else the default."""
         return gate.mix_space if gate is not None and model == ENSEMBLE else self.mix_space
 
-    def _mix(self, outs: list[TopK], weights: list[float], space: str) -> Mixed:
-        k = min(len(o.token_ids) for o in outs)
-        ids = torch.tensor([[o.token_ids[:k] for o in outs]], dtype=torch.long)        # [1, S, K]
-        lps = torch.tensor([[o.logprobs[:k] for o in outs]], dtype=torch.float32)      # [1, S, K]
-        return mix(ids, lps, torch.tensor([weights], dtype=torch.float32), self.vocab_size, space)
+    async def _probe_down_experts(self) -> None:
+        """Bring a down expert back as soon as a replica of it answers again."""
+        while True:
+            await asyncio.sleep(self.health.probe_interval_s)
+            for e in self.health.down():
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._experts[e].info(), timeout=max(1.0, self.health.probe_interval_s))
+                    self.health.answered(e)
+                    log.warning("expert %s answers again", self.expert_names[e])
 
-    def _finish_reason(self, token: int, index: int, params, length: int) -> str | None:
-        if token in params.stop_token_ids or (token == self.eos_token_id and not params.ignore_eos):
-            return "stop"
-        if index + 1 >= params.max_tokens or length >= self.max_model_len:
-            return "length"
-        return None
-
-    # ---- teacher-forced scoring (echo) -----------------------------------------------------------
+    # ---- teacher-forced scoring (echo) -----------------------------------------------------------------
 
     async def score(
         self, request_id: str, token_ids: list[int], model: str, top_logprobs: int = 0
     ) -> list[tuple[float | None, tuple[tuple[int, float], ...]]]:
         """Per token of `token_ids`: its logprob under `model` given the tokens before it (None for the
         first) and the top alternatives. Same routing and mixing code as generation and `ensemble eval`."""
+        import torch
+
+        from gating.mix import gate_weights
+
         self.validate(GenerationRequest(request_id, tuple(token_ids), model=model))
         members = list(range(len(self._experts))) if model == ENSEMBLE else [self.expert_names.index(model)]
         outs = await asyncio.gather(*(self._experts[e].score([list(token_ids)], self.logprobs_k) for e in members))
@@ -200,20 +201,18 @@ class EnsembleEngine:
             if out.error:
                 raise ValueError(f"expert {self.expert_names[e]}: {out.error}")
         all_ids, all_lps, targets = stack_scores([o[0] for o in outs])             # [N, E', K], [N]
-        experts, weights = self._sequence_routing(model, list(token_ids), len(targets))
+        n = len(targets)
+        gate = self._gate
+        if model != ENSEMBLE:
+            experts, weights = torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1)
+        elif gate is None:
+            e = len(self._experts)
+            experts, weights = torch.arange(e).expand(n, e), torch.full((n, e), 1.0 / e)
+        else:
+            experts, weights = gate_weights(gate.sequence_logits(list(token_ids))[:n], self.top_k)
         ids, lps = select_experts(all_ids, all_lps, experts)                          # [N, S, K]
-        mixed = mix(ids, lps, weights, self.vocab_size, self._space(model, self._gate))
+        mixed = mix(ids, lps, weights, self.vocab_size, self._space(model, gate))
         lp = logprob_of(mixed, targets)                                                # [N]
         return [(None, ())] + [
             (float(lp[j]), top_alternatives(mixed, j, top_logprobs)) for j in range(len(targets))
         ]
-
-    def _sequence_routing(self, model: str, tokens: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced routing for n positions -> (experts [N, S] indexing the scored members, weights [N, S])."""
-        if model != ENSEMBLE:
-            return torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1)
-        gate = self._gate
-        if gate is None:
-            e = len(self._experts)
-            return torch.arange(e).expand(n, e), torch.full((n, e), 1.0 / e)
-        return gate_weights(gate.sequence_logits(tokens)[:n], self.top_k)

@@ -144,10 +144,11 @@ class Gateway:
     """One replica: an EnsembleEngine over the expert handles, its text layer, traffic log and metrics."""
 
     async def __init__(self, experts: dict[str, Any], settings: GatewaySettings) -> None:
-        from experts.server import ServeExpertClient
+        from experts.client import ServeExpertClient
         from orchestrator.engine import EnsembleEngine
 
-        clients = {name: ServeExpertClient(handle, name) for name, handle in experts.items()}
+        clients = {name: ServeExpertClient(handle, name, call_timeout_s=settings.expert_timeout_s)
+                   for name, handle in experts.items()}
         engine = EnsembleEngine(clients, None, top_k=settings.top_k, mix_space=settings.mix_space or "logits",
                                 logprobs_k=settings.logprobs_k)
         await engine.start()

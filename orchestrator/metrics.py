@@ -15,6 +15,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from prometheus_client.core import CounterMetricFamily
+
 from orchestrator.types import TokenEvent
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -75,5 +77,21 @@ class GatewayMetrics:
             for name, w in self._ensemble_weight.items():
                 self.expert_share.labels(expert=name).set(w / self._ensemble_tokens)
 
+    def attach_phases(self, clock) -> None:
+        """Export a PhaseClock (orchestrator/profile.py) as ensemble_phase_seconds_total{phase}."""
+        self.registry.register(_PhaseCollector(clock))
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _PhaseCollector:
+    def __init__(self, clock) -> None:
+        self.clock = clock
+
+    def collect(self):
+        family = CounterMetricFamily("ensemble_phase_seconds", "seconds spent per phase of the per-token path",
+                                     labels=["phase"])
+        for phase, seconds in sorted(self.clock.seconds.items()):
+            family.add_metric([phase], seconds)
+        yield family

@@ -34,7 +34,8 @@ def routing_of(events: Sequence[TokenEvent], token_text: Callable[[int], str], g
             totals[name] = totals.get(name, 0.0) + w
     n = max(len(events), 1)
     share = {name: round(w / n, 4) for name, w in sorted(totals.items(), key=lambda p: -p[1])}
-    return Routing(gate_version=gate_version, share=share, tokens=tokens)
+    return Routing(gate_version=gate_version, share=share, tokens=tokens,
+                   degraded=[ev.index for ev in events if ev.routing.degraded])
 
 
 def expert_token_counts(events: Sequence[TokenEvent]) -> dict[str, int]:

@@ -1,10 +1,16 @@
-"""Choose the next token from a mixed distribution: pure functions with an explicit RNG.
+"""Choose the next token from mixed distributions: pure functions with an explicit RNG per row.
 
-Sampling is over the candidate union (tokens outside every selected expert's top-k are never sampled:
-an implicit top-k truncation). temperature == 0 is greedy; ties break toward the smaller token id.
+Sampling is over the candidate union (tokens outside every selected expert's top-k are never sampled: an
+implicit top-k truncation). temperature == 0 is greedy; ties break toward the smaller token id. A batch of
+rows is sampled at once; each row draws from its own request's generator, so a seed gives the same text
+whatever else is running.
+
+Shape legend: B = rows (sequences), C = candidate slots.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -18,30 +24,48 @@ def make_rng(seed: int | None) -> torch.Generator:
     return rng
 
 
-def nucleus_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """[C] probs -> [C] bool keep-mask: the smallest set, by descending prob, whose mass reaches top_p."""
-    if top_p >= 1.0:
-        return probs > 0
-    order = torch.argsort(probs, descending=True, stable=True)
-    sorted_probs = probs[order]
-    mass_before = sorted_probs.cumsum(0) - sorted_probs               # mass of strictly better tokens
-    keep_sorted = mass_before < top_p                                 # always keeps the best token
-    keep = torch.zeros_like(keep_sorted)
-    keep[order] = keep_sorted
+def nucleus_mask(probs: torch.Tensor, top_p: torch.Tensor | float) -> torch.Tensor:
+    """probs [..., C], top_p [...] or a float -> bool keep-mask [..., C]: per row the smallest set, by
+    descending prob, whose mass reaches top_p."""
+    top_p = torch.as_tensor(top_p, dtype=probs.dtype).expand(probs.shape[:-1])
+    order = torch.argsort(probs, dim=-1, descending=True, stable=True)
+    sorted_probs = probs.gather(-1, order)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs              # mass of strictly better tokens
+    keep_sorted = mass_before < top_p[..., None]                      # always keeps the best token
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     return keep & (probs > 0)
 
 
-def sample_token(
-    cand_ids: torch.Tensor, cand_logprobs: torch.Tensor, temperature: float, top_p: float, rng: torch.Generator
-) -> int:
-    """cand_ids [C] long, cand_logprobs [C] (-inf for excluded slots) -> chosen token id."""
-    if temperature == 0.0:
-        best = cand_logprobs.max()
-        return int(cand_ids[cand_logprobs == best].min().item())
-    probs = torch.softmax(cand_logprobs.double() / temperature, dim=0)
-    probs = torch.where(nucleus_mask(probs, top_p), probs, torch.zeros_like(probs))
-    index = torch.multinomial(probs / probs.sum(), 1, generator=rng)
-    return int(cand_ids[index].item())
+def sample_rows(cand_ids: torch.Tensor, cand_logprobs: torch.Tensor, temperature: Sequence[float],
+                top_p: Sequence[float], rngs: Sequence[torch.Generator]) -> list[int]:
+    """cand_ids [B, C] long, cand_logprobs [B, C] (-inf for excluded slots) -> one token id per row."""
+    b = cand_ids.shape[0]
+    temps = torch.tensor(temperature, dtype=torch.float64)                        # [B]
+    greedy = temps == 0
+    lp = cand_logprobs.double()
+    # Greedy: the best logprob; among equals, the smallest id.
+    best = lp.max(-1, keepdim=True).values                                        # [B, 1]
+    big = torch.iinfo(torch.long).max
+    greedy_ids = torch.where(lp == best, cand_ids, torch.full_like(cand_ids, big)).min(-1).values  # [B]
+    # Sampled: softmax(lp / T), nucleus, then inverse CDF with one uniform draw from each row's RNG.
+    probs = torch.softmax(lp / temps.clamp_min(1e-6)[:, None], dim=-1)             # [B, C]
+    probs = torch.where(nucleus_mask(probs, torch.tensor(top_p, dtype=torch.float64)), probs, 0.0)
+    cdf = probs.cumsum(-1)                                                        # [B, C]
+    out = []
+    for i in range(b):
+        if bool(greedy[i]):
+            out.append(int(greedy_ids[i]))
+            continue
+        u = torch.rand((), generator=rngs[i], dtype=torch.float64) * cdf[i, -1]
+        j = min(int(torch.searchsorted(cdf[i], u.reshape(1), right=True)), cdf.shape[1] - 1)
+        out.append(int(cand_ids[i, j]))
+    return out
+
+
+def sample_token(cand_ids: torch.Tensor, cand_logprobs: torch.Tensor, temperature: float, top_p: float,
+                 rng: torch.Generator) -> int:
+    """One row: cand_ids [C] long, cand_logprobs [C] -> chosen token id."""
+    return sample_rows(cand_ids[None], cand_logprobs[None], [temperature], [top_p], [rng])[0]
 
 
 def top_alternatives(mixed: Mixed, row: int, n: int) -> tuple[tuple[int, float], ...]:

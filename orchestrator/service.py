@@ -24,13 +24,26 @@ from orchestrator.metrics import GatewayMetrics
 from orchestrator.responses import ClosingStreamingResponse, sse
 from orchestrator.stream import StopMatcher, TextCodec, TextDelta, stream_text
 from orchestrator.traffic_log import TrafficLog, TrafficRecord
-from orchestrator.types import GenerationParams, GenerationRequest, TokenEvent
+from orchestrator.types import AtCapacity, ExpertsUnavailable, GenerationParams, GenerationRequest, TokenEvent
 
 logger = logging.getLogger(__name__)
 ENSEMBLE = "ensemble"
 # Serve's proxy already sets its own x-request-id on every response; ours is the id in the body and the log.
 REQUEST_ID_HEADER = "x-ensemble-request-id"
 _INCOMPLETE = "incomplete: the gateway stopped before this request finished"
+
+
+RETRY_AFTER_S = 1
+
+
+def overloaded(exc: Exception) -> OpenAIError:
+    """No expert can take the request now: 429 when they are full, 503 when they are down; both say when to
+    retry. Never a 500: nothing is wrong with the request or the service's code."""
+    if isinstance(exc, AtCapacity):
+        return OpenAIError(f"the experts are at capacity: {exc}", status=429, type="rate_limit_error",
+                           code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)})
+    return OpenAIError(f"service temporarily unavailable: {exc}", status=503, type="server_error",
+                       code="expert_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,9 @@ class GatewaySettings:
     max_request_bytes: int = 1_000_000
     default_max_tokens: int = 16          # /v1/completions default, as in OpenAI's API
     drain_timeout_s: float = 30.0         # on shutdown, wait this long for in-flight requests
+    # One call to an expert replica (a decode step of every sequence on it) that takes longer than this is
+    # treated as a dead replica: its sessions are re-opened elsewhere or the expert is routed around.
+    expert_timeout_s: float = 10.0
 
 
 @dataclass
@@ -102,6 +118,8 @@ class GatewayCore:
         self.gate_error: str | None = None    # the last failed live gate swap (the previous gate stays live)
         self.fingerprint = engine.infos[0].tokenizer_fingerprint if engine.infos else None
         metrics.set_gate(engine.gate_version)
+        if hasattr(engine, "clock"):
+            metrics.attach_phases(engine.clock)
 
     @property
     def models(self) -> list[str]:
@@ -141,6 +159,8 @@ class GatewayCore:
                 first = await anext(deltas)
             except ValueError as exc:          # the engine's user-facing rejection
                 raise OpenAIError(str(exc)) from None
+            except (ExpertsUnavailable, AtCapacity) as exc:
+                raise overloaded(exc) from None
             if prep.stream:
                 streaming = True
 
@@ -160,7 +180,8 @@ class GatewayCore:
                                 headers={REQUEST_ID_HEADER: trace.request_id})
         except OpenAIError as exc:
             trace.error, trace.status = exc.message, exc.status
-            return JSONResponse(exc.body(), status_code=exc.status, headers={REQUEST_ID_HEADER: trace.request_id})
+            return JSONResponse(exc.body(), status_code=exc.status,
+                                headers={REQUEST_ID_HEADER: trace.request_id, **exc.headers})
         except asyncio.CancelledError:         # the client went away while we were generating
             trace.error, trace.status = "client disconnected", 499
             raise
@@ -214,7 +235,10 @@ class GatewayCore:
             top_p=1.0 if req.top_p is None else req.top_p,
             seed=None if req.seed is None else req.seed % 2**63, ignore_eos=req.ignore_eos,
             top_logprobs=top_logprobs)
-        return _Prepared(GenerationRequest(trace.request_id, tuple(ids), params, req.model), prompt_text,
+        if req.experts_per_token is not None and req.model != ENSEMBLE:
+            raise OpenAIError("experts_per_token applies to model 'ensemble' only", param="experts_per_token")
+        return _Prepared(GenerationRequest(trace.request_id, tuple(ids), params, req.model, req.experts_per_token),
+                         prompt_text,
                          tuple(stops), req.stream, req.include_usage(), req.return_routing, logprobs, echo)
 
     async def _deltas(self, prep: _Prepared, trace: _Trace) -> AsyncIterator[TextDelta]:
@@ -222,7 +246,8 @@ class GatewayCore:
         events = self.engine.generate(prep.request)
         trace.gate_version = self.engine.gate_version      # the engine pins this gate on its first step
         tapped = self._tap(events, trace)
-        text = stream_text(tapped, self.codec.detokenizer(prep.request.prompt_ids), StopMatcher(prep.stops))
+        text = stream_text(tapped, self.codec.detokenizer(prep.request.prompt_ids), StopMatcher(prep.stops),
+                           self.engine.clock)
         try:
             async for delta in text:
                 trace.output_text += delta.text
@@ -317,12 +342,16 @@ class GatewayCore:
 
     async def _sse(self, prep: _Prepared, trace: _Trace, first: TextDelta,
                    deltas: AsyncIterator[TextDelta]) -> AsyncIterator[str]:
+        clock = self.engine.clock
         try:
             if trace.endpoint == "chat.completions":
                 yield sse(self._chunk(prep, trace, None))
             yield sse(self._chunk(prep, trace, first))
             async for delta in deltas:
-                yield sse(self._chunk(prep, trace, delta))
+                t0 = time.perf_counter()
+                event = sse(self._chunk(prep, trace, delta))
+                clock.add("sse", time.perf_counter() - t0)
+                yield event
             if prep.include_usage:
                 usage = responses.usage_of(len(prep.request.prompt_ids), trace.events).model_dump()
                 obj = "text_completion" if trace.endpoint == "completions" else "chat.completion.chunk"
@@ -331,7 +360,12 @@ class GatewayCore:
         except (asyncio.CancelledError, GeneratorExit):
             trace.error, trace.status = "client disconnected", 499
             raise
-        except Exception as exc:               # headers are sent: report in-band, as OpenAI does
+        except (ExpertsUnavailable, AtCapacity) as exc:   # headers are sent: report in-band, as OpenAI does
+            err = overloaded(exc)
+            trace.error, trace.status = err.message, err.status
+            yield sse(err.body())
+            yield "data: [DONE]\n\n"
+        except Exception as exc:
             logger.exception("stream %s failed", trace.request_id)
             trace.error, trace.status = f"{type(exc).__name__}: {exc}", 500
             yield sse(OpenAIError(f"internal error ({type(exc).__name__})", status=500, type="server_error").body())
@@ -352,7 +386,8 @@ class GatewayCore:
         model = trace.model if trace.model in self.models else "unknown"   # clients must not mint label values
         self.metrics.prompt_tokens.labels(model=model).inc(len(trace.prompt_ids))
         self.metrics.request_done(trace.endpoint, model, trace.status, time.perf_counter() - trace.t0)
-        self.log.write(trace.record())
+        with self.engine.clock.phase("log"):
+            self.log.write(trace.record())
 
     async def feedback(self, request: Request) -> Response:
         try:
@@ -371,12 +406,21 @@ class GatewayCore:
             return JSONResponse(exc.body(), status_code=exc.status)
 
     def health(self) -> tuple[int, dict]:
-        ok = not self._draining and self.log.healthy
-        body = {"status": "ok" if ok else "unavailable", "gate_version": self.engine.gate_version,
-                "models": self.models, "in_flight": len(self._open)}
+        """200 while the gateway can serve (every expert ok, or "degraded": some down or failing lately);
+        503 when it cannot (draining, traffic log writer dead, or no expert answering)."""
+        experts = self.engine.health.report()
+        status = experts["status"]
+        if self._draining or not self.log.healthy:
+            status = "unavailable"
+        elif status == "down":
+            status = "unavailable"
+        body = {"status": status, "gate_version": self.engine.gate_version, "models": self.models,
+                "in_flight": len(self._open), "experts": experts["experts"]}
+        if not self.log.healthy:
+            body["traffic_log"] = "writer stopped"
         if self.gate_error:
             body["gate_error"] = self.gate_error
-        return (200 if ok else 503), body
+        return (503 if status == "unavailable" else 200), body
 
     async def drain(self) -> None:
         """Refuse new requests (503) and wait, up to drain_timeout_s, for in-flight ones to finish."""

@@ -20,9 +20,11 @@ continues naturally; generation also stops where the model would start the user'
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from orchestrator.profile import PhaseClock
 from orchestrator.types import TokenEvent
 
 SIMPLE_TEMPLATE_ROLES = {"system": "System", "developer": "System", "user": "User",
@@ -156,16 +158,19 @@ class TextDelta:
 
 
 async def stream_text(events: AsyncIterator[TokenEvent], detok: IncrementalDetokenizer,
-                      stops: StopMatcher) -> AsyncIterator[TextDelta]:
+                      stops: StopMatcher, clock: PhaseClock | None = None) -> AsyncIterator[TextDelta]:
     """Engine events -> text deltas; the last delta carries finish_reason. The caller closes `events`
-    (a stop string ends the text before the engine would have stopped)."""
+    (a stop string ends the text before the engine would have stopped). `clock` counts the detokenize time."""
     pending: list[TokenEvent] = []
     async for ev in events:
+        t0 = time.perf_counter()
         pending.append(ev)
         piece = detok.push(ev.token_id)
         if ev.finish_reason is not None:
             piece += detok.flush()
         text, stopped = stops.push(piece)
+        if clock is not None:
+            clock.add("detokenize", time.perf_counter() - t0)
         if stopped:
             yield TextDelta(text, tuple(pending), "stop")
             return

@@ -32,6 +32,8 @@ class GenerationRequest:
     params: GenerationParams = field(default_factory=GenerationParams)
     # "ensemble" for the gated mix, or one expert's name to be served by that expert alone.
     model: str = "ensemble"
+    # Experts mixed per token for model="ensemble" (the gate's top-k); None: the service's default.
+    experts_per_token: int | None = None
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class GateDecision:
     experts: tuple[str, ...]
     weights: tuple[float, ...]
     entropy: float = 0.0           # entropy of the full gate softmax over all experts (nats)
+    degraded: bool = False         # an expert the gate chose could not answer; weights renormalised
 
 
 @dataclass(frozen=True)
@@ -52,3 +55,11 @@ class TokenEvent:
     routing: GateDecision
     top_logprobs: tuple[tuple[int, float], ...] = ()
     finish_reason: str | None = None   # "stop" | "length" on the last event, else None
+
+
+class ExpertsUnavailable(RuntimeError):
+    """No expert that could serve this request is answering now (a 503 with Retry-After for the client)."""
+
+
+class AtCapacity(RuntimeError):
+    """The experts have no free session slot for a new request now (a 429 with Retry-After)."""

@@ -18,7 +18,8 @@ import time
 
 from experts.config import ExpertConfig
 from experts.protocol import SessionStep, TopK
-from experts.vllm_expert import VLLMExpert, _topk
+from experts.vllm_engine import topk_of as _topk
+from experts.vllm_expert import VLLMExpert
 
 
 class FreshRequestStepper:

@@ -10,7 +10,7 @@ import hashlib
 
 import torch
 
-from experts.protocol import ExpertInfo, ScoreOutput, SessionStep, StepOutput, TopK
+from experts.protocol import ExpertInfo, GenerateDelta, GenerateRequest, ScoreOutput, SessionStep, StepOutput, TopK
 
 
 def context_logprobs(seed: int, context: list[int], vocab: int) -> torch.Tensor:
@@ -46,7 +46,7 @@ class DeterministicExpert:
         out = []
         for s in steps:
             if s.session_id not in self.sessions:
-                out.append(StepOutput(s.session_id, error=f"unknown session {s.session_id}"))
+                out.append(StepOutput(s.session_id, error=f"unknown session {s.session_id}", error_kind="input"))
                 continue
             self.sessions[s.session_id].extend(s.token_ids)
             out.append(self._next(s.session_id, top_k))
@@ -66,6 +66,25 @@ class DeterministicExpert:
                 ids.append(t.token_ids), lps.append(t.logprobs), tgt.append(float(lp[seq[j + 1]]))
             outs.append(ScoreOutput(tuple(seq), tuple(ids), tuple(lps), tuple(tgt)))
         return outs
+
+    async def generate(self, request: GenerateRequest):
+        """Native decoding: greedy at temperature 0, else sampled from the full distribution with the seed."""
+        self.calls += 1
+        ctx = list(request.prompt_ids)
+        g = torch.Generator().manual_seed(request.seed if request.seed is not None else 0)
+        for n in range(request.max_tokens):
+            lp = context_logprobs(self.seed, ctx, self.vocab)
+            if request.temperature == 0:
+                token = int(lp.argmax())
+            else:
+                token = int(torch.multinomial(torch.softmax(lp / request.temperature, 0), 1, generator=g))
+            ctx.append(token)
+            stop = token in request.stop_token_ids or (token == self.eos and not request.ignore_eos)
+            finish = "stop" if stop else ("length" if n + 1 == request.max_tokens else None)
+            alts = (tuple(zip(*topk_of(lp, request.top_logprobs).__dict__.values())),) if request.top_logprobs else ()
+            yield GenerateDelta(request.request_id, (token,), (float(lp[token]),), alts, finish)
+            if finish:
+                return
 
     def _next(self, sid: str, k: int) -> StepOutput:
         ctx = self.sessions[sid]

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 import torch
 
-from gating.mix import logprob_of, mix
+from gating.mix import gate_weights, logprob_of, mix
 from gating.model import Gate, GateArgs
 from gating.runtime import GateRuntime
 from orchestrator.engine import EnsembleEngine
@@ -87,20 +87,38 @@ async def test_sessions_are_closed_after_the_request():
 
 
 async def test_concurrent_streams_share_round_trips():
-    engine, _experts = await started()
+    """16 streams x 10 tokens x 2 experts = 320 session steps; batched rounds need far fewer expert calls."""
+    engine, experts = await started()
     reqs = [req(f"c{i}", prompt=(0, i + 2), max_tokens=10, temperature=0.0) for i in range(16)]
     results = await asyncio.gather(*(collect(engine, r) for r in reqs))
     assert all(len(r) == 10 for r in results)
-    steps = sum(b.steps for b in engine._batchers)
-    calls = sum(b.calls for b in engine._batchers)
+    steps = sum(len(ev.routing.experts) for r in results for ev in r)
+    calls = sum(e.calls for e in experts.values())
+    assert steps == 320
     assert calls < steps / 4, f"{calls} round trips for {steps} steps: steps are not being batched"
 
 
 async def test_single_expert_model_uses_only_that_expert():
     engine, experts = await started()
     events = await collect(engine, GenerationRequest("m", (0, 4), GenerationParams(max_tokens=5), model="math"))
+    assert len(events) == 5
     assert all(ev.routing.experts == ("math",) and ev.routing.weights == (1.0,) for ev in events)
     assert experts["code"].calls == 0
+
+
+async def test_single_expert_fast_path_and_stepping_agree_at_temperature_zero():
+    """model=<expert> is decoded by the expert's own engine (native path); a seeded request on an engine that
+    cannot seed is stepped in lockstep instead. Greedy, both give that expert's argmax text."""
+    engine, experts = await started()
+    native = await collect(engine, GenerationRequest("n", (0, 4), GenerationParams(max_tokens=8, temperature=0.0,
+                                                                                   ignore_eos=True), model="json"))
+    engine.infos[3].extra["native_seed"] = False
+    stepped = await collect(engine, GenerationRequest("s", (0, 4), GenerationParams(max_tokens=8, temperature=0.0,
+                                                                                    seed=3, ignore_eos=True),
+                                                      model="json"))
+    assert [e.token_id for e in native] == [e.token_id for e in stepped]
+    for a, b in zip(native, stepped):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
 
 
 async def test_stop_tokens_end_generation():
@@ -137,12 +155,28 @@ async def test_echo_scores_match_the_generation_path():
         assert lp == pytest.approx(ev.logprob, abs=1e-4)
 
 
+def routed_by(gate: GateRuntime, context: list[int], k: int = 2) -> tuple[str, ...]:
+    experts, _ = gate_weights(gate.sequence_logits(context)[-1:], k)
+    return tuple(NAMES[i] for i in experts[0].tolist())
+
+
 async def test_gate_swap_keeps_running_requests_on_their_version():
+    """Every token of a request that started before a swap is routed by the old gate, not the new one."""
     engine, _ = await started()
-    gen = engine.generate(req(max_tokens=6))
+    old = engine._gate
+    prompt = [0, 5, 6, 7]
+    gen = engine.generate(req(prompt=prompt, max_tokens=12, temperature=0.0))
     first = await gen.__anext__()
     torch.manual_seed(9)
-    engine.set_gate(GateRuntime(Gate(GateArgs(V, 4, 8, 16)), "gate-new", NAMES, 2, "logits"))
-    rest = [ev async for ev in gen]
-    assert 1 + len(rest) == 6 and first.request_id == "r"
-    assert engine.gate_version == "gate-new"
+    new = GateRuntime(Gate(GateArgs(V, 4, 8, 16)), "gate-new", NAMES, 2, "logits")
+    engine.set_gate(new)
+    events = [first] + [ev async for ev in gen]
+    assert len(events) == 12 and engine.gate_version == "gate-new"
+    context, differs = list(prompt), 0
+    for ev in events:
+        assert ev.routing.experts == routed_by(old, context)
+        differs += routed_by(new, context) != routed_by(old, context)
+        context.append(ev.token_id)
+    assert differs > 0, "the two gates route alike here: the test would not see a swap"
+    after = await collect(engine, req("after", prompt=prompt, max_tokens=4, temperature=0.0))
+    assert after[0].routing.experts == routed_by(new, prompt)

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from experts.config import GIB, ExpertConfig
 from experts.protocol import ExpertInfo
 from experts.tokenizer_check import TokenizerMismatchError, check_shared_tokenizer, tokenizer_fingerprint
-from experts.vllm_expert import plan_score_windows
+from experts.scoring import plan_score_windows
 
 
 def cfg(**kw) -> ExpertConfig:
@@ -64,7 +64,7 @@ def test_config_round_trips_through_a_dict():
 
 
 @pytest.mark.parametrize("field, value", [
-    ("name", ""), ("name", "has space"), ("model_path", " "), ("num_replicas", 2), ("num_cpus", -1),
+    ("name", ""), ("name", "has space"), ("model_path", " "), ("num_replicas", 0), ("num_cpus", -1),
     ("num_gpus", -0.5), ("max_model_len", 0), ("max_model_len", 1), ("kv_cache_space_gib", 0),
     ("max_top_k", 0), ("session_idle_timeout_s", 0), ("max_num_seqs", 0), ("gpu_memory_utilization", 1.5), ("dtype", "int4"),
     ("engine_kwargs", {"skip_tokenizer_init": False}), ("cpu_threads_bind", "core0"), ("unknown_field", 1),

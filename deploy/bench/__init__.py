@@ -1,0 +1,157 @@
+"""`ensemble bench`: what users get over HTTP, side by side with vLLM's own OpenAI server, in one run.
+
+It starts vLLM's OpenAI server on one expert (same engine settings as our replicas) and our service (or uses
+a running one, `--url`), then drives both with one load generator: streaming /v1/completions, the same
+prompts from held-out demo text, the same sampling parameters and a fixed max_tokens. For each concurrency
+level the configurations run in ABBA order, so drift on the machine hits both sides:
+
+    vllm             vLLM alone, model=<expert>
+    gateway_single   our gateway, model=<expert> (one expert, no mixing)
+    ensemble_top1    our gateway, model=ensemble, experts_per_token=1
+    ensemble_top2    our gateway, model=ensemble, experts_per_token=2
+
+It prints throughput, TTFT and ITL (p50/p99), errors, the ratios to vLLM alone, our per-token wall time by
+phase (scraped from /metrics), the peak resident memory of each whole service, and writes a PNG of throughput
+against concurrency. Benchmarks are separate from tests: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from deploy.bench import load, phases, report
+from deploy.bench.load import Target
+from deploy.config import DEFAULT_CONFIG, PROJECT_ROOT, load_config
+
+TARGETS = report.ORDER
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="our service's deploy YAML (default: %(default)s)")
+    p.add_argument("--url", help="bench an already running gateway at this base URL instead of starting one")
+    p.add_argument("--expert", help="the expert vLLM serves alone and gateway_single asks for (default: the first)")
+    p.add_argument("--concurrency", default="1,8,32", help="comma-separated levels (default: %(default)s)")
+    p.add_argument("--requests-per-stream", type=int, default=3,
+                   help="requests per level = max(8, this x concurrency) (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--rounds", type=int, default=2, help="ABBA rounds per level (default: %(default)s)")
+    p.add_argument("--targets", default=",".join(TARGETS), help="subset of: " + ", ".join(TARGETS))
+    p.add_argument("--prompts", type=Path, default=PROJECT_ROOT / "artifacts/demo/data/eval/heldout_all.jsonl",
+                   help="JSONL with a text field; prompts are the first --prompt-chars of each document")
+    p.add_argument("--prompt-chars", type=int, default=400)
+    p.add_argument("--plot", type=Path, default=Path("bench.png"), help="throughput PNG (default: %(default)s)")
+    p.add_argument("--logs", type=Path, default=Path("artifacts/bench-logs"), help="server logs go here")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def read_prompts(path: Path, chars: int, n: int = 256) -> list[str]:
+    prompts = []
+    with open(path) as f:
+        for line in f:
+            text = json.loads(line).get("text", "").strip()
+            if len(text) >= chars // 2:
+                prompts.append(text[:chars])
+            if len(prompts) >= n:
+                break
+    if not prompts:
+        raise SystemExit(f"ensemble bench: no prompts in {path}")
+    return prompts
+
+
+def targets(names: list[str], vllm_url: str | None, ours_url: str | None, expert: str) -> list[Target]:
+    make = {
+        "vllm": lambda: Target("vllm", vllm_url, expert),
+        "gateway_single": lambda: Target("gateway_single", ours_url, expert),
+        "ensemble_top1": lambda: Target("ensemble_top1", ours_url, "ensemble", {"experts_per_token": 1}),
+        "ensemble_top2": lambda: Target("ensemble_top2", ours_url, "ensemble", {"experts_per_token": 2}),
+    }
+    return [make[n]() for n in names]
+
+
+async def measure(all_targets: list[Target], prompts: list[str], args, ours_url: str | None) -> tuple[list, list]:
+    levels = [int(c) for c in args.concurrency.split(",")]
+    runs: dict[tuple[str, int], list] = {}
+    breakdown: dict[tuple[str, int], dict[str, float]] = {}
+    for c in levels:
+        n = max(8, args.requests_per_stream * c)
+        # Warm-up at this concurrency, not measured: the first batch of a new size costs the CPU engines
+        # seconds (seen on both sides), and connection pools fill.
+        for t in all_targets:
+            await load.run_level(t, prompts, c, c, 8, args.temperature)
+        for r in range(args.rounds):
+            order = all_targets if r % 2 == 0 else list(reversed(all_targets))
+            for t in order:
+                before = await phases.scrape(ours_url) if t.base_url == ours_url else None
+                res = await load.run_level(t, prompts, c, n, args.max_tokens, args.temperature)
+                runs.setdefault((t.name, c), []).append(res)
+                if before is not None:
+                    after = await phases.scrape(ours_url)
+                    acc = breakdown.setdefault((t.name, c), {})
+                    for k, v in phases.delta(before, after).items():
+                        acc[k] = acc.get(k, 0.0) + v
+                _progress(f"c={c} round {r + 1}/{args.rounds} {t.name}: {load.summarise([res])['tokens_per_s']} tok/s")
+    rows = [load.summarise(v) for v in runs.values()]
+    return rows, [phases.per_token(name, c, d) for (name, c), d in breakdown.items()]
+
+
+def run(args) -> int:
+    config = load_config(args.config)
+    experts = {e.name: e for e in config.app.experts}
+    expert = experts.get(args.expert or config.app.experts[0].name)
+    if expert is None:
+        print(f"ensemble bench: no expert {args.expert!r} in {args.config}; have {', '.join(experts)}", file=sys.stderr)
+        return 2
+    names = [n.strip() for n in args.targets.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown:
+        print(f"ensemble bench: unknown targets {unknown}; choose from {', '.join(TARGETS)}", file=sys.stderr)
+        return 2
+    prompts = read_prompts(args.prompts, args.prompt_chars)
+    from deploy.bench.memory import PeakRSS
+    from deploy.bench.servers import ensemble_server, vllm_server
+
+    t0 = time.time()
+    memory: dict[str, float] = {}
+    with contextlib.ExitStack() as stack:
+        ours_url = args.url
+        ours_mem = None
+        if ours_url is None and any(n != "vllm" for n in names):
+            _progress(f"starting our service ({args.config}) ...")
+            ours = stack.enter_context(ensemble_server(args.config, args.logs / "ensemble.log"))
+            ours_url, ours_mem = ours.base_url, stack.enter_context(PeakRSS(ours.pid))
+        vllm_url, vllm_mem = None, None
+        if "vllm" in names:
+            _progress(f"starting vLLM's OpenAI server on expert {expert.name} ...")
+            base = stack.enter_context(vllm_server(expert, args.logs / "vllm.log"))
+            vllm_url, vllm_mem = base.base_url, stack.enter_context(PeakRSS(base.pid))
+        rows, breakdown = asyncio.run(measure(targets(names, vllm_url, ours_url, expert.name), prompts, args, ours_url))
+        for name, mem in (("ensemble", ours_mem), ("vllm", vllm_mem)):
+            if mem is not None:
+                memory[name] = round(max(mem.peak, mem.sample()) / 2**30, 2)
+    result = {"expert": expert.name, "max_tokens": args.max_tokens, "temperature": args.temperature,
+              "rows": rows, "ratios": report.ratios(rows), "phases_us_per_token": breakdown,
+              "peak_rss_gib": memory, "seconds": round(time.time() - t0, 1)}
+    if args.plot:
+        report.plot(rows, args.plot)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(report.format_table(rows))
+    print()
+    print(report.format_phases(breakdown))
+    print("\nratios to vLLM alone:", json.dumps(result["ratios"]))
+    print("peak resident memory (GiB, sum of RSS over each service's processes):", json.dumps(memory))
+    if args.plot:
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def _progress(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,121 @@
+"""What `ensemble bench` prints: the side-by-side table, the ratios to vLLM alone, the phase breakdown, a plot.
+
+All functions are pure over the summaries of deploy/bench/load.py (plus the scraped phase counters).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BASELINE = "vllm"
+ORDER = ("vllm", "gateway_single", "ensemble_top1", "ensemble_top2")
+# Phases of our per-token path, in the order they happen (orchestrator/profile.py names them).
+ORCHESTRATION = ("gate", "mix", "sample", "rpc")
+
+
+def by_key(rows: list[dict]) -> dict[tuple[str, int], dict]:
+    return {(r["target"], r["concurrency"]): r for r in rows}
+
+
+def ratios(rows: list[dict]) -> dict:
+    """The ratios the issue names, to vLLM alone in the same run (None where a side is missing)."""
+    table = by_key(rows)
+    levels = sorted({r["concurrency"] for r in rows})
+    hi, lo = levels[-1], levels[0]
+
+    def ratio(target: str, c: int, field: str) -> float | None:
+        ours, base = table.get((target, c)), table.get((BASELINE, c))
+        if not ours or not base or not ours.get(field) or not base.get(field):
+            return None
+        return round(ours[field] / base[field], 3)
+
+    def over(target: str, c: int, field: str) -> float | None:
+        ours, base = table.get((target, c)), table.get((BASELINE, c))
+        if not ours or not base or ours.get(field) is None or base.get(field) is None:
+            return None
+        return round(ours[field] - base[field], 2)
+
+    return {
+        "concurrency_high": hi, "concurrency_low": lo,
+        "gateway_single_tp": ratio("gateway_single", hi, "tokens_per_s"),
+        "ensemble_top1_tp": ratio("ensemble_top1", hi, "tokens_per_s"),
+        "ensemble_top2_tp": ratio("ensemble_top2", hi, "tokens_per_s"),
+        "gateway_single_itl_c1": ratio("gateway_single", lo, "itl_ms_p50"),
+        "ensemble_top2_itl_c1": ratio("ensemble_top2", lo, "itl_ms_p50"),
+        "gateway_single_ttft_ms_over_c1": over("gateway_single", lo, "ttft_ms_p50"),
+        "ensemble_top2_ttft_ms_over_c1": over("ensemble_top2", lo, "ttft_ms_p50"),
+    }
+
+
+def orchestration_share(phases: dict[str, float]) -> float | None:
+    """(gate + mix + sample + RPC beyond expert compute) / round wall time, from one run's phase deltas."""
+    wall = phases.get("round")
+    if not wall:
+        return None
+    return round(sum(phases.get(p, 0.0) for p in ORCHESTRATION) / wall, 4)
+
+
+def format_table(rows: list[dict]) -> str:
+    table = by_key(rows)
+    head = (f"{'served by':<16}{'conc':>5}{'tok/s':>9}{'vs vLLM':>9}{'TTFT p50':>10}{'TTFT p99':>10}"
+            f"{'ITL p50':>9}{'ITL p99':>9}  errors")
+    lines = [head, "-" * len(head)]
+    for c in sorted({r["concurrency"] for r in rows}):
+        base = table.get((BASELINE, c))
+        for name in ORDER:
+            r = table.get((name, c))
+            if r is None:
+                continue
+            rel = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base and base["tokens_per_s"] else "-"
+            errs = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
+            lines.append(f"{name:<16}{c:>5}{r['tokens_per_s']:>9.1f}{rel:>9}{_ms(r['ttft_ms_p50']):>10}"
+                         f"{_ms(r['ttft_ms_p99']):>10}{_ms(r['itl_ms_p50']):>9}{_ms(r['itl_ms_p99']):>9}  {errs}")
+    return "\n".join(lines)
+
+
+def format_phases(breakdown: list[dict]) -> str:
+    """One line per (target, concurrency): microseconds per generated token in each phase."""
+    if not breakdown:
+        return ""
+    names = sorted({p for b in breakdown for p in b["us_per_token"]}, key=_phase_order)
+    head = f"{'us per token':<16}{'conc':>5}" + "".join(f"{n:>12}" for n in names) + f"{'orch share':>12}"
+    lines = [head, "-" * len(head)]
+    for b in breakdown:
+        cells = "".join(f"{b['us_per_token'].get(n, 0.0):>12.0f}" for n in names)
+        share = b.get("orchestration_share")
+        lines.append(f"{b['target']:<16}{b['concurrency']:>5}{cells}{'-' if share is None else f'{share:.1%}':>12}")
+    return "\n".join(lines)
+
+
+def _phase_order(name: str) -> tuple[int, str]:
+    order = ("round", "gate", "expert", "rpc", "mix", "sample", "emit", "detokenize", "sse", "log")
+    return (order.index(name) if name in order else len(order), name)
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name in ORDER:
+        pts = sorted((r["concurrency"], r["tokens_per_s"]) for r in rows if r["target"] == name)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    levels = sorted({r["concurrency"] for r in rows})
+    ax.set_xticks(levels, [str(c) for c in levels])
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title("Throughput against concurrency (same run, same machine)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,33 @@
+"""The Ray Serve settings the service runs with, as the environment of every Ray process of a local cluster.
+
+    RAY_SERVE_ENABLE_HA_PROXY=1   HTTP goes from HAProxy straight to the gateway replicas (Serve's "direct
+                                  ingress"): no Python proxy actor and no Ray hop per streamed chunk.
+                                  HAProxy also spreads connections over several gateway replicas.
+    RAY_SERVE_HAPROXY_*_PORT      its stats and metrics listeners, on free ports so two services (or a
+                                  service and the test suite) can share a machine.
+
+`ensemble serve` starts Ray with these. On a cluster you start yourself, export the same variables before
+`ray start` on every node (deploy/kuberay-rayservice.yaml does it for KubeRay). They are Serve-wide: Serve
+reads them when its controller and replicas start.
+"""
+
+from __future__ import annotations
+
+import socket
+
+DEFAULTS = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**DEFAULTS, "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+           "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+    env.update(overrides or {})
+    return env

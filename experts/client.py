@@ -1,0 +1,209 @@
+"""The Expert protocol over every replica of one expert deployment, from outside it (a Serve handle).
+
+Sessions are pinned: an `open` goes wherever Serve's router sends it (by load), and every later step of that
+session carries `replica=`, which experts/replica_router.py routes to the replica holding its KV cache. A
+batch of advances is split by replica: one call per replica, all at once. Native generations are
+multiplexed: per replica one `poll` in flight carries the new tokens of every stream this client runs there.
+
+Failures are per item, never exceptions: a call that times out or reaches a dead replica fails its steps
+with error_kind "unavailable" and forgets their pins, so the caller can re-open them elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from experts.protocol import (
+    ExpertInfo,
+    GenerateDelta,
+    GenerateRequest,
+    PollReply,
+    ReplicaStats,
+    ScoreOutput,
+    SessionStep,
+    StartReply,
+    StepOutput,
+    StepReply,
+)
+from experts.replica_router import PIN
+
+log = logging.getLogger(__name__)
+
+
+class ServeExpertClient:
+    """One expert deployment (all its replicas) as an Expert. One instance per calling process."""
+
+    def __init__(self, handle: Any, name: str, *, call_timeout_s: float | None = None,
+                 poll_wait_s: float = 1.0) -> None:
+        self._handle = handle
+        self.name = name
+        self.call_timeout_s = call_timeout_s          # None: wait as long as the replica takes
+        self.poll_wait_s = poll_wait_s
+        self.caller = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._pins: dict[str, str] = {}                                   # session id -> replica
+        self._streams: dict[str, tuple[str, asyncio.Queue]] = {}          # generation id -> (replica, deltas)
+        self._aborts: dict[str, list[str]] = {}                           # replica -> generation ids
+        self._pollers: dict[str, asyncio.Task] = {}
+
+    def __repr__(self) -> str:
+        return f"ServeExpertClient({self.name!r})"
+
+    # ---- transport ------------------------------------------------------------------------------------
+
+    async def _call(self, method: str, *args: Any, replica: str | None = None, timeout_s: float | None = None,
+                    bounded: bool = True) -> Any:
+        """One handle call, pinned to `replica` when given, bounded by timeout_s (default: call_timeout_s)."""
+        response = getattr(self._handle, method).remote(*args, **({PIN: replica} if replica else {}))
+        timeout_s = self.call_timeout_s if timeout_s is None else timeout_s
+        if timeout_s is None or not bounded:
+            return await response
+        try:
+            return await asyncio.wait_for(_awaited(response), timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise TimeoutError(f"expert {self.name}: {method} took longer than {timeout_s:.1f} s") from None
+
+    # ---- protocol -------------------------------------------------------------------------------------
+
+    async def info(self) -> ExpertInfo:
+        """Unbounded: at startup the replicas may still be loading their engines."""
+        return await self._call("info", bounded=False)
+
+    async def open(self, steps: list[SessionStep], top_k: int) -> list[StepOutput]:
+        """New sessions: Serve picks the replica (by load); the reply pins them there."""
+        if not steps:
+            return []
+        outputs = await self._step_call("open", steps, top_k, replica=None)
+        for out in outputs:
+            if out.error is None:
+                self._pins[out.session_id] = out.replica
+        return outputs
+
+    async def advance(self, steps: list[SessionStep], top_k: int) -> list[StepOutput]:
+        """One pinned call per replica, concurrently; outputs in the order of `steps`."""
+        groups: dict[str | None, list[int]] = {}
+        for i, step in enumerate(steps):
+            groups.setdefault(self._pins.get(step.session_id), []).append(i)
+        results = await asyncio.gather(*(
+            self._step_call("advance", [steps[i] for i in idx], top_k, replica=replica)
+            for replica, idx in groups.items()))
+        outputs: list[StepOutput | None] = [None] * len(steps)
+        for idx, outs in zip(groups.values(), results):
+            for i, out in zip(idx, outs):
+                outputs[i] = out
+                if out.error is not None and out.error_kind != "input":
+                    self._pins.pop(out.session_id, None)      # the session is gone (closed, or its replica)
+        return outputs  # type: ignore[return-value]
+
+    async def close(self, session_ids: list[str]) -> None:
+        groups: dict[str | None, list[str]] = {}
+        for sid in session_ids:
+            groups.setdefault(self._pins.pop(sid, None), []).append(sid)
+        results = await asyncio.gather(*(self._call("close", ids, replica=replica) for replica, ids in groups.items()),
+                                       return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                log.warning("expert %s: close failed: %r", self.name, r)   # its replica is gone: so are they
+
+    async def score(self, sequences: list[list[int]], top_k: int) -> list[ScoreOutput]:
+        return await self._call("score", sequences, top_k, bounded=False)   # offline jobs: long batches
+
+    async def stats(self) -> ReplicaStats:
+        return await self._call("stats")
+
+    async def num_open_sessions(self) -> int:
+        return await self._call("num_open_sessions")
+
+    def pinned_replicas(self) -> dict[str, int]:
+        """Open sessions of this client per replica (for /metrics)."""
+        counts: dict[str, int] = {}
+        for replica in self._pins.values():
+            counts[replica] = counts.get(replica, 0) + 1
+        return counts
+
+    async def _step_call(self, method: str, steps: list[SessionStep], top_k: int, replica: str | None) -> list[StepOutput]:
+        try:
+            reply: StepReply = await self._call(method, steps, top_k, replica=replica)
+        except Exception as exc:  # noqa: BLE001 - a dead or hung replica fails its items, not the caller
+            why = f"expert {self.name} unavailable ({type(exc).__name__}: {exc})"
+            for step in steps:
+                self._pins.pop(step.session_id, None)
+            return [StepOutput(s.session_id, error=why, error_kind="unavailable") for s in steps]
+        return [StepOutput(o.session_id, o.topk, o.error, o.error_kind, o.length, reply.replica, reply.server_s)
+                for o in reply.outputs]
+
+    # ---- native generation ------------------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
+        """Start on a replica Serve picks, then receive the deltas through that replica's poller."""
+        rid = request.request_id
+        try:
+            reply: StartReply = await self._call("start", [request], self.caller)
+        except Exception as exc:  # noqa: BLE001
+            yield GenerateDelta(rid, error=f"expert {self.name} unavailable ({type(exc).__name__}: {exc})",
+                                error_kind="unavailable")
+            return
+        if reply.errors[0] is not None:
+            message, kind = reply.errors[0]
+            yield GenerateDelta(rid, error=message, error_kind=kind)
+            return
+        queue: asyncio.Queue[GenerateDelta] = asyncio.Queue()
+        self._streams[rid] = (reply.replica, queue)
+        self._ensure_poller(reply.replica)
+        finished = False
+        try:
+            while True:
+                delta = await queue.get()
+                finished = delta.final
+                yield delta
+                if finished:
+                    return
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:                    # the consumer stopped early: abort it on the replica
+                self._aborts.setdefault(reply.replica, []).append(rid)
+                self._ensure_poller(reply.replica)
+
+    def _ensure_poller(self, replica: str) -> None:
+        task = self._pollers.get(replica)
+        if task is None or task.done():
+            self._pollers[replica] = asyncio.get_running_loop().create_task(
+                self._poll_loop(replica), name=f"poll:{self.name}:{replica}")
+
+    async def _poll_loop(self, replica: str) -> None:
+        """While this client has streams (or aborts) on `replica`: one poll in flight, deltas to their queues."""
+        while True:
+            aborts = self._aborts.pop(replica, [])
+            active = [rid for rid, (r, _) in self._streams.items() if r == replica]
+            if not active and not aborts:
+                break
+            timeout = self.poll_wait_s + (self.call_timeout_s or 60.0)
+            try:
+                reply: PollReply = await self._call("poll", self.caller, aborts, self.poll_wait_s if active else 0.0,
+                                                    replica=replica, timeout_s=timeout)
+            except Exception as exc:  # noqa: BLE001 - the replica is gone: every stream on it ends here
+                why = f"expert {self.name} unavailable ({type(exc).__name__}: {exc})"
+                for rid, (r, queue) in list(self._streams.items()):
+                    if r == replica:
+                        queue.put_nowait(GenerateDelta(rid, error=why, error_kind="unavailable"))
+                break
+            for delta in reply.deltas:
+                entry = self._streams.get(delta.request_id)
+                if entry is not None:
+                    entry[1].put_nowait(delta)
+        self._pollers.pop(replica, None)
+
+    async def aclose(self) -> None:
+        for task in list(self._pollers.values()):
+            task.cancel()
+        await asyncio.gather(*self._pollers.values(), return_exceptions=True)
+
+
+async def _awaited(response: Any) -> Any:
+    return await response

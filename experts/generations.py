@@ -1,0 +1,112 @@
+"""Native generations inside one engine: vLLM decodes a request on its own; deltas wait in the caller's outbox.
+
+The single-expert fast path. A caller (one gateway replica) `start`s requests, then `poll`s: one call
+returns every delta of all its generations since its previous poll, so one round trip per engine step
+carries the tokens of every stream, whatever the concurrency. A caller that stops polling for `lease_s`
+(its process died) has its generations aborted, so the engine never decodes for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from typing import Any
+
+from experts.protocol import GenerateDelta, GenerateRequest
+from experts.vllm_engine import PositionLogprobs, describe, generation_params
+
+log = logging.getLogger(__name__)
+
+
+class Generations:
+    def __init__(self, engine: Any, lease_s: float = 30.0) -> None:
+        self._engine = engine
+        self.lease_s = lease_s
+        self._tasks: dict[str, tuple[str, asyncio.Task]] = {}       # request id -> (caller, task)
+        self._outbox: dict[str, list[GenerateDelta]] = {}           # caller -> deltas not yet polled
+        self._ready: dict[str, asyncio.Event] = {}                  # caller -> set when its outbox fills
+        self._last_poll: dict[str, float] = {}
+        self._ids = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def start(self, caller: str, request: GenerateRequest) -> None:
+        """Launch one generation (validated by the caller of this method)."""
+        self._reap()
+        self._last_poll.setdefault(caller, time.monotonic())
+        task = asyncio.get_running_loop().create_task(self._drive(caller, request))
+        self._tasks[request.request_id] = (caller, task)
+
+    async def poll(self, caller: str, aborts: list[str], wait_s: float) -> list[GenerateDelta]:
+        """Abort `aborts`, then return the caller's deltas, waiting up to wait_s for the first one."""
+        self._last_poll[caller] = time.monotonic()
+        for rid in aborts:
+            owner, task = self._tasks.get(rid, (None, None))
+            if owner == caller and task is not None:
+                task.cancel()
+        ready = self._ready.setdefault(caller, asyncio.Event())
+        ready.clear()
+        if not self._outbox.get(caller) and self._active(caller) and wait_s > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(ready.wait(), wait_s)
+        return self._outbox.pop(caller, [])
+
+    def _active(self, caller: str) -> bool:
+        return any(owner == caller for owner, _ in self._tasks.values())
+
+    def _push(self, caller: str, delta: GenerateDelta) -> None:
+        self._outbox.setdefault(caller, []).append(delta)
+        self._ready.setdefault(caller, asyncio.Event()).set()
+
+    async def _drive(self, caller: str, req: GenerateRequest) -> None:
+        from vllm.inputs import TokensPrompt
+
+        rid = f"gen-{req.request_id}#{next(self._ids)}"
+        try:
+            async for out in self._engine.generate(TokensPrompt(prompt_token_ids=list(req.prompt_ids)),
+                                                   generation_params(req), request_id=rid):
+                c = out.outputs[0]
+                tokens = tuple(int(t) for t in c.token_ids)
+                positions: list[PositionLogprobs] = list(c.logprobs or [])
+                finish = c.finish_reason if out.finished else None
+                self._push(caller, GenerateDelta(
+                    req.request_id, tokens,
+                    logprobs=tuple(float(p[t].logprob) for p, t in zip(positions, tokens)),
+                    top_logprobs=tuple(_alternatives(p, req.top_logprobs) for p in positions) if req.top_logprobs else (),
+                    finish_reason=None if finish is None else ("length" if finish == "length" else "stop")))
+        except asyncio.CancelledError:
+            raise                                    # aborted by its caller: nobody waits for a delta
+        except Exception as exc:  # noqa: BLE001 - report to the caller, keep the engine serving others
+            log.warning("generation %s failed: %r", req.request_id, exc)
+            self._push(caller, GenerateDelta(req.request_id, error=f"generation failed in the engine: {describe(exc)}",
+                                             error_kind="engine"))
+        finally:
+            self._tasks.pop(req.request_id, None)
+
+    def _reap(self) -> None:
+        """Abort the generations of callers that stopped polling (e.g. a gateway replica that died)."""
+        deadline = time.monotonic() - self.lease_s
+        gone = {c for c, t in self._last_poll.items() if t < deadline}
+        if not gone:
+            return
+        for rid, (caller, task) in list(self._tasks.items()):
+            if caller in gone:
+                task.cancel()
+        for caller in gone:
+            log.warning("caller %s stopped polling; its generations were aborted", caller)
+            self._last_poll.pop(caller, None)
+            self._outbox.pop(caller, None)
+            self._ready.pop(caller, None)
+
+    def abort_all(self) -> None:
+        for _, task in self._tasks.values():
+            task.cancel()
+
+
+def _alternatives(position: PositionLogprobs, n: int) -> tuple[tuple[int, float], ...]:
+    ranked = sorted(position.items(), key=lambda kv: -kv[1].logprob)[:n]
+    return tuple((int(t), float(lp.logprob)) for t, lp in ranked)

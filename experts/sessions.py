@@ -1,0 +1,111 @@
+"""Decode sessions inside one engine: the state machine open -> advance* -> close, plus the idle reaper.
+
+A session is one resumable vLLM streaming-input request. Each chunk fed (the prompt, then the tokens the
+orchestrator chose) is appended to the context and answered with the next position's logprobs. vLLM drops
+the token it sampled for a chunk before appending the next one (Scheduler._update_request_as_session), so
+only the tokens we feed are ever in the context. Input validation happens before anything reaches here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from experts.vllm_engine import PositionLogprobs
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    """One vLLM streaming-input request."""
+
+    def __init__(self, request_id: str, engine: Any) -> None:
+        self.request_id = request_id
+        self.length = 0
+        self.busy = False
+        self.last_used = time.monotonic()
+        self._chunks: asyncio.Queue[Any] = asyncio.Queue()
+        self._outputs: AsyncGenerator[Any, None] | None = None
+        self._engine = engine
+        self._close_requested = False
+
+    async def _inputs(self) -> AsyncGenerator[Any, None]:
+        from vllm.engine.protocol import StreamingInput
+        from vllm.inputs import TokensPrompt
+
+        while (chunk := await self._chunks.get()) is not None:
+            tokens, params = chunk
+            yield StreamingInput(prompt=TokensPrompt(prompt_token_ids=tokens), sampling_params=params)
+
+    async def feed(self, tokens: list[int], params: Any) -> PositionLogprobs:
+        self.busy = True
+        try:
+            self._chunks.put_nowait((tokens, params))
+            if self._outputs is None:
+                self._outputs = self._engine.generate(self._inputs(), params, request_id=self.request_id)
+            out = await anext(self._outputs)
+            self.length += len(tokens)
+            return out.outputs[0].logprobs[-1]
+        finally:
+            self.busy = False
+            self.last_used = time.monotonic()
+            if self._close_requested:
+                await self.close()
+
+    async def close(self) -> None:
+        if self.busy:  # closing a generator mid-step raises; the running feed() closes it when it returns
+            self._close_requested = True
+            return
+        self._chunks.put_nowait(None)
+        if self._outputs is not None:
+            # aclose() makes AsyncLLM.generate abort the request, which frees its slot and KV blocks.
+            await self._outputs.aclose()
+            self._outputs = None
+
+
+class SessionTable:
+    """The open sessions of one engine, by the caller's session id."""
+
+    def __init__(self, engine: Any, idle_timeout_s: float) -> None:
+        self._engine = engine
+        self._sessions: dict[str, Session] = {}
+        self._ids = itertools.count()  # makes engine request ids unique even when a session id is reused
+        self.idle_timeout_s = idle_timeout_s
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def open(self, session_id: str) -> Session:
+        """Register before the first await, so a concurrent open of the same id sees it as a duplicate."""
+        session = self._sessions[session_id] = Session(f"{session_id}#{next(self._ids)}", self._engine)
+        return session
+
+    def drop(self, session_id: str) -> Session | None:
+        """Forget a session without waiting (its engine request is aborted in the background)."""
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            asyncio.ensure_future(session.close())
+        return session
+
+    async def close(self, session_ids: list[str]) -> None:
+        """Free the sessions' engine slots and KV blocks. Unknown or already closed ids are ignored."""
+        sessions = [s for sid in session_ids if (s := self._sessions.pop(sid, None)) is not None]
+        await asyncio.gather(*(s.close() for s in sessions))
+
+    async def close_idle(self) -> None:
+        """Close sessions nobody advanced for idle_timeout_s: a crashed caller must not leak slots."""
+        deadline = time.monotonic() - self.idle_timeout_s
+        idle = [sid for sid, s in self._sessions.items() if s.last_used < deadline and not s.busy]
+        if idle:
+            log.warning("closing %d idle sessions", len(idle))
+            await self.close(idle)

@@ -1,0 +1,331 @@
+"""The lockstep decode loop: every running sequence of this gateway replica advances one token per round.
+
+One round, in numbered phases, each one batched operation over all rows where it can be:
+  1) route   one GRU step per gate version for all rows: experts + weights per row     (orchestrator/routing.py)
+  2) step    per expert ONE call with every row that selected it (catch-up included). A replica that died
+             or timed out has its sessions re-opened elsewhere from the token history (migration); an expert
+             that no replica answers for is marked down, its rows keep the experts that did answer, and a row
+             left with none is routed again among the rest (degraded routing)
+  3) mix     per (experts answering, space) one batched mix of their top-k               (gating/mix.py)
+  4) sample  every row from its own request's RNG                                        (orchestrator/sample.py)
+  5) feed    append each token, emit TokenEvents, one batched gate step, retire finished rows
+
+New sequences take their first round (prefill: sessions opened with the whole prompt) as a separate batch
+beside the main round, so a long prompt delays only its own first token.
+
+Shape legend: B = rows in the round, E = experts, S = experts answering a row, K = top-k per expert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence as Seq
+
+import torch
+
+from experts.protocol import Expert, SessionStep, StepOutput, TopK
+from gating.mix import logprob_of, mix
+from orchestrator.expert_health import ExpertHealth
+from orchestrator.profile import PhaseClock
+from orchestrator.routing import Route, renormalise, route_fixed, route_gated, route_uniform
+from orchestrator.sample import sample_rows, top_alternatives
+from orchestrator.sequence import Sequence
+from orchestrator.types import AtCapacity, ExpertsUnavailable, GateDecision, TokenEvent
+
+log = logging.getLogger(__name__)
+MIGRATABLE = ("unavailable", "engine")
+Pair = tuple[int, int]                                  # (row, expert)
+
+
+class DecodeLoop:
+    def __init__(self, experts: list[Expert], names: list[str], *, vocab_size: int, eos_token_id: int | None,
+                 max_model_len: int, logprobs_k: int, health: ExpertHealth, clock: PhaseClock) -> None:
+        self._experts, self.names = experts, names
+        self.vocab_size, self.eos_token_id, self.max_model_len = vocab_size, eos_token_id, max_model_len
+        self.logprobs_k, self.health, self.clock = logprobs_k, health, clock
+        self._running: list[Sequence] = []
+        self._new: list[Sequence] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._side_tasks: set[asyncio.Task] = set()
+        self.rounds = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="decode-loop")
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._task, *self._side_tasks) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = None
+        for s in self._running + self._new:
+            s.fail(ExpertsUnavailable("the gateway is stopping"))
+        await self._close_sessions(self._running + self._new)
+        self._running, self._new = [], []
+
+    def submit(self, seq: Sequence) -> None:
+        self.start()
+        self._new.append(seq)
+        self._wake.set()
+
+    @property
+    def active(self) -> int:
+        return len(self._running) + len(self._new)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._new:
+                fresh, self._new = self._new, []
+                self._spawn(self._admit(fresh))
+            await self._retire()
+            if self._running:
+                self._wake.set()                       # more rounds while anything runs
+                try:
+                    await self._round(list(self._running), "round")
+                except Exception as exc:  # noqa: BLE001 - a bug must not leave streams hanging
+                    log.exception("decode round failed")
+                    for s in self._running:
+                        s.fail(exc)
+
+    async def _admit(self, seqs: list[Sequence]) -> None:
+        try:
+            with self.clock.phase("gate"):
+                for s in seqs:
+                    if s.gate is not None and s.gate_state is None:
+                        s.gate_state = s.gate.prefill(s.tokens)
+            await self._round(seqs, "admit")
+        except Exception as exc:  # noqa: BLE001
+            log.exception("admission round failed")
+            for s in seqs:
+                s.fail(exc)
+        self._running.extend(seqs)
+        self._wake.set()
+
+    async def _retire(self) -> None:
+        done = [s for s in self._running if s.done]
+        if done:
+            self._running = [s for s in self._running if not s.done]
+            self._spawn(self._close_sessions(done))
+
+    # ---- one round -------------------------------------------------------------------------------------
+
+    async def _round(self, seqs: list[Sequence], label: str) -> None:
+        t_round = time.perf_counter()
+        seqs = [s for s in seqs if not s.done]
+        if not seqs:
+            return
+        # 1) route
+        with self.clock.phase("gate"):
+            routes = self._route(seqs, range(len(seqs)))
+        # 2) step the chosen experts (migration and degraded routing inside)
+        t_step = time.perf_counter()
+        answers, routes, server_s = await self._step(seqs, routes)
+        waited = time.perf_counter() - t_step
+        self.clock.add("expert", waited)
+        self.clock.add("rpc", max(0.0, waited - server_s))
+        # 3) mix and 4) sample, per group of rows with the same number of answering experts and space
+        tokens: dict[int, tuple[int, float, tuple]] = {}
+        groups: dict[tuple[int, str], list[int]] = {}
+        for i, r in enumerate(routes):
+            if r is not None and not seqs[i].done:
+                groups.setdefault((len(r.experts), seqs[i].space), []).append(i)
+        for (_, space), rows in groups.items():
+            self._mix_and_sample(seqs, routes, answers, rows, space, tokens)
+        # 5) feed back: tokens to sequences, events to readers, one gate step per gate version
+        with self.clock.phase("emit"):
+            self._feed_back(seqs, routes, tokens)
+        self.rounds += 1
+        self.clock.add(label, time.perf_counter() - t_round)
+
+    def _route(self, seqs: list[Sequence], rows: Seq[int]) -> list[Route | None]:
+        """Phase 1 for `rows` of seqs (the others get None)."""
+        available = self.health.available()
+        routes: list[Route | None] = [None] * len(seqs)
+        gated: dict[int, list[int]] = {}
+        for i in rows:
+            s = seqs[i]
+            if s.fixed_expert is not None:
+                routes[i] = route_fixed(s.fixed_expert, available)
+            elif s.gate is None:
+                routes[i] = route_uniform(available)
+            else:
+                gated.setdefault(id(s.gate), []).append(i)
+        for members in gated.values():
+            logits = torch.stack([seqs[i].gate_state.logits for i in members])           # [R, E]
+            for i, r in zip(members, route_gated(logits, [seqs[i].k for i in members], available)):
+                routes[i] = r
+        return routes
+
+    async def _step(self, seqs: list[Sequence], routes: list[Route | None]):
+        """Phase 2 -> (answers {(row, expert): TopK}, routes kept to the experts that answered, replica time)."""
+        answers: dict[Pair, TopK] = {}
+        server_s = 0.0
+        for i, r in enumerate(routes):
+            if r is None:
+                seqs[i].fail(ExpertsUnavailable("no expert that can serve this request is answering now"))
+        todo = [i for i, r in enumerate(routes) if r is not None]
+        for _attempt in range(len(self.names)):                # each pass leaves at least one more expert out
+            pairs = [(i, e) for i in todo if routes[i] is not None for e in routes[i].experts]
+            got, capacity, spent = await self._ask(seqs, pairs)
+            answers.update(got)
+            server_s = max(server_s, spent)
+            retry = []
+            for i in todo:
+                s, r = seqs[i], routes[i]
+                if s.done or r is None:
+                    continue
+                kept = renormalise(r, {e for e in r.experts if (i, e) in answers})
+                if kept is not None:
+                    routes[i] = kept
+                else:
+                    retry.append(i)
+            if not retry:
+                break
+            rerouted = self._route(seqs, retry)
+            for i in retry:
+                if rerouted[i] is None or set(rerouted[i].experts) <= set(routes[i].experts):
+                    error = AtCapacity if capacity.get(i) else ExpertsUnavailable
+                    seqs[i].fail(error("no expert can serve this request now"))
+                    routes[i] = None
+                else:
+                    routes[i] = Route(rerouted[i].experts, rerouted[i].weights, rerouted[i].entropy, degraded=True)
+            todo = [i for i in retry if routes[i] is not None]
+        for i, s in enumerate(seqs):                            # rows of failed requests take no token
+            if s.done and routes[i] is not None and not any((i, e) in answers for e in routes[i].experts):
+                routes[i] = None
+        return answers, routes, server_s
+
+    async def _ask(self, seqs: list[Sequence], pairs: list[Pair]):
+        """One call per expert for `pairs`; sessions lost with their replica are re-opened once (migration)."""
+        answers: dict[Pair, TopK] = {}
+        capacity: dict[int, bool] = {}
+        server_s = 0.0
+        for attempt in range(2):
+            by_expert: dict[int, list[int]] = {}
+            for i, e in pairs:
+                by_expert.setdefault(e, []).append(i)
+            results = await asyncio.gather(*(self._call(e, [seqs[i] for i in rows]) for e, rows in by_expert.items()))
+            lost: list[Pair] = []
+            for (e, rows), outs in zip(by_expert.items(), results):
+                failures = []
+                for i, out in zip(rows, outs):
+                    s = seqs[i]
+                    server_s = max(server_s, out.server_s)
+                    if out.error is None and out.topk is not None:
+                        answers[(i, e)] = out.topk
+                        s.synced[e] = len(s.tokens)
+                        continue
+                    s.forget(e)
+                    kind = out.error_kind or "input"
+                    if kind == "input":
+                        s.fail(ValueError(f"expert {self.names[e]}: {out.error}"))
+                    elif kind in MIGRATABLE and attempt == 0:
+                        lost.append((i, e))
+                    else:
+                        capacity[i] = capacity.get(i, False) or kind == "capacity"
+                        failures.append(out.error or kind)
+                if any((i, e) in answers for i in rows):
+                    self.health.answered(e)
+                elif failures and all(kind_of(o) in MIGRATABLE for o in outs if o.error):
+                    self.health.failed(e, failures[0])
+            if not lost:
+                break
+            log.warning("re-opening %d sessions whose replica failed (migration)", len(lost))
+            pairs = lost
+        return answers, capacity, server_s
+
+    async def _call(self, e: int, group: list[Sequence]) -> list[StepOutput]:
+        """One expert, one round: open the sessions it lacks (whole context), advance the rest (catch-up)."""
+        opens = [i for i, s in enumerate(group) if e not in s.synced]
+        advances = [i for i, s in enumerate(group) if e in s.synced]
+        expert = self._experts[e]
+        opened, advanced = await asyncio.gather(
+            expert.open([SessionStep(group[i].session_of(e), tuple(group[i].tokens)) for i in opens], self.logprobs_k)
+            if opens else _nothing(),
+            expert.advance([SessionStep(group[i].session_of(e), tuple(group[i].tokens[group[i].synced[e]:]))
+                            for i in advances], self.logprobs_k) if advances else _nothing())
+        out: list[StepOutput | None] = [None] * len(group)
+        for i, o in zip(opens, opened):
+            out[i] = o
+        for i, o in zip(advances, advanced):
+            out[i] = o
+        return out  # type: ignore[return-value]
+
+    def _mix_and_sample(self, seqs, routes, answers, rows: list[int], space: str, tokens: dict) -> None:
+        """Phases 3 and 4 for rows with the same number of answering experts S and the same space."""
+        with self.clock.phase("mix"):
+            tops = [[answers[(i, e)] for e in routes[i].experts] for i in rows]
+            k = min(len(t.token_ids) for row in tops for t in row)
+            ids = torch.tensor([[t.token_ids[:k] for t in row] for row in tops], dtype=torch.long)       # [R, S, K]
+            lps = torch.tensor([[t.logprobs[:k] for t in row] for row in tops], dtype=torch.float32)     # [R, S, K]
+            weights = torch.tensor([routes[i].weights for i in rows], dtype=torch.float32)              # [R, S]
+            mixed = mix(ids, lps, weights, self.vocab_size, space)
+        with self.clock.phase("sample"):
+            params = [seqs[i].params for i in rows]
+            chosen = sample_rows(mixed.cand_ids, mixed.cand_logprobs, [p.temperature for p in params],
+                                 [p.top_p for p in params], [seqs[i].rng for i in rows])
+            lp = logprob_of(mixed, torch.tensor(chosen, dtype=torch.long)).tolist()
+            for r, i in enumerate(rows):
+                tokens[i] = (chosen[r], lp[r], top_alternatives(mixed, r, params[r].top_logprobs))
+
+    def _feed_back(self, seqs: list[Sequence], routes: list[Route | None], tokens: dict) -> None:
+        stepped: dict[int, list[int]] = {}
+        for i, (token, logprob, alts) in tokens.items():
+            s, r = seqs[i], routes[i]
+            if s.done:                                        # cancelled while its experts were stepping
+                continue
+            s.tokens.append(token)
+            decision = GateDecision(tuple(self.names[e] for e in r.experts), r.weights, r.entropy, r.degraded)
+            finish = self._finish_reason(s, token)
+            s.emit(TokenEvent(s.request_id, s.produced, token, logprob, decision, alts, finish))
+            if not s.done and s.gate is not None:
+                stepped.setdefault(id(s.gate), []).append(i)
+        for rows in stepped.values():
+            gate = seqs[rows[0]].gate
+            states = gate.step([seqs[i].gate_state for i in rows], [seqs[i].tokens[-1] for i in rows])
+            for i, st in zip(rows, states):
+                seqs[i].gate_state = st
+
+    def _finish_reason(self, s: Sequence, token: int) -> str | None:
+        p = s.params
+        if token in p.stop_token_ids or (token == self.eos_token_id and not p.ignore_eos):
+            return "stop"
+        if s.produced + 1 >= p.max_tokens or len(s.tokens) >= self.max_model_len:
+            return "length"
+        return None
+
+    # ---- housekeeping ----------------------------------------------------------------------------------
+
+    async def _close_sessions(self, seqs: list[Sequence]) -> None:
+        by_expert: dict[int, list[str]] = {}
+        for s in seqs:
+            for e, sid in s.sessions.items():
+                by_expert.setdefault(e, []).append(sid)
+            s.sessions.clear()
+            s.synced.clear()
+        results = await asyncio.gather(*(self._experts[e].close(ids) for e, ids in by_expert.items()),
+                                       return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                log.warning("closing sessions failed: %r", r)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+
+def kind_of(out: StepOutput) -> str:
+    return out.error_kind or "input"
+
+
+async def _nothing() -> list:
+    return []

@@ -1,0 +1,49 @@
+"""The single-expert fast path: one expert makes every token, so there is nothing to mix; its engine decodes
+on its own and we relay the tokens as TokenEvents.
+
+If the replica dies mid-request, the generation restarts on another replica from the prompt plus the tokens
+already produced (migration; at temperature 0 the text is the same as without the fault).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from experts.protocol import Expert, GenerateRequest
+from orchestrator.types import AtCapacity, ExpertsUnavailable, GateDecision, GenerationRequest, TokenEvent
+
+log = logging.getLogger(__name__)
+MAX_MIGRATIONS = 3
+
+
+async def native_events(expert: Expert, name: str, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    p = req.params
+    routing = GateDecision((name,), (1.0,))
+    produced: list[int] = []
+    for attempt in range(MAX_MIGRATIONS + 1):
+        remaining = p.max_tokens - len(produced)
+        greq = GenerateRequest(f"{req.request_id}.{attempt}", tuple(req.prompt_ids) + tuple(produced), remaining,
+                               p.temperature, p.top_p, p.seed, p.stop_token_ids, p.ignore_eos, p.top_logprobs)
+        lost = None
+        async for d in expert.generate(greq):
+            if d.error is not None:
+                if d.error_kind == "input":
+                    raise ValueError(f"expert {name}: {d.error}")
+                if d.error_kind == "capacity":
+                    raise AtCapacity(f"expert {name}: {d.error}")
+                lost = d.error
+                break
+            for j, token in enumerate(d.token_ids):
+                last = j == len(d.token_ids) - 1
+                alts = d.top_logprobs[j] if j < len(d.top_logprobs) else ()
+                yield TokenEvent(req.request_id, len(produced), token, d.logprobs[j], routing, alts,
+                                 d.finish_reason if last else None)
+                produced.append(token)
+            if d.final:
+                return
+        if lost is None:
+            return
+        log.warning("request %s: expert %s lost mid-generation after %d tokens (%s); restarting elsewhere",
+                    req.request_id, name, len(produced), lost)
+    raise ExpertsUnavailable(f"expert {name} is not answering: {lost}")
