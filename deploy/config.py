@@ -12,8 +12,18 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from experts.config import ExpertConfig
+from experts.config import ExpertConfig, check_custom_resources
 from orchestrator.service import GatewaySettings
+from orchestrator.store.url import (
+    DEFAULT_URL,
+    REGISTRY_IN_STORE,
+    is_database_url,
+    redact,
+    registry_location,
+    resolve_sqlite_url,
+    resolve_store_url,
+    sqlite_file,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent     # the directory holding deploy/
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "local.yaml"
@@ -55,6 +65,8 @@ class RayInitOptions(BaseModel):
         if self.address:
             kw.pop("include_dashboard")
         else:
+            # ENSEMBLE_STORE_URL reaches a local Ray's workers by inheritance from this process, on purpose not
+            # through runtime_env: Ray records that and shows it in its dashboard, and the URL has a password.
             kw["runtime_env"] = {"env_vars": serve_env(self.serve_env)}
         return kw
 
@@ -70,27 +82,92 @@ class HttpOptions(BaseModel):
 class GateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    path: str                          # a gate registry directory (its live version) or one checkpoint file
+    # A gate registry directory (its live version), one checkpoint file, a registry in a database
+    # (sqlite:///FILE, postgresql://...), or `store`: in the traffic store's database, which every node reads.
+    path: str
     version: str | None = None         # pin a version of the registry instead of its CURRENT
+
+    def location(self) -> str:
+        """`path` as this process opens it: a database URL yields to ENSEMBLE_STORE_URL (one database)."""
+        return registry_location(self.path)
 
 
 class TrafficLogConfig(BaseModel):
+    """The store every gateway replica writes requests and feedback to: one database for all of them.
+
+    `url`: sqlite:///FILE (the default; WAL, one machine) or postgresql://USER@HOST/DB (clusters). The
+    environment variable ENSEMBLE_STORE_URL overrides it, so a password never has to be in this file.
+    The old key `path: FILE` still works and means sqlite:///FILE.
+    """
+
     model_config = ConfigDict(extra="forbid")
 
-    path: str = "traffic.db"           # may contain "{replica}": one SQLite file per gateway replica
+    url: str = DEFAULT_URL
+    # Rows each replica keeps in memory while the database is unreachable; beyond it they are counted as
+    # dropped (ensemble_traffic_log_failed_rows) and logged. A row holds its per-token lists: measured
+    # ~10 KiB at 40 output tokens, ~57 KiB at 256, so 100k rows of short requests is about 1 GiB.
+    buffer_rows: int = Field(100_000, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_means_sqlite(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "path" in data:
+            data = dict(data)
+            path = str(data.pop("path"))
+            if "url" in data:
+                raise ValueError("give `url` or the older `path`, not both")
+            if "{replica}" in path:
+                raise ValueError("'{replica}' is gone: every gateway replica now writes one shared store "
+                                 "(set `url`: sqlite:///FILE on one machine, postgresql://... on a cluster)")
+            data["url"] = f"sqlite:///{path}"          # relative: resolved against base_dir later
+        return data
+
+    @field_validator("url")
+    @classmethod
+    def _supported(cls, url: str) -> str:
+        if not is_database_url(url):
+            raise ValueError(f"not a database URL: {url!r} (use sqlite:///FILE or postgresql://...)")
+        return url
+
+    @property
+    def path(self) -> str:
+        """For messages: the SQLite file, or the URL with its password masked."""
+        file = sqlite_file(self.url)
+        return str(file) if file is not None else redact(self.url)
+
+    def database_url(self) -> str:
+        """The store this process uses: ENSEMBLE_STORE_URL if set, else `url`."""
+        return resolve_store_url(self.url)
 
 
 class GatewayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     num_replicas: int = Field(1, ge=1)
+    # Serve's autoscaling_config for the gateway (min_replicas, max_replicas, target_ongoing_requests, ...);
+    # replaces num_replicas when set. Every endpoint behaves the same whichever replica answers.
+    autoscaling_config: dict | None = None
     num_cpus: float = Field(0.1, ge=0)
+    # Custom Ray resources each gateway replica reserves, for placement (see ExpertConfig.resources).
+    resources: dict[str, float] = Field(default_factory=dict)
     max_ongoing_requests: int = Field(256, ge=1)
     max_request_bytes: int = Field(1_000_000, ge=1024)
     default_max_tokens: int = Field(16, ge=1)
     graceful_shutdown_timeout_s: float = Field(60.0, gt=0)
     # A call to an expert replica slower than this counts as a dead replica (migrate, or route around it).
     expert_timeout_s: float = Field(10.0, gt=0)
+    # Admission control per gateway replica: running generations, then a bounded queue, then 429.
+    max_active: int = Field(48, ge=1)
+    max_queued: int = Field(256, ge=0)
+    queue_timeout_s: float = Field(30.0, ge=0)
+    # Once API keys exist (`ensemble keys add`), /metrics needs one too, unless this is true (a scraper
+    # inside a trusted network). With no active key everything is open anyway.
+    metrics_public: bool = False
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        return check_custom_resources(v)
 
 
 class AppConfig(BaseModel):
@@ -105,7 +182,7 @@ class AppConfig(BaseModel):
     logprobs_k: int = Field(20, ge=1, le=64)
     traffic_log: TrafficLogConfig = Field(default_factory=TrafficLogConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
-    # Relative paths (model_path, gate.path, traffic_log.path) are resolved against this directory (itself
+    # Relative paths (model_path, gate.path, sqlite store files) are resolved against this directory (itself
     # relative to the project root); default: the project root. The app builder never learns where the YAML
     # file was, so anchoring at the project root makes `ensemble serve`, `serve run` and any cwd agree.
     base_dir: str | None = None
@@ -142,9 +219,14 @@ class AppConfig(BaseModel):
             hub_id = p.count("/") == 1 and not p.startswith((".", "/")) and not (base / p).exists()
             return p if hub_id else local(p)
 
+        def registry(p: str) -> str:
+            if p == REGISTRY_IN_STORE:      # the gate registry shares the store's database
+                return log.url
+            return resolve_sqlite_url(p, base) if is_database_url(p) else local(p)
+
         experts = [e.model_copy(update={"model_path": model(e.model_path)}) for e in self.experts]
-        gate = self.gate.model_copy(update={"path": local(self.gate.path)}) if self.gate else None
-        log = self.traffic_log.model_copy(update={"path": local(self.traffic_log.path)})
+        log = self.traffic_log.model_copy(update={"url": resolve_sqlite_url(self.traffic_log.url, base)})
+        gate = self.gate.model_copy(update={"path": registry(self.gate.path)}) if self.gate else None
         return self.model_copy(update={"experts": experts, "gate": gate, "traffic_log": log,
                                        "base_dir": str(base.resolve())})
 
@@ -152,16 +234,20 @@ class AppConfig(BaseModel):
         """Preflight for a local start: fields whose paths do not exist here (call on a resolved copy)."""
         errors = [f"experts[{i}].model_path: {e.model_path} does not exist"
                   for i, e in enumerate(self.experts) if e.model_path.startswith("/") and not Path(e.model_path).exists()]
-        if self.gate and not Path(self.gate.path).exists():
+        if self.gate and not is_database_url(self.gate.path) and not Path(self.gate.path).exists():
             errors.append(f"gate.path: {self.gate.path} does not exist (train one with `make gate`)")
         return errors
 
     def gateway_settings(self) -> GatewaySettings:
-        return GatewaySettings(traffic_log_path=self.traffic_log.path, top_k=self.top_k, mix_space=self.mix_space,
+        return GatewaySettings(store_url=self.traffic_log.url, store_buffer_rows=self.traffic_log.buffer_rows,
+                               top_k=self.top_k, mix_space=self.mix_space,
                                logprobs_k=self.logprobs_k, max_request_bytes=self.gateway.max_request_bytes,
                                default_max_tokens=self.gateway.default_max_tokens,
                                drain_timeout_s=self.gateway.graceful_shutdown_timeout_s / 2,
-                               expert_timeout_s=self.gateway.expert_timeout_s)
+                               expert_timeout_s=self.gateway.expert_timeout_s,
+                               max_active=self.gateway.max_active, max_queued=self.gateway.max_queued,
+                               queue_timeout_s=self.gateway.queue_timeout_s,
+                               metrics_public=self.gateway.metrics_public)
 
     def gateway_user_config(self, draining: bool = False) -> dict[str, Any]:
         """The gateway's Serve user_config (orchestrator.gateway.GatewayUserConfig): the gate, swappable live,
@@ -171,9 +257,11 @@ class AppConfig(BaseModel):
     def gateway_options(self, draining: bool = False) -> dict[str, Any]:
         """serve.deployment options of the gateway."""
         g = self.gateway
-        return {"num_replicas": g.num_replicas, "max_ongoing_requests": g.max_ongoing_requests,
+        scale = {"autoscaling_config": g.autoscaling_config} if g.autoscaling_config else {"num_replicas": g.num_replicas}
+        return {**scale, "max_ongoing_requests": g.max_ongoing_requests,
                 "graceful_shutdown_timeout_s": g.graceful_shutdown_timeout_s,
-                "ray_actor_options": {"num_cpus": g.num_cpus}, "user_config": self.gateway_user_config(draining)}
+                "ray_actor_options": {"num_cpus": g.num_cpus, **({"resources": dict(g.resources)} if g.resources else {})},
+                "user_config": self.gateway_user_config(draining)}
 
 
 class Application(BaseModel):

@@ -33,6 +33,56 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     return True
 
 
+class ServeLost(RuntimeError):
+    """Ray or the Serve controller died under an offline job."""
+
+
+class ServeWatchdog:
+    """Checks every `period_s` that Serve's controller answers; when it has not for `grace_s`, cancels the
+    job's task (which `running_experts` turns into ServeLost) instead of letting handle calls retry forever."""
+
+    def __init__(self, task: asyncio.Task | None, period_s: float = 5.0, grace_s: float = 60.0) -> None:
+        self.task, self.period_s, self.grace_s = task, period_s, grace_s
+        self.lost: str | None = None
+        self._watch: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._watch = asyncio.get_running_loop().create_task(self._run(), name="serve-watchdog")
+
+    def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+
+    async def _run(self) -> None:
+        failing_since: float | None = None
+        while True:
+            await asyncio.sleep(self.period_s)
+            error = await asyncio.to_thread(_controller_error)
+            if error is None:
+                failing_since = None
+                continue
+            failing_since = failing_since or time.monotonic()
+            if time.monotonic() - failing_since >= self.grace_s:
+                self.lost = error
+                log.error("Serve controller unreachable for %.0f s (%s): stopping the job", self.grace_s, error)
+                if self.task is not None:
+                    self.task.cancel()
+                return
+
+
+def _controller_error() -> str | None:
+    """None if Serve's controller answers within 30 s, else what went wrong."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        ray.get(controller.check_alive.remote(), timeout=30)
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure to reach it counts
+        return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
 @contextlib.asynccontextmanager
 async def running_experts(configs: list[ExpertConfig], *, num_cpus: int | None = None) -> AsyncIterator[dict[str, Expert]]:
     from ray import serve
@@ -46,7 +96,17 @@ async def running_experts(configs: list[ExpertConfig], *, num_cpus: int | None =
         # One run_many call: every engine loads in parallel, and it returns once all are healthy.
         clients: dict[str, Expert] = await asyncio.to_thread(run_experts, configs)
         log.info("started %d experts in %.0f s", len(configs), time.time() - t0)
-        yield clients
+        watchdog = ServeWatchdog(asyncio.current_task())
+        watchdog.start()
+        try:
+            yield clients
+        except asyncio.CancelledError:
+            if watchdog.lost:
+                raise ServeLost(f"the job lost Ray Serve: {watchdog.lost}; nothing was retried. Re-run the job "
+                                "(cached scores are kept); check memory (`free -g`) and `ray status`.") from None
+            raise
+        finally:
+            watchdog.stop()
     finally:
         if not started_ray:                 # a shared cluster: remove only what we deployed
             for app in apps:

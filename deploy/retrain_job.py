@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import glob
 import json
 import sys
 import time
@@ -20,12 +19,16 @@ from types import SimpleNamespace
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=Path("deploy/local.yaml"), help="the service's deploy YAML")
-    p.add_argument("--log", type=Path, nargs="*", help="traffic log SQLite file(s) (default: the config's)")
-    p.add_argument("--parquet", type=Path, help="read an `ensemble export-log` directory instead of SQLite")
+    p.add_argument("--store", metavar="URL", help="traffic store URL (sqlite:///FILE or postgresql://...); "
+                   "default: ENSEMBLE_STORE_URL, else traffic_log.url of --config")
+    p.add_argument("--log", type=Path, nargs="*", help="SQLite traffic log file(s), e.g. older per-replica files")
+    p.add_argument("--parquet", type=Path, help="read an `ensemble export-log` directory instead of the store")
     p.add_argument("--ray-data", action="store_true",
                    help="large logs: read the Parquet partitions and score with Ray Data across the cluster")
     p.add_argument("--since", type=float, help="only requests created at/after this unix time")
     p.add_argument("--until", type=float, help="only requests created before this unix time")
+    p.add_argument("--keys", type=key_names, metavar="NAME,NAME",
+                   help="only traffic made with these API keys (e.g. trusted tenants); their feedback comes along")
     p.add_argument("--include-unrated-completions", action="store_true",
                    help="also train on sampled completions nobody rated (reinforces the current gate)")
     p.add_argument("--heldout", type=float, default=0.2, help="share of requests held out (default %(default)s)")
@@ -37,24 +40,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
-def log_files(config, args) -> list[Path]:
-    if args.log:
-        return list(args.log)
-    pattern = config.app.traffic_log.path.replace("{replica}", "*")
-    return [Path(p) for p in sorted(glob.glob(pattern))]
+def key_names(value: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("--keys needs at least one key name")
+    return names
+
+
+def log_stores(config, args) -> list[str | Path]:
+    """The stores to read: --store and --log as given, else the config's store (ENSEMBLE_STORE_URL wins)."""
+    stores: list[str | Path] = [*([args.store] if getattr(args, "store", None) else []), *(args.log or [])]
+    return stores or [config.app.traffic_log.database_url()]
 
 
 def read_log(config, args) -> tuple[list, list]:
-    """-> (records, feedback) from SQLite file(s) or a Parquet export, deduplicated by id."""
+    """-> (records, feedback) from the traffic store(s) or a Parquet export, deduplicated by id."""
     if args.parquet:
         import pyarrow.dataset as ds
 
+        keys = getattr(args, "keys", None)
         keep = lambda r: ((args.since is None or r["created"] >= args.since)
-                          and (args.until is None or r["created"] < args.until))
+                          and (args.until is None or r["created"] < args.until)
+                          and (keys is None or r.get("key_name") in keys))
         if args.ray_data:       # partitions read in parallel by Ray Data tasks, rows streamed to this driver
             import ray.data
 
-            columns = ["request_id", "created", "params", "prompt_ids", "output_ids", "routing_experts", "error"]
+            columns = ["request_id", "created", "params", "prompt_ids", "output_ids", "routing_experts", "error",
+                       *(["key_name"] if keys is not None else [])]
             rows = ray.data.read_parquet(str(args.parquet / "requests")).select_columns(columns).iter_rows()
             req = [dict(r) for r in rows if keep(r)]
         else:
@@ -63,18 +75,19 @@ def read_log(config, args) -> tuple[list, list]:
         fb_dir = args.parquet / "feedback"
         fb = ds.dataset(fb_dir, format="parquet").to_table().to_pylist() if fb_dir.exists() else []
         return [SimpleNamespace(**r) for r in req], [SimpleNamespace(**f) for f in fb]
-    from orchestrator.traffic_log import iter_feedback, iter_records
+    from orchestrator.store import iter_feedback, iter_records, redact, traffic_log_exists
 
-    files = log_files(config, args)
-    if not files:
-        raise FileNotFoundError(f"no traffic log at {config.app.traffic_log.path}; serve some traffic first")
+    stores = log_stores(config, args)
+    missing = [redact(str(s)) for s in stores if not traffic_log_exists(s)]
+    if missing:
+        raise FileNotFoundError(f"no traffic log at {', '.join(missing)}; serve some traffic first")
     records, feedback, seen = [], [], set()
-    for f in files:
-        for r in iter_records(f, since=args.since, until=args.until):
+    for store in stores:
+        for r in iter_records(store, since=args.since, until=args.until, keys=getattr(args, "keys", None)):
             if r.request_id not in seen:
                 seen.add(r.request_id)
                 records.append(r)
-        feedback += list(iter_feedback(f))
+        feedback += list(iter_feedback(store))
     return records, feedback
 
 
@@ -126,7 +139,8 @@ def app_running(config) -> bool:
 
 
 def swap_if_running(config, registry_path: str, version: str) -> bool:
-    """Swap the live gateway of `config` to `version` if its application is running -> whether it was."""
+    """Swap the live gateway of `config` to `version` if its application is running -> whether it was.
+    `registry_path` goes into Serve's config as is: pass the configured location, never a URL with a password."""
     if not app_running(config):
         return False
     swap_live_gate(config, registry_path, version)
@@ -134,33 +148,51 @@ def swap_if_running(config, registry_path: str, version: str) -> bool:
 
 
 def swap_live_gate(config, registry_path: str, version: str) -> dict:
-    """Point the live gateway at `version` in place -> {"started", "finished"} (unix times)."""
-    from ray import serve
-
+    """Point the live gateway at `version` in place -> {"started", "finished", "replicas"} (unix times, and
+    how many gateway replicas confirmed it)."""
     from deploy.app import deploy
-    from gating.retrain import RetrainError
 
     started = time.time()
     user_config = {"gate": {"path": registry_path, "version": version}, "draining": False}
     deploy(config, gateway_user_config=user_config, timeout_s=300)
-    # A failed load keeps the old gate live (the gateway reports gate_error in /health), so check.
-    live = serve.get_app_handle(config.applications[0].name).gate_version.remote().result(timeout_s=60)
-    if live != version:
-        raise RetrainError(f"{version} was promoted in the registry but the service still serves {live}; "
-                           "see GET /health for the gateway's gate_error")
-    return {"started": started, "finished": time.time()}
+    # A failed load keeps the old gate live (the gateway reports gate_error in /health), so check, on every
+    # gateway replica Serve runs: each one reports what it serves in the shared store.
+    live = wait_replicas_serve(config, version)
+    return {"started": started, "finished": time.time(), "replicas": len(live)}
+
+
+def wait_replicas_serve(config, version: str, timeout_s: float = 60.0) -> dict[str, dict]:
+    """Until every running gateway replica reports `version` in the store -> their reports; else RetrainError."""
+    from deploy.config import GATEWAY_DEPLOYMENT
+    from deploy.replicas import replicas
+    from gating.retrain import RetrainError
+    from orchestrator.store.replica_status import replica_reports
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ids = [r.replica_id for r in replicas(config.applications[0].name, GATEWAY_DEPLOYMENT)]
+        reports = replica_reports(config.app.traffic_log.database_url(), ids)
+        stale = {rid: reports.get(rid, {}) for rid in ids if reports.get(rid, {}).get("gate_version") != version}
+        if ids and not stale:
+            return reports
+        if time.monotonic() > deadline:
+            errors = sorted({r.get("gate_error") for r in stale.values() if r.get("gate_error")})
+            raise RetrainError(f"{version} was promoted in the registry but gateway replicas {sorted(stale)} still "
+                               f"serve {sorted({r.get('gate_version') for r in stale.values()}, key=str)}"
+                               + (f": {'; '.join(errors)}" if errors else "; see GET /health (gate_error)"))
+        time.sleep(0.5)
 
 
 async def retrain_from_log(args) -> dict:
     from deploy.config import load_config
-    from gating.checkpoint import GateRegistry
+    from gating.checkpoint import open_registry
     from gating.jobs import load_tokenizer
     from gating.retrain import RetrainError, RetrainOptions, build_sequences, check_log, retrain
 
     config = load_config(args.config)
     if config.app.gate is None:
         raise RetrainError(f"{args.config}: no gate configured; train one first (`ensemble train-gate`)")
-    registry = GateRegistry(Path(config.app.gate.path))
+    registry = open_registry(config.app.gate.location())
     opts = RetrainOptions(include_unrated_completions=args.include_unrated_completions, heldout_fraction=args.heldout,
                           epochs=args.epochs, seed=args.seed, force=args.force, top_logprobs=config.app.logprobs_k)
     if args.ray_data:
@@ -185,7 +217,8 @@ async def retrain_from_log(args) -> dict:
                 score_with_ray_data, app, list(experts), sequences, opts.top_logprobs)
         result, ckpt, corpus = await retrain(experts, info, registry, seqs, opts, score)
         if ckpt is not None and live and not args.no_swap:
-            result["swap"] = await asyncio.to_thread(swap_live_gate, config, str(registry.root), ckpt.version)
+            # The configured location, not the resolved one: ENSEMBLE_STORE_URL stays out of Serve's config.
+            result["swap"] = await asyncio.to_thread(swap_live_gate, config, config.app.gate.path, ckpt.version)
         result["swapped_live"] = "swap" in result
     if args.report:
         from gating.report import share_report
@@ -197,6 +230,7 @@ async def retrain_from_log(args) -> dict:
 def run(args) -> int:
     from gating.checkpoint import GateMismatchError
     from gating.retrain import RetrainError
+    from orchestrator.store import StoreError
 
     t0 = time.time()
     try:
@@ -207,7 +241,7 @@ def run(args) -> int:
     except KeyboardInterrupt:
         print("ensemble retrain: interrupted; no checkpoint written, the live gate is unchanged", file=sys.stderr)
         return 130
-    except (RetrainError, GateMismatchError, FileNotFoundError) as err:
+    except (RetrainError, GateMismatchError, FileNotFoundError, StoreError) as err:
         print(f"ensemble retrain: {err}", file=sys.stderr)
         return 2
     result["seconds"] = round(time.time() - t0, 1)

@@ -47,6 +47,17 @@ def run(args: argparse.Namespace) -> int:
     return serve_forever(config)
 
 
+EARLIER_SERVICE_WAIT_S = 180.0
+
+
+def psutil_wait(procs: list) -> list:
+    """Wait (bounded) for procs to exit -> those that did."""
+    import psutil
+
+    gone, _ = psutil.wait_procs(procs, timeout=EARLIER_SERVICE_WAIT_S)
+    return gone
+
+
 def serve_forever(config: DeployConfig) -> int:
     import ray
     from ray import serve
@@ -54,15 +65,39 @@ def serve_forever(config: DeployConfig) -> int:
     from deploy.app import deploy
 
     started_ray = not config.ray_init.address
+    # The first SIGINT/SIGTERM stops the service; later ones are ignored so the cleanup runs to its end. Set
+    # before Ray starts, and also when started in the background by a shell that leaves SIGINT ignored.
+    on_signal = _FirstSignalStops()
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    previous_int = signal.signal(signal.SIGINT, on_signal)
+    if started_ray:
+        from deploy.orphans import earlier_services, reap_orphan_engines
+
+        # A service stopped just before this start may still be draining and stopping its engines: starting
+        # beside it would need twice the memory. Wait for it; refuse if it does not stop.
+        if earlier := earlier_services():
+            pids = ", ".join(str(p.pid) for p in earlier)
+            print(f"waiting up to {EARLIER_SERVICE_WAIT_S:.0f} s for the earlier `ensemble serve` (pid {pids}) "
+                  "to stop ...", flush=True)
+            gone = psutil_wait(earlier)
+            if still := [p for p in earlier if p not in gone]:
+                print(f"ensemble serve: another local service is running (pid {', '.join(str(p.pid) for p in still)});"
+                      " stop it first (Ctrl-C, or kill -TERM <pid>)", file=sys.stderr)
+                signal.signal(signal.SIGTERM, previous)
+                signal.signal(signal.SIGINT, previous_int)
+                return 1
+        if reaped := reap_orphan_engines():
+            print(f"reaped {reaped} vLLM engine process(es) an earlier run left without a parent", flush=True)
     print(f"starting Ray ({config.ray_init.address or 'local'}) ...", flush=True)
     try:
         ray.init(**config.ray_init.init_kwargs())
-    except Exception as exc:  # noqa: BLE001 - e.g. no cluster at `address`, or a local Ray that timed out
+    except (Exception, _Stop) as exc:  # noqa: BLE001 - e.g. no cluster at `address`, or a stop during start
         print(f"ensemble serve: could not start or join Ray: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if ray.is_initialized():
+            ray.shutdown()
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         return 1
-    previous = signal.signal(signal.SIGTERM, _raise_stop)
-    # Also when started in the background by a non-interactive shell, which leaves SIGINT ignored.
-    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     code, running = 0, False
     try:
         names = ", ".join(e.name for e in config.app.experts)
@@ -85,8 +120,7 @@ def serve_forever(config: DeployConfig) -> int:
         print(f"ensemble serve: {type(exc).__name__}: {exc}", file=sys.stderr)
         code = 1
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)       # a second SIGTERM must not cut the cleanup short
-        signal.signal(signal.SIGINT, signal.SIG_IGN)        # nor a second Ctrl-C
+        on_signal.fired = True                              # a second signal must not cut the cleanup short
         try:
             stop(config, drain_first=running)
             if started_ray:
@@ -126,5 +160,13 @@ def stop(config: DeployConfig, drain_first: bool) -> None:
         time.sleep(0.5)
 
 
-def _raise_stop(signum, frame) -> None:
-    raise _Stop()
+class _FirstSignalStops:
+    """Signal handler: raise _Stop in the main thread on the first signal, ignore the ones after it."""
+
+    def __init__(self) -> None:
+        self.fired = False
+
+    def __call__(self, signum, frame) -> None:
+        if not self.fired:
+            self.fired = True
+            raise _Stop()

@@ -3,7 +3,11 @@
     RAY_SERVE_ENABLE_HA_PROXY=1   HTTP goes from HAProxy straight to the gateway replicas (Serve's "direct
                                   ingress"): no Python proxy actor and no Ray hop per streamed chunk.
                                   HAProxy also spreads connections over several gateway replicas.
-    RAY_SERVE_HAPROXY_*_PORT      its stats and metrics listeners, on free ports so two services (or a
+    RAY_SERVE_USE_GRPC_BY_DEFAULT=1              handle calls between deployments (gateway -> experts)
+    RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 go over gRPC, and user code and the router run on the
+    RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0      replica's own event loop: fewer thread hops per call
+                                  (the settings of Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED mode).
+    RAY_SERVE_HAPROXY_*_PORT      HAProxy's stats and metrics listeners, on free ports so two services (or a
                                   service and the test suite) can share a machine.
 
 `ensemble serve` starts Ray with these. On a cluster you start yourself, export the same variables before
@@ -17,6 +21,9 @@ import socket
 
 DEFAULTS = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
 }
 
 

@@ -40,14 +40,17 @@ class ServeExpertClient:
     """One expert deployment (all its replicas) as an Expert. One instance per calling process."""
 
     def __init__(self, handle: Any, name: str, *, call_timeout_s: float | None = None,
-                 poll_wait_s: float = 1.0) -> None:
+                 poll_wait_s: float = 1.0, stall_s: float = 120.0) -> None:
         self._handle = handle
         self.name = name
         self.call_timeout_s = call_timeout_s          # None: wait as long as the replica takes
         self.poll_wait_s = poll_wait_s
+        # A native generation that receives nothing at all for this long is treated as lost (the caller then
+        # restarts it elsewhere): a safety net, far above any step or queueing time seen in practice.
+        self.stall_s = stall_s
         self.caller = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._pins: dict[str, str] = {}                                   # session id -> replica
-        self._streams: dict[str, tuple[str, asyncio.Queue]] = {}          # generation id -> (replica, deltas)
+        self._streams: dict[str, tuple[str | None, asyncio.Queue]] = {}   # generation id -> (replica, deltas)
         self._aborts: dict[str, list[str]] = {}                           # replica -> generation ids
         self._pollers: dict[str, asyncio.Task] = {}
 
@@ -143,23 +146,35 @@ class ServeExpertClient:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
         """Start on a replica Serve picks, then receive the deltas through that replica's poller."""
         rid = request.request_id
+        queue: asyncio.Queue[GenerateDelta] = asyncio.Queue()
+        # Registered before the start call: a poll already in flight on that replica may bring this request's
+        # first deltas back before `start` itself returns; they must find their queue, not be dropped.
+        self._streams[rid] = (None, queue)
         try:
             reply: StartReply = await self._call("start", [request], self.caller)
         except Exception as exc:  # noqa: BLE001
+            self._streams.pop(rid, None)
             yield GenerateDelta(rid, error=f"expert {self.name} unavailable ({type(exc).__name__}: {exc})",
                                 error_kind="unavailable")
             return
+        except BaseException:             # cancelled while starting: the replica's lease reaper ends it
+            self._streams.pop(rid, None)
+            raise
         if reply.errors[0] is not None:
+            self._streams.pop(rid, None)
             message, kind = reply.errors[0]
             yield GenerateDelta(rid, error=message, error_kind=kind)
             return
-        queue: asyncio.Queue[GenerateDelta] = asyncio.Queue()
         self._streams[rid] = (reply.replica, queue)
         self._ensure_poller(reply.replica)
         finished = False
         try:
             while True:
-                delta = await queue.get()
+                try:
+                    delta = await asyncio.wait_for(queue.get(), self.stall_s)
+                except asyncio.TimeoutError:       # nothing at all for stall_s: treat the replica as lost
+                    delta = GenerateDelta(rid, error=f"expert {self.name}: no token for {self.stall_s:.0f} s on "
+                                          f"replica {reply.replica}", error_kind="unavailable")
                 finished = delta.final
                 yield delta
                 if finished:

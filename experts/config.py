@@ -19,6 +19,17 @@ GIB = 1024**3
 _RESERVED_ENGINE_KWARGS = frozenset({"model", "skip_tokenizer_init", "logprobs_mode", "max_logprobs"})
 
 
+def check_custom_resources(resources: dict[str, float]) -> dict[str, float]:
+    """Custom Ray resources of a replica: names other than Ray's built-in ones, amounts >= 0."""
+    builtin = sorted({"CPU", "GPU", "memory", "object_store_memory"} & resources.keys())
+    if builtin:
+        raise ValueError(f"resources may not name {builtin}: use num_cpus/num_gpus for those")
+    negative = sorted(k for k, v in resources.items() if v < 0)
+    if negative:
+        raise ValueError(f"resource amounts must be >= 0: {negative}")
+    return resources
+
+
 class ExpertConfig(BaseModel):
     """One expert = one Serve deployment = one vLLM AsyncLLM per replica."""
 
@@ -34,6 +45,9 @@ class ExpertConfig(BaseModel):
     autoscaling_config: dict[str, Any] | None = None
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    # Custom Ray resources each replica reserves, for placement: e.g. {"worker_node": 1} puts the replicas on
+    # nodes started with `ray start --resources '{"worker_node": N}'`.
+    resources: dict[str, float] = Field(default_factory=dict)
     tensor_parallel_size: int = 1
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
     max_model_len: int = 2048
@@ -90,6 +104,11 @@ class ExpertConfig(BaseModel):
         if v < 0:
             raise ValueError(f"{info.field_name} must be >= 0, got {v}")
         return v
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        return check_custom_resources(v)
 
     @field_validator("kv_cache_space_gib", "session_idle_timeout_s", "health_check_period_s", "health_check_timeout_s")
     @classmethod
@@ -205,6 +224,7 @@ class ExpertConfig(BaseModel):
             "ray_actor_options": {
                 "num_cpus": self.num_cpus,
                 "num_gpus": self.num_gpus,
+                **({"resources": dict(self.resources)} if self.resources else {}),
                 "runtime_env": {"env_vars": self.env_vars()},
             },
         }

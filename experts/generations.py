@@ -30,6 +30,7 @@ class Generations:
         self._ready: dict[str, asyncio.Event] = {}                  # caller -> set when its outbox fills
         self._last_poll: dict[str, float] = {}
         self._ids = itertools.count()
+        self._aborted: set[str] = set()                             # ids their caller aborted (no delta owed)
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -47,6 +48,7 @@ class Generations:
         for rid in aborts:
             owner, task = self._tasks.get(rid, (None, None))
             if owner == caller and task is not None:
+                self._aborted.add(rid)
                 task.cancel()
         ready = self._ready.setdefault(caller, asyncio.Event())
         ready.clear()
@@ -79,13 +81,18 @@ class Generations:
                     top_logprobs=tuple(_alternatives(p, req.top_logprobs) for p in positions) if req.top_logprobs else (),
                     finish_reason=None if finish is None else ("length" if finish == "length" else "stop")))
         except asyncio.CancelledError:
-            raise                                    # aborted by its caller: nobody waits for a delta
+            if req.request_id not in self._aborted:  # reaped or shut down: a live caller must hear of it
+                self._push(caller, GenerateDelta(req.request_id, error="generation stopped on the replica "
+                                                 "(its caller's lease expired, or the replica is stopping)",
+                                                 error_kind="unavailable"))
+            raise
         except Exception as exc:  # noqa: BLE001 - report to the caller, keep the engine serving others
             log.warning("generation %s failed: %r", req.request_id, exc)
             self._push(caller, GenerateDelta(req.request_id, error=f"generation failed in the engine: {describe(exc)}",
                                              error_kind="engine"))
         finally:
             self._tasks.pop(req.request_id, None)
+            self._aborted.discard(req.request_id)
 
     def _reap(self) -> None:
         """Abort the generations of callers that stopped polling (e.g. a gateway replica that died)."""
@@ -99,6 +106,8 @@ class Generations:
         for caller in gone:
             log.warning("caller %s stopped polling; its generations were aborted", caller)
             self._last_poll.pop(caller, None)
+        # Outboxes of callers that are gone and own nothing any more (what a dead caller will never poll).
+        for caller in [c for c in self._outbox if c not in self._last_poll and not self._active(c)]:
             self._outbox.pop(caller, None)
             self._ready.pop(caller, None)
 

@@ -41,6 +41,7 @@ class ExpertServer:
         self.config = config if isinstance(config, ExpertConfig) else ExpertConfig(**config)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._expert = VLLMExpert(self.config)
+        self._gauges = _replica_gauges(self.config.name, self.replica)
         log.info("expert %s replica %s serving %s", self.config.name, self.replica, self.config.model_path)
 
     async def info(self, replica: str | None = None) -> ExpertInfo:
@@ -49,6 +50,7 @@ class ExpertServer:
     async def open(self, steps: list[SessionStep], top_k: int, replica: str | None = None) -> StepReply:
         t0 = time.perf_counter()
         outputs = await self._expert.open(steps, top_k)
+        self._publish()
         return StepReply(self.replica, tuple(outputs), time.perf_counter() - t0)
 
     async def advance(self, steps: list[SessionStep], top_k: int, replica: str | None = None) -> StepReply:
@@ -58,6 +60,7 @@ class ExpertServer:
 
     async def close(self, session_ids: list[str], replica: str | None = None) -> None:
         await self._expert.close(session_ids)
+        self._publish()
 
     async def start(self, requests: list[GenerateRequest], caller: str, replica: str | None = None) -> StartReply:
         return StartReply(self.replica, tuple(self._expert.start(requests, caller)))
@@ -77,6 +80,14 @@ class ExpertServer:
     async def check_health(self) -> None:
         # Serve restarts the replica when this raises (e.g. the engine-core process died).
         await self._expert.check_health()
+        self._publish()
+
+    def _publish(self) -> None:
+        """Open sessions and generations of this replica, through Ray's metrics pipeline (one Prometheus
+        scrape of the cluster sees every replica on every node)."""
+        sessions, generations = self._gauges
+        sessions.set(self._expert.num_open_sessions)
+        generations.set(len(self._expert.generations))
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Serve's routing-stats hook: what a load-aware router may read of this replica."""
@@ -87,6 +98,19 @@ class ExpertServer:
         expert = getattr(self, "_expert", None)
         if expert is not None:
             expert.shutdown()
+
+
+def _replica_gauges(expert: str, replica: str) -> tuple[Any, Any]:
+    from ray.util.metrics import Gauge
+
+    tags = {"expert": expert, "replica": replica}
+    sessions = Gauge("ensemble_expert_open_sessions", "decode sessions open on this expert replica",
+                     tag_keys=("expert", "replica"))
+    generations = Gauge("ensemble_expert_generations", "native generations running on this expert replica",
+                        tag_keys=("expert", "replica"))
+    sessions.set_default_tags(tags)
+    generations.set_default_tags(tags)
+    return sessions, generations
 
 
 def expert_app(config: ExpertConfig) -> Any:

@@ -18,7 +18,15 @@ from typing import Any
 from experts.checkpoint import read_expert_info
 from experts.config import ExpertConfig
 from experts.generations import Generations
-from experts.protocol import ErrorKind, ExpertInfo, GenerateDelta, GenerateRequest, ScoreOutput, SessionStep, StepOutput
+from experts.protocol import (
+    ErrorKind,
+    ExpertInfo,
+    GenerateDelta,
+    GenerateRequest,
+    ScoreOutput,
+    SessionStep,
+    StepOutput,
+)
 from experts.scoring import score_windows
 from experts.sessions import SessionTable
 from experts.vllm_engine import describe, engine_seeds_safely, start_engine, step_params, topk_of
@@ -53,15 +61,25 @@ class VLLMExpert:
         for step, err in zip(steps, errors):
             if err is None:
                 self.sessions.open(step.session_id)
-        return list(await asyncio.gather(*(
+        return await self._closing_on_cancel(steps, asyncio.gather(*(
             self._feed(step, top_k, opening=True) if err is None else _ready(_failed(step, err))
             for step, err in zip(steps, errors)
         )))
 
+    async def _closing_on_cancel(self, steps: list[SessionStep], work) -> list[StepOutput]:
+        """Await `work`; if the caller gives up (cancelled: it timed out, or its client went away), close the
+        sessions of this call at once. The caller treats them as lost and re-opens elsewhere if it goes on,
+        so nothing is left for the idle reaper."""
+        try:
+            return list(await work)
+        except asyncio.CancelledError:
+            await asyncio.shield(self.sessions.close([s.session_id for s in steps]))
+            raise
+
     async def advance(self, steps: list[SessionStep], top_k: int) -> list[StepOutput]:
         """Append 1..n tokens per session (n > 1 = catch-up after being skipped) and return the next top-k."""
         errors = self._validate_advance(steps, top_k)
-        return list(await asyncio.gather(*(
+        return await self._closing_on_cancel(steps, asyncio.gather(*(
             self._feed(step, top_k, opening=False) if err is None else _ready(_failed(step, err))
             for step, err in zip(steps, errors)
         )))

@@ -3,10 +3,12 @@
 A registry is a directory: versions/<version>.pt (immutable), CURRENT (the live version's name) and
 history.jsonl (one line per promotion or restore). Writes are atomic (temp file + rename), so an
 interrupted job never leaves a half-written checkpoint or a CURRENT that points at nothing.
+`open_registry` also opens the same interface in a database (gating/registry_store.py) for clusters.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -73,23 +75,18 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_checkpoint(ckpt: GateCheckpoint, path: Path) -> None:
-    payload = {
+def _payload(ckpt: GateCheckpoint) -> dict:
+    return {
         "format": FORMAT, "version": ckpt.version, "args": ckpt.args.to_dict(),
         "state_dict": ckpt.state_dict, "expert_names": list(ckpt.expert_names),
         "tokenizer_fingerprint": ckpt.tokenizer_fingerprint, "top_k": ckpt.top_k,
         "mix_space": ckpt.mix_space, "parent": ckpt.parent, "metrics": ckpt.metrics, "created": ckpt.created,
     }
-    _atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def load_checkpoint(path: Path) -> GateCheckpoint:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"gate checkpoint not found: {path}") from None
+def _from_payload(payload, source: str) -> GateCheckpoint:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an ensemble gate checkpoint (format {FORMAT})")
+        raise ValueError(f"{source} is not an ensemble gate checkpoint (format {FORMAT})")
     return GateCheckpoint(
         version=payload["version"], args=GateArgs(**payload["args"]), state_dict=payload["state_dict"],
         expert_names=list(payload["expert_names"]), tokenizer_fingerprint=payload["tokenizer_fingerprint"],
@@ -98,11 +95,39 @@ def load_checkpoint(path: Path) -> GateCheckpoint:
     )
 
 
+def save_checkpoint(ckpt: GateCheckpoint, path: Path) -> None:
+    _atomic_write(path, lambda f: torch.save(_payload(ckpt), f))
+
+
+def load_checkpoint(path: Path) -> GateCheckpoint:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"gate checkpoint not found: {path}") from None
+    return _from_payload(payload, str(path))
+
+
+def checkpoint_bytes(ckpt: GateCheckpoint) -> bytes:
+    """The checkpoint file's exact bytes (what a database registry stores)."""
+    buf = io.BytesIO()
+    torch.save(_payload(ckpt), buf)
+    return buf.getvalue()
+
+
+def checkpoint_from_bytes(data: bytes, source: str) -> GateCheckpoint:
+    return _from_payload(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), source)
+
+
 class GateRegistry:
     """Directory of versions with one live pointer; history is kept so any version can be restored."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+
+    @property
+    def location(self) -> str:
+        """Where the registry is, for messages and for a gateway's `gate.path`."""
+        return str(self.root)
 
     @property
     def versions_dir(self) -> Path:
@@ -131,6 +156,15 @@ class GateRegistry:
 
     def load_current(self) -> GateCheckpoint:
         return load_checkpoint(self.current_path())
+
+    def load(self, version: str) -> GateCheckpoint:
+        if not self.path_of(version).exists():
+            raise FileNotFoundError(f"unknown gate version {version!r} in {self.root}; "
+                                    f"known: {', '.join(self.versions()) or 'none'}")
+        ckpt = load_checkpoint(self.path_of(version))
+        if ckpt.version != version:
+            raise ValueError(f"{self.path_of(version)} holds gate {ckpt.version}, not the requested {version}")
+        return ckpt
 
     def add(self, ckpt: GateCheckpoint, *, promote: bool, reason: str = "") -> Path:
         """Store a new immutable version; make it live only if `promote`."""
@@ -166,3 +200,30 @@ def resolve_gate_path(path: Path) -> Path:
     """A config may name a registry directory (use its live version) or one checkpoint file."""
     path = Path(path)
     return GateRegistry(path).current_path() if path.is_dir() else path
+
+
+def is_registry_url(location: str | Path) -> bool:
+    """A database URL (sqlite:///..., postgresql://...) names a registry in a database, not on disk."""
+    from gating.registry_store import is_database_url
+
+    return is_database_url(location)
+
+
+def open_registry(location: str | Path):
+    """-> GateRegistry for a directory, StoreGateRegistry for a database URL (same methods)."""
+    if is_registry_url(location):
+        from gating.registry_store import StoreGateRegistry
+
+        return StoreGateRegistry(str(location))
+    return GateRegistry(Path(location))
+
+
+def load_gate_checkpoint(location: str | Path, version: str | None = None) -> GateCheckpoint:
+    """A registry (directory or database URL: its live version, or `version`) or one checkpoint file."""
+    if is_registry_url(location) or Path(location).is_dir():
+        registry = open_registry(location)
+        return registry.load(version) if version else registry.load_current()
+    ckpt = load_checkpoint(Path(location))
+    if version and ckpt.version != version:
+        raise ValueError(f"{location} holds gate {ckpt.version}, not the requested {version}")
+    return ckpt

@@ -10,22 +10,64 @@ import math
 
 import torch
 
+from gating.adaptive import adaptive_k, selection_mask
 from gating.doc_router import DocRouter
 from gating.mix import gate_weights
 from gating.model import Gate
 from gating.objective import gated_logprob, single_expert_logprob, uniform_logprob
+from gating.rollout import Select, corpus_signals, pad_rows, padded_signals, rollout, top_k_rule
 from gating.scores import ScoredCorpus
 
 
 @torch.no_grad()
-def gate_logits_for(gate: Gate, corpus: ScoredCorpus, docs: list[int] | None = None) -> torch.Tensor:
-    """Teacher-forced gate logits for the rows of `docs` (default: every document), in document order -> [N, E]."""
+def gate_logits_for(gate: Gate, corpus: ScoredCorpus, docs: list[int] | None = None, k: int = 2,
+                    select: Select | None = None, batch: int = 64) -> torch.Tensor:
+    """Teacher-forced gate logits for the rows of `docs` (default: every document), in document order -> [N, E].
+
+    An observed-features gate is rolled out as served: it selects with `select` (default: top-k) and
+    observes the selected experts' scores of each realised token."""
     gate.eval()
+    docs = list(range(corpus.n_docs)) if docs is None else list(docs)
+    if not gate.uses_observations:
+        return torch.cat([gate(corpus.context[corpus.doc_rows(d)][None])[0][0] for d in docs]) if docs else \
+            torch.zeros(0, gate.args.n_experts)
+    select = select or top_k_rule(k)
     out = []
-    for d in range(corpus.n_docs) if docs is None else docs:
-        logits, _ = gate(corpus.context[corpus.doc_rows(d)][None])
-        out.append(logits[0])
-    return torch.cat(out)
+    for i in range(0, len(docs), batch):
+        part = docs[i:i + batch]
+        rows = torch.cat([torch.arange(corpus.doc_offsets[d], corpus.doc_offsets[d + 1]) for d in part])
+        lengths = [corpus.doc_offsets[d + 1] - corpus.doc_offsets[d] for d in part]
+        sig = corpus_signals(corpus.ids[rows], corpus.lps[rows], corpus.targets[rows], gate.args.vocab_size)
+        logits = rollout(gate, pad_rows(corpus.context[rows], lengths), padded_signals(sig, lengths), select)
+        out += [logits[b, :n] for b, n in enumerate(lengths)]
+    return torch.cat(out) if out else torch.zeros(0, gate.args.n_experts)
+
+
+def adaptive_logprob(corpus: ScoredCorpus, logits: torch.Tensor, ks: torch.Tensor, vocab_size: int,
+                     space: str) -> torch.Tensor:
+    """log p_mix(target) [N] when row n is routed to its top-ks[n] experts (Mixtral weights)."""
+    out = torch.empty(len(ks))
+    for k in ks.unique().tolist():
+        rows = (ks == k).nonzero()[:, 0]
+        out[rows] = gated_logprob(corpus.ids[rows], corpus.lps[rows], corpus.targets[rows], logits[rows], k,
+                                  vocab_size, space)
+    return out
+
+
+def adaptive_sweep(gate: Gate, corpus: ScoredCorpus, vocab_size: int, space: str,
+                   thresholds=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)) -> list[dict]:
+    """Quality against expert steps per token for the adaptive rule (k in [1, 3]) at several thresholds."""
+    out = []
+    for tau in thresholds:
+        def select(lg, tau=tau):
+            return selection_mask(lg, adaptive_k(lg, tau))
+
+        logits = gate_logits_for(gate, corpus, select=select)
+        ks = adaptive_k(logits, tau)
+        out.append({"threshold": tau, "perplexity": ppl(adaptive_logprob(corpus, logits, ks, vocab_size, space)),
+                    "steps_per_token": round(float(ks.float().mean()), 3),
+                    "k_share": {int(k): round(float((ks == k).float().mean()), 3) for k in (1, 2, 3)}})
+    return out
 
 
 def ppl(logprobs: torch.Tensor) -> float:
@@ -35,7 +77,7 @@ def ppl(logprobs: torch.Tensor) -> float:
 @torch.no_grad()
 def evaluate(
     corpus: ScoredCorpus, vocab_size: int, space: str, gate: Gate | None = None, router: DocRouter | None = None,
-    generalist: ScoredCorpus | None = None,
+    generalist: ScoredCorpus | None = None, adaptive: tuple[float, ...] | None = None,
 ) -> dict:
     """-> {"documents", "tokens", "perplexity": {...}, "gate_share": {...}, "gap_recovered": ...}"""
     torch.set_num_threads(1)            # tiny ops: OpenMP threads only spin (see gating/train.py)
@@ -50,9 +92,11 @@ def evaluate(
         result["generalist"] = ppl(g[:, 0])
     share: dict[str, float] = {}
     if gate is not None:
-        logits = gate_logits_for(gate, corpus)
-        for k in (1, 2):
-            result[f"gate_top{k}"] = ppl(gated_logprob(corpus.ids, corpus.lps, corpus.targets, logits, k, vocab_size, space))
+        for k in (1, 2, 3)[: len(corpus.expert_names)]:
+            logits_k = gate_logits_for(gate, corpus, k=k)            # an observed gate routes differently per k
+            result[f"gate_top{k}"] = ppl(gated_logprob(corpus.ids, corpus.lps, corpus.targets, logits_k, k, vocab_size, space))
+            if k == 2:
+                logits = logits_k
         chosen, _ = gate_weights(logits, 1)
         counts = torch.bincount(chosen[:, 0], minlength=len(corpus.expert_names)).float()
         share = {n: float(c / counts.sum()) for n, c in zip(corpus.expert_names, counts)}
@@ -64,6 +108,11 @@ def evaluate(
         gap = math.log(best) - math.log(result["oracle"])
         summary["gap_recovered"] = (math.log(best) - math.log(result["gate_top2"])) / gap if gap > 0 else 0.0
         summary["gate_top1_share"] = share
+        if adaptive is not None:
+            sweep = adaptive_sweep(gate, corpus, vocab_size, space, thresholds=adaptive)
+            summary["adaptive"] = sweep
+        if "generalist" in result:
+            summary["gate_top2_vs_generalist"] = result["gate_top2"] / result["generalist"]
     return summary
 
 
@@ -78,4 +127,9 @@ def format_table(summary: dict) -> str:
     if "gap_recovered" in summary:
         lines += ["", f"gate_top2 recovers {100 * summary['gap_recovered']:.1f}% of the best-expert → oracle gap",
                   "gate top-1 share: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in summary["gate_top1_share"].items())]
+    if "gate_top2_vs_generalist" in summary:
+        lines.append(f"gate_top2 ÷ generalist: {summary['gate_top2_vs_generalist']:.3f}")
+    for row in summary.get("adaptive", []):
+        lines.append(f"adaptive k (threshold {row['threshold']}): perplexity {row['perplexity']:.2f}, "
+                     f"{row['steps_per_token']:.2f} expert steps/token, k share {row['k_share']}")
     return "\n".join(lines)

@@ -54,12 +54,25 @@ def vocab_size_of(model_path: str) -> int:
         return int(json.load(f)["vocab_size"])
 
 
-def demo_expert_configs(demo: Path, names=DEMO_EXPERTS, max_model_len: int = 1024) -> list[ExpertConfig]:
-    return [ExpertConfig(name=n, model_path=str(demo / "experts" / n), max_model_len=max_model_len) for n in names]
+def demo_experts(demo: Path) -> tuple[str, ...]:
+    """The expert names of a demo build, in routing order: its manifest's list (8-expert builds), else the four."""
+    manifest = Path(demo) / "manifest.json"
+    if manifest.exists():
+        names = json.loads(manifest.read_text()).get("experts")
+        if names:
+            return tuple(names)
+    return DEMO_EXPERTS
 
 
-def generalist_config(demo: Path, max_model_len: int = 1024) -> ExpertConfig:
-    return ExpertConfig(name="generalist", model_path=str(demo / "generalist"), max_model_len=max_model_len)
+def demo_expert_configs(demo: Path, names=None, max_model_len: int = 1024, top_k: int = DEFAULT_TOP_K) -> list[ExpertConfig]:
+    names = demo_experts(demo) if names is None else names
+    return [ExpertConfig(name=n, model_path=str(demo / "experts" / n), max_model_len=max_model_len,
+                         max_top_k=max(20, top_k)) for n in names]
+
+
+def generalist_config(demo: Path, max_model_len: int = 1024, top_k: int = DEFAULT_TOP_K) -> ExpertConfig:
+    return ExpertConfig(name="generalist", model_path=str(demo / "generalist"), max_model_len=max_model_len,
+                        max_top_k=max(20, top_k))
 
 
 async def scored(
@@ -73,6 +86,43 @@ async def scored(
         if path.exists():
             return load_scored(path)
     corpus = await score_sequences(experts, sequences, top_k, desc=desc)
+    if path is not None:
+        save_scored(corpus, path)
+    return corpus
+
+
+def merge_experts(parts: list[ScoredCorpus]) -> ScoredCorpus:
+    """Scores of the same sequences by disjoint groups of experts -> one corpus, experts in the given order."""
+    import torch
+
+    first = parts[0]
+    k = min(p.ids.shape[-1] for p in parts)
+    return ScoredCorpus(
+        [n for p in parts for n in p.expert_names], torch.cat([p.ids[..., :k] for p in parts], 1),
+        torch.cat([p.lps[..., :k] for p in parts], 1), first.targets, first.context, first.doc, first.doc_offsets,
+        first.sequences,
+    )
+
+
+async def scored_in_groups(
+    configs: list[ExpertConfig], sequences: list[list[int]], top_k: int, cache_dir: Path | None, fingerprint: str,
+    desc: str, engines_at_once: int = 4,
+) -> ScoredCorpus:
+    """`scored` for many experts with at most `engines_at_once` engines running (memory: each vLLM engine
+    holds ~1.5 GB here). Each group is cached on its own, and the merged corpus under the key of all experts."""
+    from deploy.local_experts import running_experts
+
+    names = [c.name for c in configs]
+    path = Path(cache_dir) / f"{cache_key(names, sequences, top_k, fingerprint)}.npz" if cache_dir else None
+    if path is not None and path.exists():
+        return load_scored(path)
+    parts = []
+    for i in range(0, len(configs), engines_at_once):
+        group = configs[i:i + engines_at_once]
+        async with running_experts(group) as clients:
+            parts.append(await scored({c.name: clients[c.name] for c in group}, sequences, top_k, cache_dir,
+                                      fingerprint, f"{desc} ({'+'.join(c.name for c in group)})"))
+    corpus = merge_experts(parts)
     if path is not None:
         save_scored(corpus, path)
     return corpus

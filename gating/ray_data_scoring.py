@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import threading
 
 import numpy as np
 
@@ -25,6 +26,10 @@ class ScoreBatch:
         from experts.server import connect_experts
 
         self.names, self.top_k = expert_names, top_k
+        # One event loop for the actor's life, in its own thread: Serve handles bind to the loop they are
+        # first used on (the router runs there), and Ray Data may call us from a thread pool.
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, name="score-batch-loop", daemon=True).start()
         self.experts = connect_experts(expert_names, app_name)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -33,7 +38,8 @@ class ScoreBatch:
         async def all_experts():
             return await asyncio.gather(*(self.experts[n].score(seqs, self.top_k) for n in self.names))
 
-        per_doc = per_document(self.names, seqs, asyncio.run(all_experts()))
+        scored = asyncio.run_coroutine_threadsafe(all_experts(), self._loop).result()
+        per_doc = per_document(self.names, seqs, scored)
         return {"index": batch["index"], "scores": np.array([pickle.dumps(o) for o in per_doc], dtype=object)}
 
 

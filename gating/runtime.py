@@ -1,7 +1,9 @@
 """The gate as the serving path uses it: per-sequence incremental state, one GRU step per new token.
 
 `prefill` reads a prompt once; `step` advances many sequences by one token each in one batched GRU step.
-Shape legend: B = sequences, E = experts, H = gate hidden size.
+An observed-features gate also reads, at each step, what the experts that produced the token said about it
+(gating.features, the same function its training used); a prompt carries no such observations.
+Shape legend: B = sequences, E = experts, H = gate hidden size, K = top-k, N = scored positions.
 """
 
 from __future__ import annotations
@@ -10,9 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
+from experts.protocol import TopK
+from gating.adaptive import adaptive_k, selection_mask
 from gating.checkpoint import GateCheckpoint
+from gating.features import Memory, signals, step_features, unobserved_features
 from gating.mix import gate_weights
 from gating.model import Gate
+from gating.rollout import padded_signals, rollout, top_k_rule
 
 
 @dataclass
@@ -20,6 +26,7 @@ class GateState:
     hidden: torch.Tensor | None = None   # [1, 1, H]
     logits: torch.Tensor | None = None   # [E] routing scores for the next token
     fed: int = 0                         # tokens consumed so far
+    memory: Memory | None = None         # observed-features gates: per-expert feature memory, rows [1, E]
 
 
 class GateRuntime:
@@ -44,25 +51,76 @@ class GateRuntime:
         if not tokens:
             return state
         x = torch.tensor([tokens], dtype=torch.long)                   # [1, T]
-        logits, hidden = self.gate(x, state.hidden)                   # [1, T, E], [1, 1, H]
-        return GateState(hidden, logits[0, -1], state.fed + len(tokens))
+        feats, memory = None, None
+        if self.gate.uses_observations:                                # a prompt: no expert was stepped on it
+            feats, memory = unobserved_features(state.memory or Memory.initial(1, len(self.expert_names)), len(tokens))
+        logits, hidden = self.gate(x, state.hidden, feats)            # [1, T, E], [1, 1, H]
+        return GateState(hidden, logits[0, -1], state.fed + len(tokens), memory)
 
     def prefill(self, tokens: list[int]) -> GateState:
         return self.feed(GateState(), tokens)
 
     @torch.inference_mode()
-    def step(self, states: list[GateState], tokens: list[int]) -> list[GateState]:
-        """One new token for each of B sequences, in one GRU step."""
+    def step(self, states: list[GateState], tokens: list[int],
+             observed: list[dict[int, TopK]] | None = None) -> list[GateState]:
+        """One new token for each of B sequences, in one GRU step.
+
+        `observed[b]` is what the experts that produced row b's token said (expert index -> its top-k at
+        that position): signals a gate may use for free, since those experts were called anyway. The GRU
+        gate reads only token ids and ignores it."""
         hidden = torch.cat([s.hidden for s in states], dim=1)           # [1, B, H]
         x = torch.tensor(tokens, dtype=torch.long)[:, None]             # [B, 1]
-        logits, hidden = self.gate(x, hidden)                          # [B, 1, E], [1, B, H]
-        return [GateState(hidden[:, i:i + 1].clone(), logits[i, 0], s.fed + 1) for i, s in enumerate(states)]
+        if not self.gate.uses_observations:
+            logits, hidden = self.gate(x, hidden)                      # [B, 1, E], [1, B, H]
+            return [GateState(hidden[:, i:i + 1].clone(), logits[i, 0], s.fed + 1) for i, s in enumerate(states)]
+        e = len(self.expert_names)
+        memory = Memory.cat([s.memory or Memory.initial(1, e) for s in states])
+        mask, ids, lps = self._observed_tensors(observed or [{} for _ in states], e)
+        sig = signals(ids, lps, x[:, 0], self.gate.args.vocab_size)
+        feats, memory = step_features(memory, mask, sig)               # [B, E*F]
+        logits, hidden = self.gate(x, hidden, feats[:, None])           # [B, 1, E], [1, B, H]
+        return [GateState(hidden[:, i:i + 1].clone(), logits[i, 0], s.fed + 1, memory.rows(slice(i, i + 1)))
+                for i, s in enumerate(states)]
+
+    @staticmethod
+    def _observed_tensors(observed: list[dict[int, TopK]], e: int):
+        """-> mask [B, E] bool, ids [B, E, K] (-1 padded), lps [B, E, K] (very negative padded)."""
+        k = max((len(t.token_ids) for row in observed for t in row.values()), default=1)
+        mask = torch.zeros(len(observed), e, dtype=torch.bool)
+        ids = torch.full((len(observed), e, k), -1, dtype=torch.long)
+        lps = torch.full((len(observed), e, k), -1e4)
+        for b, row in enumerate(observed):
+            for j, topk in row.items():
+                n = len(topk.token_ids)
+                mask[b, j] = True
+                ids[b, j, :n] = torch.tensor(topk.token_ids, dtype=torch.long)
+                lps[b, j, :n] = torch.tensor(topk.logprobs, dtype=torch.float32)
+        return mask, ids, lps
 
     @torch.inference_mode()
-    def sequence_logits(self, tokens: list[int]) -> torch.Tensor:
-        """Teacher-forced routing scores for a whole sequence: [T, E], row t routes token t+1."""
-        logits, _ = self.gate(torch.tensor([tokens], dtype=torch.long))
-        return logits[0]
+    def sequence_logits(self, tokens: list[int], all_ids: torch.Tensor | None = None,
+                        all_lps: torch.Tensor | None = None, k: int | None = None,
+                        threshold: float | None = None) -> torch.Tensor:
+        """Teacher-forced routing scores for a whole sequence: [T, E], row t routes token t+1.
+
+        An observed-features gate also needs every expert's top-k at each scored position (all_ids/all_lps
+        [N, E, K], N = T - 1, as echo scoring has them) and is rolled out with top-k selection (k default:
+        the runtime's top_k), or with the adaptive rule when `threshold` is given (then route row t to
+        gating.adaptive.adaptive_k(logits, threshold)[t] experts), reading only the selected experts' scores,
+        exactly as `ensemble eval` does."""
+        x = torch.tensor([tokens], dtype=torch.long)
+        if not self.gate.uses_observations:
+            return self.gate(x)[0][0]
+        if all_ids is None or all_lps is None:
+            raise ValueError(f"gate {self.version} reads the selected experts' scores: pass all_ids/all_lps")
+        n = all_ids.shape[0]
+        sig = signals(all_ids, all_lps, x[0, 1:n + 1], self.gate.args.vocab_size)       # [N, E]
+        if threshold is not None:
+            def select(logits: torch.Tensor) -> torch.Tensor:
+                return selection_mask(logits, adaptive_k(logits, threshold))
+        else:
+            select = top_k_rule(k or self.top_k)
+        return rollout(self.gate, x, padded_signals(sig, [n]), select)[0]
 
     def choose(self, state: GateState, k: int | None = None) -> tuple[list[int], list[float], float]:
         """-> (expert indices, weights, entropy of the full gate softmax in nats)."""

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from gating.model import Gate, GateArgs
 from gating.objective import gated_logprob, single_expert_logprob
+from gating.rollout import corpus_signals, padded_signals, rollout, top_k_rule
 from gating.scores import ScoredCorpus
 
 
@@ -36,6 +37,9 @@ class FitArgs:
     seed: int = 0
     # Positions per document used for fitting (the gate is a recurrent net: cost grows with length).
     max_positions: int = 512
+    # Observed-features gates: share of training documents whose first rows (a random prompt length) carry
+    # no observations, as when serving a prompt; evaluation and echo observe from the first token on.
+    prompt_share: float = 0.3
 
     def __post_init__(self) -> None:
         assert self.k >= 1 and self.epochs >= 1 and self.batch_docs >= 1, "k, epochs, batch_docs must be >= 1"
@@ -57,12 +61,21 @@ def _batch(corpus: ScoredCorpus, docs: list[int], max_positions: int):
     return tokens, mask, torch.cat(rows)
 
 
-def batch_nll(gate: Gate, corpus: ScoredCorpus, docs: list[int], fit: FitArgs, vocab_size: int):
-    """-> (served NLL sum, dense NLL sum, positions)."""
+def batch_nll(gate: Gate, corpus: ScoredCorpus, docs: list[int], fit: FitArgs, vocab_size: int,
+              prompt_rng: random.Random | None = None):
+    """-> (served NLL sum, dense NLL sum, positions). With `prompt_rng` (training), a share of the documents
+    starts with a random prompt the experts were not stepped on, as in serving (no observations there)."""
     tokens, mask, rows = _batch(corpus, docs, fit.max_positions)
-    logits, _ = gate(tokens)                                            # [B, T, E]
-    logits = logits[mask]                                               # [N, E], same order as rows
     ids, lps, tgt = corpus.ids[rows], corpus.lps[rows], corpus.targets[rows]
+    sig, prompt = None, None
+    if gate.uses_observations:
+        lengths = mask.sum(1).tolist()
+        sig = padded_signals(corpus_signals(ids, lps, tgt, vocab_size), lengths)
+        if prompt_rng is not None:
+            prompt = torch.tensor([prompt_rng.randrange(n) if prompt_rng.random() < fit.prompt_share else 0
+                                   for n in lengths])
+    logits = rollout(gate, tokens, sig, top_k_rule(fit.k), prompt)       # [B, T, E]
+    logits = logits[mask]                                               # [N, E], same order as rows
     served = gated_logprob(ids, lps, tgt, logits, fit.k, vocab_size, fit.space)
     single = single_expert_logprob(ids, lps, tgt, vocab_size)            # [N, E], no gradient needed
     dense = torch.logsumexp(torch.log_softmax(logits, -1) + single, dim=-1)  # log Σ_e g_e · p_e(target)
@@ -105,7 +118,7 @@ def fit_gate(
         order_rng.shuffle(docs)
         total, n = 0.0, 0
         for i in range(0, len(docs), fit.batch_docs):
-            served, dense, count = batch_nll(gate, corpus, docs[i:i + fit.batch_docs], fit, vocab_size)
+            served, dense, count = batch_nll(gate, corpus, docs[i:i + fit.batch_docs], fit, vocab_size, order_rng)
             loss = (served + fit.dense_weight * dense) / count
             opt.zero_grad()
             loss.backward()

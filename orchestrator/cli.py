@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "build-demo": ("experts.demo.build", "build the demo tokenizer, 4 domain experts and the generalist"),
     "demo-table": ("experts.demo.specialisation", "expert x domain perplexity table on held-out text"),
+    "build-eval-split": ("experts.demo.independent", "build the independent held-out split of a demo build"),
     "train-gate": ("gating.train_cli", "score a corpus with every expert and fit the gate"),
     "eval": ("gating.evaluate_cli", "perplexity of experts, baselines and the gate on a JSONL file"),
     "serve": ("deploy.serve_cli", "start the Ray Serve application (gateway + experts) from a YAML config"),
@@ -22,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "retrain": ("deploy.retrain_job", "retrain the gate from logged traffic and promote it if better"),
     "gate-history": ("gating.registry_cli", "list gate versions, or restore an earlier one"),
     "bench": ("deploy.bench", "side-by-side throughput and latency benchmark"),
+    "soak": ("deploy.soak", "N streaming clients for T minutes: errors, logged rows and memory of the service"),
+    "keys": ("orchestrator.keys.cli", "create, list and revoke API keys (scopes and per-key limits)"),
 }
 
 

@@ -51,6 +51,7 @@ class DecodeLoop:
         self._task: asyncio.Task | None = None
         self._side_tasks: set[asyncio.Task] = set()
         self.rounds = 0
+        self.migrations = 0            # sessions re-opened on another replica after theirs failed
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -90,7 +91,7 @@ class DecodeLoop:
                 self._wake.set()                       # more rounds while anything runs
                 try:
                     await self._round(list(self._running), "round")
-                except Exception as exc:  # noqa: BLE001 - a bug must not leave streams hanging
+                except Exception as exc:
                     log.exception("decode round failed")
                     for s in self._running:
                         s.fail(exc)
@@ -102,7 +103,7 @@ class DecodeLoop:
                     if s.gate is not None and s.gate_state is None:
                         s.gate_state = s.gate.prefill(s.tokens)
             await self._round(seqs, "admit")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.exception("admission round failed")
             for s in seqs:
                 s.fail(exc)
@@ -141,7 +142,7 @@ class DecodeLoop:
             self._mix_and_sample(seqs, routes, answers, rows, space, tokens)
         # 5) feed back: tokens to sequences, events to readers, one gate step per gate version
         with self.clock.phase("emit"):
-            self._feed_back(seqs, routes, tokens)
+            self._feed_back(seqs, routes, tokens, answers)
         self.rounds += 1
         self.clock.add(label, time.perf_counter() - t_round)
 
@@ -239,6 +240,7 @@ class DecodeLoop:
             if not lost:
                 break
             log.warning("re-opening %d sessions whose replica failed (migration)", len(lost))
+            self.migrations += len(lost)
             pairs = lost
         return answers, capacity, server_s
 
@@ -276,7 +278,8 @@ class DecodeLoop:
             for r, i in enumerate(rows):
                 tokens[i] = (chosen[r], lp[r], top_alternatives(mixed, r, params[r].top_logprobs))
 
-    def _feed_back(self, seqs: list[Sequence], routes: list[Route | None], tokens: dict) -> None:
+    def _feed_back(self, seqs: list[Sequence], routes: list[Route | None], tokens: dict,
+                   answers: dict[Pair, TopK]) -> None:
         stepped: dict[int, list[int]] = {}
         for i, (token, logprob, alts) in tokens.items():
             s, r = seqs[i], routes[i]
@@ -290,7 +293,9 @@ class DecodeLoop:
                 stepped.setdefault(id(s.gate), []).append(i)
         for rows in stepped.values():
             gate = seqs[rows[0]].gate
-            states = gate.step([seqs[i].gate_state for i in rows], [seqs[i].tokens[-1] for i in rows])
+            observed = ([{e: answers[(i, e)] for e in routes[i].experts} for i in rows]
+                        if gate.gate.uses_observations else None)          # free signals, read only if used
+            states = gate.step([seqs[i].gate_state for i in rows], [seqs[i].tokens[-1] for i in rows], observed)
             for i, st in zip(rows, states):
                 seqs[i].gate_state = st
 

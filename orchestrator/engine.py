@@ -110,6 +110,15 @@ class EnsembleEngine:
     def active_sequences(self) -> int:
         return self._loop.active if self._loop is not None else 0
 
+    @property
+    def migrations(self) -> int:
+        return self._loop.migrations if self._loop is not None else 0
+
+    def sessions_by_replica(self) -> dict[str, dict[str, int]]:
+        """expert -> replica id -> decode sessions this gateway holds there (for /metrics)."""
+        return {name: e.pinned_replicas() for name, e in zip(self.expert_names, self._experts)
+                if hasattr(e, "pinned_replicas")}
+
     # ---- generation ------------------------------------------------------------------------------------
 
     def validate(self, req: GenerationRequest) -> None:

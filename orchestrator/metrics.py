@@ -14,8 +14,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from orchestrator.types import TokenEvent
 
@@ -51,6 +50,12 @@ class GatewayMetrics:
         self.gate_info = Gauge("ensemble_gate_info", "1 for the live gate version", ["version"], registry=r)
         self.log_failed = Gauge("ensemble_traffic_log_failed_rows", "rows the traffic log could not write",
                                 registry=r)
+        self.admission_queued = Gauge("ensemble_admission_queued", "requests waiting for an admission slot",
+                                      registry=r)
+        self.admission_rejected = Counter("ensemble_admission_rejected", "requests refused with 429: no slot "
+                                          "within the queue timeout, or the queue was full", registry=r)
+        self.degraded_tokens = Counter("ensemble_degraded_tokens", "generated tokens routed around an expert "
+                                       "that could not answer (dead, hung or at capacity)", ["model"], registry=r)
         self._ensemble_weight: dict[str, float] = {}
         self._ensemble_tokens = 0
 
@@ -66,6 +71,8 @@ class GatewayMetrics:
         """One generated token; `since_previous_s` is from request arrival for the first token."""
         (self.ttft if first else self.itl).labels(model=model).observe(since_previous_s)
         self.completion_tokens.labels(model=model).inc()
+        if ev.routing.degraded:
+            self.degraded_tokens.labels(model=model).inc()
         for name, w in zip(ev.routing.experts, ev.routing.weights):
             self.expert_tokens.labels(expert=name).inc()
             self.expert_weight.labels(expert=name).inc(w)
@@ -77,9 +84,19 @@ class GatewayMetrics:
             for name, w in self._ensemble_weight.items():
                 self.expert_share.labels(expert=name).set(w / self._ensemble_tokens)
 
+    def attach_engine(self, engine) -> None:
+        """Export what the engine knows of the experts' replicas: sessions per replica, migrations."""
+        self.registry.register(_EngineCollector(engine))
+
     def attach_phases(self, clock) -> None:
         """Export a PhaseClock (orchestrator/profile.py) as ensemble_phase_seconds_total{phase}."""
         self.registry.register(_PhaseCollector(clock))
+
+    def attach_store(self, store) -> None:
+        """Export a traffic store's writer counters (orchestrator/store/writer.py: TrafficLog.stats), read at
+        scrape time; ensemble_traffic_log_failed_rows becomes its dropped rows."""
+        self.log_failed.set_function(lambda: store.stats().dropped)
+        self.registry.register(_StoreCollector(store))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -95,3 +112,38 @@ class _PhaseCollector:
         for phase, seconds in sorted(self.clock.seconds.items()):
             family.add_metric([phase], seconds)
         yield family
+
+
+class _EngineCollector:
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        sessions = GaugeMetricFamily("ensemble_expert_sessions", "decode sessions this gateway replica holds, per "
+                                     "expert replica (experts export their own totals as "
+                                     "ensemble_expert_open_sessions through Ray's metrics)",
+                                     labels=["expert", "replica"])
+        for expert, replicas in sorted(self.engine.sessions_by_replica().items()):
+            for replica, n in sorted(replicas.items()):
+                sessions.add_metric([expert, replica], n)
+        yield sessions
+        yield CounterMetricFamily("ensemble_session_migrations", "sessions re-opened on another replica of their "
+                                  "expert (replaying the tokens so far) after theirs died or timed out",
+                                  value=self.engine.migrations)
+
+
+class _StoreCollector:
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def collect(self):
+        s = self.store.stats()
+        yield CounterMetricFamily("ensemble_traffic_log_written_rows", "rows this replica committed to the store",
+                                  value=s.written)
+        yield GaugeMetricFamily("ensemble_traffic_log_buffered_rows",
+                                "rows waiting in memory for the store's database (it is slow or down)",
+                                value=s.buffered)
+        yield CounterMetricFamily("ensemble_traffic_log_db_errors", "failed attempts to write to the store",
+                                  value=s.db_errors)
+        yield GaugeMetricFamily("ensemble_traffic_log_db_up", "1 if the last write to the store's database worked",
+                                value=int(s.db_ok))

@@ -48,7 +48,8 @@ def expert_token_counts(events: Sequence[TokenEvent]) -> dict[str, int]:
 
 def usage_of(prompt_tokens: int, events: Sequence[TokenEvent]) -> Usage:
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=len(events),
-                 total_tokens=prompt_tokens + len(events), expert_tokens=expert_token_counts(events))
+                 total_tokens=prompt_tokens + len(events), expert_tokens=expert_token_counts(events),
+                 degraded_tokens=sum(1 for ev in events if ev.routing.degraded))
 
 
 def concat_logprobs(first: CompletionLogprobs, second: CompletionLogprobs) -> CompletionLogprobs:

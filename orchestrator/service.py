@@ -19,17 +19,21 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from orchestrator import api, responses
+from orchestrator.admission import Admission
 from orchestrator.api import OpenAIError, read_json
 from orchestrator.metrics import GatewayMetrics
 from orchestrator.responses import ClosingStreamingResponse, sse
+from orchestrator.store import StoreError, TrafficLog, TrafficRecord
 from orchestrator.stream import StopMatcher, TextCodec, TextDelta, stream_text
-from orchestrator.traffic_log import TrafficLog, TrafficRecord
 from orchestrator.types import AtCapacity, ExpertsUnavailable, GenerationParams, GenerationRequest, TokenEvent
 
 logger = logging.getLogger(__name__)
 ENSEMBLE = "ensemble"
 # Serve's proxy already sets its own x-request-id on every response; ours is the id in the body and the log.
 REQUEST_ID_HEADER = "x-ensemble-request-id"
+# Set on a (non-streamed) response when some of its tokens were routed around an expert that could not answer:
+# the number of such tokens. A stream says it in usage.degraded_tokens and, with return_routing, per chunk.
+DEGRADED_HEADER = "x-ensemble-degraded-tokens"
 _INCOMPLETE = "incomplete: the gateway stopped before this request finished"
 
 
@@ -48,7 +52,8 @@ def overloaded(exc: Exception) -> OpenAIError:
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    traffic_log_path: str                 # may contain "{replica}" so each replica writes its own file
+    store_url: str                        # the traffic store every replica shares (ENSEMBLE_STORE_URL wins)
+    store_buffer_rows: int = 100_000      # rows kept in memory while the store's database is unreachable
     top_k: int = 2
     mix_space: str | None = None       # None: each gate checkpoint's own space (the one it was trained for)
     logprobs_k: int = 20
@@ -58,6 +63,18 @@ class GatewaySettings:
     # One call to an expert replica (a decode step of every sequence on it) that takes longer than this is
     # treated as a dead replica: its sessions are re-opened elsewhere or the expert is routed around.
     expert_timeout_s: float = 10.0
+    # Admission: generations running at once on this replica; beyond that a request waits (up to
+    # queue_timeout_s, at most max_queued of them), then gets a 429 with Retry-After.
+    max_active: int = 48
+    max_queued: int = 256
+    queue_timeout_s: float = 30.0
+    # /metrics without a key even once API keys exist (by default it then needs one, like /v1/*).
+    metrics_public: bool = False
+
+    @property
+    def traffic_log_path(self) -> str:
+        """The old name of `store_url` (tests/unit/test_deploy_config.py still reads it)."""
+        return self.store_url
 
 
 @dataclass
@@ -80,6 +97,9 @@ class _Trace:
     error: str | None = None
     status: int = 200
     done: bool = False
+    admitted: bool = False              # holds an admission slot, released when the request is finished
+    api_key: Any = None                 # the caller's orchestrator.keys.ApiKey (None while the service is open)
+    ticket: Any = None                  # its charge against the key's limits, settled when the request ends
 
     def record(self, complete: bool = True) -> TrafficRecord:
         ev = self.events
@@ -89,7 +109,9 @@ class _Trace:
             self.prompt_text, tuple(e.token_id for e in ev), self.output_text,
             tuple(e.routing.experts for e in ev), tuple(e.routing.weights for e in ev),
             tuple(e.routing.entropy for e in ev), tuple(e.logprob for e in ev), self.gate_version,
-            self.ttft_s, time.perf_counter() - self.t0, self.finish_reason, error, status, complete)
+            self.ttft_s, time.perf_counter() - self.t0, self.finish_reason, error, status, complete,
+            degraded_tokens=tuple(i for i, e in enumerate(ev) if e.routing.degraded),
+            key_name=self.api_key.name if self.api_key is not None else None)
 
 
 @dataclass(frozen=True)
@@ -110,16 +132,20 @@ class GatewayCore:
     """The HTTP-free heart of the gateway: validate, run the engine, shape responses, log, count."""
 
     def __init__(self, engine: Any, codec: TextCodec, log: TrafficLog, metrics: GatewayMetrics,
-                 settings: GatewaySettings) -> None:
+                 settings: GatewaySettings, keys: Any = None) -> None:
         self.engine, self.codec, self.log, self.metrics, self.settings = engine, codec, log, metrics, settings
+        self.keys = keys                      # an orchestrator.keys.KeyGuard, or None: no key checks at all
         self._open: dict[str, _Trace] = {}
         self._draining = False
+        self.admission = Admission(settings.max_active, settings.max_queued, settings.queue_timeout_s)
         self.started = time.time()
         self.gate_error: str | None = None    # the last failed live gate swap (the previous gate stays live)
         self.fingerprint = engine.infos[0].tokenizer_fingerprint if engine.infos else None
         metrics.set_gate(engine.gate_version)
         if hasattr(engine, "clock"):
             metrics.attach_phases(engine.clock)
+        if hasattr(engine, "sessions_by_replica"):
+            metrics.attach_engine(engine)
 
     @property
     def models(self) -> list[str]:
@@ -135,6 +161,7 @@ class GatewayCore:
     async def handle(self, request: Request, endpoint: str) -> Response:
         prefix = "cmpl" if endpoint == "completions" else "chatcmpl"
         trace = _Trace(f"{prefix}-{uuid.uuid4().hex}", endpoint)
+        trace.api_key = getattr(request.state, "api_key", None)     # set by the keys.user dependency
         self._open[trace.request_id] = trace
         self.metrics.in_flight.inc()
         streaming = False
@@ -151,6 +178,16 @@ class GatewayCore:
             # The fingerprint says which tokenizer made prompt_ids/output_ids (retraining refuses a mismatch).
             trace.model, trace.params = req.model, {**req.log_params(), "tokenizer_fingerprint": self.fingerprint}
             prep = self._prepare(req, trace)
+            if self.keys is not None:           # the key's rpm/tpm/stream limits, across all replicas: 429
+                trace.ticket = await self.keys.admit(trace.api_key, len(prep.request.prompt_ids))
+            try:
+                await self.admission.acquire()
+            except AtCapacity as exc:
+                self.metrics.admission_rejected.inc()
+                raise overloaded(exc) from None
+            finally:
+                self.metrics.admission_queued.set(self.admission.queued)
+            trace.admitted = True
             self.log.write(trace.record(complete=False))    # on record even if the process is killed mid-way
             if prep.echo and prep.request.params.max_tokens == 0:
                 return JSONResponse(await self._echo_only(prep, trace))
@@ -176,8 +213,11 @@ class GatewayCore:
             collected = [first] + [d async for d in deltas]
             # echo + logprobs with generation: the prompt's own logprobs come first, as in OpenAI's API
             prompt_lp = await self._score_prompt(prep) if prep.echo and prep.logprobs else None
-            return JSONResponse(self._final_body(prep, trace, collected, prompt_lp),
-                                headers={REQUEST_ID_HEADER: trace.request_id})
+            headers = {REQUEST_ID_HEADER: trace.request_id}
+            degraded = sum(1 for ev in trace.events if ev.routing.degraded)
+            if degraded:
+                headers[DEGRADED_HEADER] = str(degraded)
+            return JSONResponse(self._final_body(prep, trace, collected, prompt_lp), headers=headers)
         except OpenAIError as exc:
             trace.error, trace.status = exc.message, exc.status
             return JSONResponse(exc.body(), status_code=exc.status,
@@ -273,6 +313,8 @@ class GatewayCore:
 
     async def _score_prompt(self, prep: _Prepared) -> api.CompletionLogprobs:
         req = prep.request
+        if len(req.prompt_ids) == 1:          # nothing to score: the first token has no logprob
+            return self._prompt_logprobs(req.prompt_ids, [(None, ())])
         try:
             scores = await self.engine.score(req.request_id, list(req.prompt_ids), req.model, req.params.top_logprobs)
         except ValueError as exc:
@@ -381,6 +423,10 @@ class GatewayCore:
         if trace.done:
             return
         trace.done = True
+        if trace.admitted:
+            self.admission.release()
+        if trace.ticket is not None:
+            self.keys.settle(trace.api_key, trace.ticket, len(trace.events))
         self._open.pop(trace.request_id, None)
         self.metrics.in_flight.dec()
         model = trace.model if trace.model in self.models else "unknown"   # clients must not mint label values
@@ -396,14 +442,28 @@ class GatewayCore:
             except ValidationError as exc:
                 raise api.error_from_validation(exc) from None
             await asyncio.to_thread(self.log.flush)          # the response may have been logged just now
-            if not await asyncio.to_thread(self.log.has_request, fb.request_id):
+            if not await self._may_rate(getattr(request.state, "api_key", None), fb.request_id):
                 raise OpenAIError(f"no logged request with id {fb.request_id!r}", status=404,
                                   param="request_id", code="request_not_found")
             rec = self.log.add_feedback(fb.request_id, fb.rating, fb.corrected_text)
             return JSONResponse(api.FeedbackResponse(id=rec.feedback_id, request_id=fb.request_id,
                                                      rating=fb.rating).model_dump())
         except OpenAIError as exc:
-            return JSONResponse(exc.body(), status_code=exc.status)
+            return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    async def _may_rate(self, key: Any, request_id: str) -> bool:
+        """Whether the request is on record and, once keys exist, was made by `key` (an admin key may rate
+        any). Someone else's request looks exactly like a missing one, so ids cannot be probed."""
+        if key is None:                                  # the service runs open, as before keys
+            return await asyncio.to_thread(self.log.has_request, request_id)
+        try:
+            found, owner = await asyncio.to_thread(self.log.request_owner, request_id)
+        except StoreError:
+            if key.admin:
+                return True
+            raise OpenAIError("feedback cannot be checked now (the traffic store is unreachable)", status=503,
+                              type="server_error", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        return found and (key.admin or owner == key.name)
 
     def health(self) -> tuple[int, dict]:
         """200 while the gateway can serve (every expert ok, or "degraded": some down or failing lately);
@@ -439,5 +499,7 @@ class GatewayCore:
             trace.error, trace.status = trace.error or "interrupted by shutdown", 503
             self._finish(trace)
         await asyncio.to_thread(self.log.close)
+        if self.keys is not None:
+            await asyncio.to_thread(self.keys.close)
         if hasattr(self.engine, "stop"):
             await self.engine.stop()

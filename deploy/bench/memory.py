@@ -9,6 +9,7 @@ every server compared.
 from __future__ import annotations
 
 import threading
+from typing import Self
 
 import psutil
 
@@ -37,7 +38,7 @@ class PeakRSS:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"rss-{pid}", daemon=True)
 
-    def __enter__(self) -> PeakRSS:
+    def __enter__(self) -> Self:
         self.sample()
         self._thread.start()
         return self

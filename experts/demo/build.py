@@ -39,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--workers", type=int, choices=(1, 2), default=2,
                         help="training processes: 2 = generalist and experts side by side, 1 thread each")
+    parser.add_argument("--experts", type=int, choices=(4, 8), default=4,
+                        help="8: split each domain of the --base build in two and branch 8 experts from its seed "
+                             "(experts/demo/eight.py; reuses its tokenizer, seed, generalist and data)")
+    parser.add_argument("--base", type=Path, default=Path("artifacts/demo"),
+                        help="with --experts 8: the 4-expert build to branch from (default %(default)s)")
 
 
 def log(msg: str) -> None:
@@ -190,19 +195,30 @@ def manifest(args, seed_args, targs, model_args, tokenizer, corpora, mixed, stat
 
 def run(args: argparse.Namespace) -> int:
     from experts.demo import corpora as cp
+    from experts.demo import independent as ind
     from experts.demo import mixed as mx
     from experts.demo.model_config import DemoModelArgs
 
     out: Path = args.out
     (out / ".built").unlink(missing_ok=True)  # a rebuild invalidates the marker until it succeeds
+    if args.experts == 8:
+        from experts.demo.eight import build_eight
+
+        t = time.perf_counter()
+        build_eight(args.base, out, args.workers, log)
+        log(f"done in {time.perf_counter() - t:.0f} s -> {out}")
+        return 0
     times, t0 = {}, time.perf_counter()
     corpora = cp.build_corpora(out, quick=args.quick, seed=args.seed, log=log)
     times["corpora"] = round(time.perf_counter() - t0, 1)
     tokenizer = build_tokenizer(out, corpora)
     mixed = mx.write_mixed(out, corpora, args.seed, lambda t: len(tokenizer.backend_tokenizer.encode(t).ids),
                            args.quick, cp.write_jsonl)
+    independent = ind.build_independent(out, lambda t: len(tokenizer.backend_tokenizer.encode(t).ids), args.seed,
+                                        args.quick, log)
     times["tokenizer_and_mixed"] = round(time.perf_counter() - t0 - times["corpora"], 1)
-    log(f"tokenizer: {len(tokenizer)} tokens; mixed docs: gate {len(mixed['gate'])}, heldout {len(mixed['heldout'])}")
+    log(f"tokenizer: {len(tokenizer)} tokens; mixed docs: gate {len(mixed['gate'])}, heldout {len(mixed['heldout'])}; "
+        f"independent held-out split: {len(independent)} docs")
     model_args, (seed_args, targs) = DemoModelArgs(), phase_args(args, out)
     log(f"training: seed {seed_args.steps} steps, then {targs.steps} steps per expert and {4 * targs.steps} for "
         f"the generalist, {targs.tokens_per_step} tokens per step")
@@ -211,6 +227,10 @@ def run(args: argparse.Namespace) -> int:
     times["training"] = round(time.perf_counter() - t1, 1)
     times["total"] = round(time.perf_counter() - t0, 1)
     info = manifest(args, seed_args, targs, model_args, tokenizer, corpora, mixed, stats, times)
+    info["corpus"]["independent"] = {"docs": len(independent), "tokens": count_tokens(tokenizer, independent),
+                                     "kinds": {k: sum(d.source.startswith(k + ":") for d in independent)
+                                               for k in ind.KINDS},
+                                     "debian_packages": sorted({d.origin[4:] for d in independent})}
     (out / "manifest.json").write_text(json.dumps(info, indent=2, ensure_ascii=False, default=str) + "\n")
     (out / ".built").write_text(f"built in {times['total']} s\n")
     log(f"done in {times['total']} s -> {out}")

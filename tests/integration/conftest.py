@@ -61,13 +61,14 @@ def ray_cluster():
     import ray
     from ray import serve
 
+    from deploy.serve_env import serve_env
+
     started = not ray.is_initialized()
     if started:
-        ray.init(
-            num_cpus=16,
-            include_dashboard=False,
-            runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}},
-        )
+        # The Serve settings `ensemble serve` uses (HAProxy ingress, gRPC between deployments): tests run the
+        # service as users do.
+        env = serve_env({"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")})
+        ray.init(num_cpus=16, include_dashboard=False, runtime_env={"env_vars": env})
     yield ray
     serve.shutdown()
     if started:

@@ -83,7 +83,7 @@ def wait_healthy(base_url: str, timeout_s: float = 120) -> None:
 
 def live_config(expert_configs, gate_dir: Path, db: Path, **overrides) -> AppConfig:
     args = {"experts": [c.model_dump() for c in expert_configs], "gate": {"path": str(gate_dir)},
-            "traffic_log": {"path": str(db)}, "top_k": 2, "logprobs_k": 20, **overrides}
+            "traffic_log": {"url": f"sqlite:///{db}"}, "top_k": 2, "logprobs_k": 20, **overrides}
     return parse_app_args(args, "test config")
 
 

@@ -88,6 +88,55 @@ def test_bad_input_mid_load_leaves_every_stream_and_expert_healthy(live_gateway)
         assert ok.status_code == 200, (name, ok.text)
 
 
+STOPS_10K = [f"stop{i}" for i in range(10_000)]
+
+
+def hostile_bodies(gw) -> list[tuple[str, str, object, int, str | None]]:
+    """(name, model, body, status, param): the hostile inputs that would reach the engines if let through,
+    for the ensemble and for an expert alone (its requests go straight to its vLLM engine)."""
+    ctx = gw.config.experts[0].max_model_len
+    schema = httpx.get(f"{gw.base_url}/openapi.json", timeout=30).json()["components"]["schemas"]
+    vocab = schema["CompletionRequest"]["properties"]["prompt"]["anyOf"][1]["items"]["maximum"] + 1
+    cases = []
+    for model in ("ensemble", gw.config.experts[0].name):
+        cases += [
+            ("token_id_at_the_vocabulary_size", model, {"model": model, "prompt": [1, 2, vocab]}, 400,
+             "prompt"),
+            ("negative_token_id", model, {"model": model, "prompt": [[1, -1]]}, 400, "prompt"),
+            ("max_tokens_beyond_the_context", model, {"model": model, "prompt": "x", "max_tokens": ctx}, 400,
+             "max_tokens"),
+            ("chat_beyond_the_context", model, {"model": model, "max_tokens": ctx, "messages": [
+                {"role": "user", "content": "x"}]}, 400, "max_tokens"),
+            ("10k_stop_strings", model, {"model": model, "prompt": "x", "stop": STOPS_10K}, 400, "stop"),
+            ("non_utf8", model, b'{"model": "' + model.encode() + b'", "prompt": "\xff\xfe"}',
+             400, None),
+        ]
+    cases.append(("10_mb_body", "ensemble", {"model": "ensemble", "prompt": "x" * 10_000_000}, 413, None))
+    return cases
+
+
+@pytest.mark.parametrize("expert_alone", [False, True], ids=["ensemble", "expert"])
+def test_hostile_input_is_refused_before_the_engines_and_they_keep_serving(live_gateway,
+                                                                           expert_alone: bool) -> None:
+    cases = [c for c in hostile_bodies(live_gateway) if (c[1] != "ensemble") == expert_alone]
+    ids = {}
+    for name, model, body, status, param in cases:
+        path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
+        r = post(live_gateway, path, body)
+        assert r.status_code == status, (name, r.text[:300])
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"], name
+        assert param is None or err["param"] == param, (name, err)
+        ids[r.headers["x-ensemble-request-id"]] = (name, status)
+        ok = post(live_gateway, "/v1/completions",
+                  {"model": model, "prompt": "a", "max_tokens": 2, "ignore_eos": True})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2, (name, ok.text)
+    records = live_gateway.records()
+    for rid, (name, status) in ids.items():
+        assert rid in records and records[rid].status == status and records[rid].output_ids == (), name
+    assert httpx.get(f"{live_gateway.base_url}/health", timeout=30).json()["status"] == "ok"
+
+
 def test_unknown_routes_and_methods_are_json_errors(live_gateway) -> None:
     r = httpx.get(f"{live_gateway.base_url}/v1/nothing-here")
     assert r.status_code == 404 and "error" in r.json()

@@ -85,7 +85,7 @@ def test_stopping_a_gateway_mid_load_loses_and_duplicates_nothing(live_gateway, 
     names = [e.name for e in live_gateway.config.experts]
     handles = {n: serve.get_deployment_handle(f"expert-{n}", live_gateway.app_name) for n in names}
     cfg = live_gateway.config.model_copy(update={"traffic_log": live_gateway.config.traffic_log.model_copy(
-        update={"path": str(tmp_path / "drain.db")})})
+        update={"url": f"sqlite:///{tmp_path / 'drain.db'}"})})
     serve.run(Gateway.options(**cfg.gateway_options()).bind(handles, cfg.gateway_settings()),
               name="drain-test", route_prefix="/drain")
     base = f"{live_gateway.base_url}/drain"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -28,20 +29,33 @@ def add_gate_version(gate_dir) -> tuple[str, str]:
     return current.version, new.version
 
 
-def test_gate_swaps_live_without_restart(live_gateway) -> None:
+GREEDY = {"model": "ensemble", "prompt": "while True:", "max_tokens": 200, "ignore_eos": True, "temperature": 0,
+          "return_routing": True, "experts_per_token": 3}
+
+
+def routing_of(live_gateway) -> list[dict]:
+    """Per-token routing (expert -> weight) of GREEDY, answered by the gate that is live now."""
+    r = httpx.post(f"{live_gateway.base_url}/v1/completions", json=GREEDY, timeout=300)
+    assert r.status_code == 200, r.text
+    return [t["experts"] for t in r.json()["choices"][0]["routing"]["tokens"]]
+
+
+def test_gate_swaps_live_without_restart_and_running_requests_keep_their_gate(live_gateway) -> None:
     gate = live_gateway.config.gate.model_dump()
     old, new = add_gate_version(live_gateway.gate_dir)
     created = httpx.get(f"{live_gateway.base_url}/v1/models").json()["data"][0]["created"]
+    old_routing = routing_of(live_gateway)
     first_byte = threading.Event()
+    swapped_at: list[float] = []
 
     def long_stream():
-        body = {"model": "ensemble", "prompt": "while True:", "max_tokens": 48, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", f"{live_gateway.base_url}/v1/completions", json=body, timeout=180) as r:
+        with httpx.stream("POST", f"{live_gateway.base_url}/v1/completions", json={**GREEDY, "stream": True},
+                          timeout=300) as r:
             parts = []
             for chunk in r.iter_text():
                 first_byte.set()
                 parts.append(chunk)
-        return "".join(parts)
+        return "".join(parts), time.monotonic()
 
     try:
         with ThreadPoolExecutor(1) as pool:
@@ -49,10 +63,17 @@ def test_gate_swaps_live_without_restart(live_gateway) -> None:
             assert first_byte.wait(120)
             live_gateway.set_gateway_user_config({"gate": {**gate, "version": new}, "draining": False})
             assert live_gateway.fingerprint() == new
-            raw = in_flight.result()
+            swapped_at.append(time.monotonic())
+            raw, ended_at = in_flight.result()
+        new_routing = routing_of(live_gateway)
+        assert new_routing != old_routing, "the new gate must route differently, or this test proves nothing"
+        assert ended_at > swapped_at[0], "the stream ended before the swap: make it longer"
         events = [json.loads(f.removeprefix("data: ")) for f in raw.split("\n\n") if f and f != "data: [DONE]"]
         assert raw.endswith("data: [DONE]\n\n") and events[-1]["choices"][0]["finish_reason"] == "length"
         assert {e["system_fingerprint"] for e in events} == {old}          # kept the gate it started with
+        # ... and was routed by it, token for token, also after the swap
+        streamed = [t["experts"] for e in events for t in (e["choices"][0].get("routing") or {}).get("tokens", [])]
+        assert streamed == old_routing
         assert httpx.get(f"{live_gateway.base_url}/v1/models").json()["data"][0]["created"] == created
         metrics = httpx.get(f"{live_gateway.base_url}/metrics").text
         assert f'ensemble_gate_info{{version="{new}"}} 1.0' in metrics

@@ -80,7 +80,10 @@ def test_traffic_shift_retrain_promotes_a_better_gate_and_swaps_it_live(live_gat
         _, args = parse_command("retrain", ["--config", str(config_path), "--since", str(since), "--until",
                                             str(until), "--report", str(tmp_path / "shift.png"), "--json"])
         result = asyncio.run(retrain_from_log(args))
-        time.sleep(1.0)
+        # Keep the streams going until one that started after the swap has finished (bounded wait).
+        swapped, deadline = (result.get("swap") or {}).get("finished", time.time()), time.monotonic() + 120
+        while not any(start > swapped and done for start, _, _, done in list(streams)) and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         stop.set()
         for t in threads:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from types import SimpleNamespace
 
 import httpx
@@ -16,8 +17,8 @@ import pytest
 from orchestrator.gateway import build_fastapi
 from orchestrator.metrics import GatewayMetrics
 from orchestrator.service import REQUEST_ID_HEADER, GatewayCore, GatewaySettings
+from orchestrator.store import TrafficLog, iter_records
 from orchestrator.stream import TextCodec
-from orchestrator.traffic_log import TrafficLog, iter_records
 from tests.gateway_fakes import EXPERT_NAMES, byte_level_tokenizer, make_engine, random_gate
 
 MAX_MODEL_LEN = 256
@@ -227,14 +228,15 @@ async def test_gate_swap_changes_the_fingerprint_of_new_requests(gw) -> None:
         gw.core.set_gate(old)
 
 
-async def test_client_disconnect_mid_stream_is_logged_once(gw) -> None:
+async def test_a_stream_read_only_in_part_is_logged_exactly_once(gw) -> None:
+    # httpx's ASGI transport buffers the whole body, so this is not a disconnect: the real one (TCP resets on
+    # real sockets against the real service) is tests/integration/test_gateway_faults.py.
     async with gw.client.stream("POST", "/v1/completions", json=completion(max_tokens=50, stream=True)) as r:
         rid = r.headers[REQUEST_ID_HEADER]
         async for _ in r.aiter_raw():
             break
-    await asyncio.sleep(0.1)
-    rec = (await records(gw)).get(rid)
-    assert rec is not None and rec.request_id == rid
+    rows = [rec for rec in (await records(gw)).values() if rec.request_id == rid]
+    assert len(rows) == 1 and rows[0].complete
 
 
 async def test_a_started_stream_is_on_record_before_it_ends(gw) -> None:
@@ -307,3 +309,73 @@ async def test_every_generation_request_was_logged_exactly_once(gw) -> None:
     assert len(logged) >= len(gw.sent)   # + streamed/disconnected ones made outside `post`
     health = (await gw.client.get("/health")).json()
     assert health["status"] == "ok" and health["in_flight"] == 0
+
+
+async def test_openapi_declares_every_body_response_and_error(gw) -> None:
+    """/openapi.json is true: request bodies, 200 bodies (JSON, and the stream's events), the error body."""
+    doc = (await gw.client.get("/openapi.json")).json()
+    schemas, paths = doc["components"]["schemas"], doc["paths"]
+
+    def ref(name: str) -> dict:
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def ok(path: str, method: str = "post") -> dict:
+        return paths[path][method]["responses"]["200"]["content"]
+
+    bodies = {"/v1/completions": "CompletionRequest", "/v1/chat/completions": "ChatCompletionRequest",
+              "/v1/feedback": "FeedbackRequest"}
+    for path, item in paths.items():
+        for method, op in item.items():
+            if method == "post":
+                body = op["requestBody"]
+                assert body["required"] and body["content"]["application/json"]["schema"] == ref(bodies[path])
+            assert "422" not in op["responses"], f"{method} {path}: invalid input is a 400 here"
+            for status, response in op["responses"].items():
+                if status[0] in "45" and path != "/health":
+                    schema = response["content"]["application/json"]["schema"]
+                    assert schema == ref("ErrorResponse"), (path, status)
+    assert {m for item in paths.values() for m in item} == {"get", "post"} and set(bodies) < set(paths)
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        assert set(paths[path]["post"]["responses"]) == {"200", "400", "404", "413", "429", "500", "503"}
+    assert ok("/v1/completions")["application/json"]["schema"] == ref("CompletionResponse")
+    assert ok("/v1/chat/completions")["application/json"]["schema"] == ref("ChatCompletionResponse")
+    for path, chunk in [("/v1/completions", "CompletionResponse"),
+                        ("/v1/chat/completions", "ChatCompletionChunk")]:
+        done, data = ok(path)["text/event-stream"]["schema"]["properties"]["data"]["anyOf"]
+        assert done == {"const": "[DONE]", "description": "the last event"}
+        assert data["contentMediaType"] == "application/json"
+        assert data["contentSchema"]["anyOf"] == [ref(chunk), ref("ErrorResponse")]
+    assert ok("/v1/feedback")["application/json"]["schema"] == ref("FeedbackResponse")
+    assert ok("/v1/models", "get")["application/json"]["schema"] == ref("ModelList")
+    assert ok("/v1/models/{model_id}", "get")["application/json"]["schema"] == ref("ModelCard")
+    not_found = paths["/v1/models/{model_id}"]["get"]["responses"]["404"]["content"]["application/json"]
+    assert not_found["schema"] == ref("ErrorResponse")
+    for status in ("200", "503"):
+        health = paths["/health"]["get"]["responses"][status]["content"]["application/json"]["schema"]
+        assert health == ref("HealthResponse")
+    assert ok("/metrics", "get") == {"text/plain": {"schema": {"type": "string"}}}
+    assert schemas["ErrorDetail"]["required"] == ["message", "type", "param", "code"]
+    refs = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(doc)))
+    assert refs <= set(schemas), f"dangling references: {refs - set(schemas)}"
+
+
+async def test_openapi_states_this_deployments_models_and_limits(gw) -> None:
+    """Generated requests then name served models, fit the context and stay in the vocabulary."""
+    schemas = (await gw.client.get("/openapi.json")).json()["components"]["schemas"]
+    engine = gw.core.engine
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        props = schemas[name]["properties"]
+        assert props["model"]["enum"] == ["ensemble", *EXPERT_NAMES]
+        assert props["max_tokens"]["anyOf"][0]["maximum"] == MAX_MODEL_LEN - 1
+        assert props["experts_per_token"]["anyOf"][0]["maximum"] == len(EXPERT_NAMES)
+    prompt = schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"]
+    assert prompt[1]["items"]["maximum"] == prompt[3]["items"]["items"]["maximum"] == engine.vocab_size - 1
+    examples = {}
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        op = (await gw.client.get("/openapi.json")).json()["paths"][path]["post"]
+        examples |= {f"{path} {k}": v["value"] for k, v in op["requestBody"]["content"]["application/json"]
+                     ["examples"].items()}
+    assert any(e.get("stream") for e in examples.values())
+    for name, body in examples.items():         # the documented examples work as written
+        r = await post(gw, name.split()[0], body)
+        assert r.status_code == 200, (name, r.text)

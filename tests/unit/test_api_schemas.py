@@ -1,4 +1,5 @@
-"""Request validation names the offending parameter; response builders render routing readably."""
+"""Request validation names the offending parameter and takes nothing the schema refuses; responses parse as
+the `openai` package's own types; response builders render routing readably."""
 
 from __future__ import annotations
 
@@ -60,9 +61,104 @@ def test_prompt_forms_and_text_parts() -> None:
     assert msg.text() == "ab"
 
 
-def test_unknown_fields_are_ignored_and_never_logged() -> None:
-    req = api.CompletionRequest.model_validate({"model": "m", "prompt": "x", "api_key": "sk-123", "seed": 3})
-    assert "api_key" not in req.log_params() and req.log_params()["seed"] == 3
+@pytest.mark.parametrize("body, param", [
+    ({"model": "m", "prompt": "x", "api_key": "sk-123"}, "api_key"),
+    ({"model": "m", "prompt": "x", "stream_options": {"include_usage": True, "chunk_size": 4}},
+     "stream_options.chunk_size"),
+])
+def test_unknown_fields_are_refused_by_name(body: dict, param: str) -> None:
+    err = error_of(api.CompletionRequest, body)
+    assert err.param == param and err.message == f"{param}: unrecognized parameter"
+
+
+def test_unknown_fields_in_a_message_are_refused_by_name() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi", "tool_calls": []}]}
+    assert error_of(api.ChatCompletionRequest, body).param == "messages.0.tool_calls"
+
+
+def test_log_params_keep_sampling_parameters_only() -> None:
+    req = api.CompletionRequest.model_validate({"model": "m", "prompt": "secret prompt", "seed": 3})
+    assert req.log_params() == {"model": "m", "seed": 3, "stream": False, "return_routing": False,
+                                "ignore_eos": False, "echo": False}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", "0.5"), ("max_tokens", "16"), ("max_tokens", 16.5), ("max_tokens", True), ("stream", 1),
+    ("stream", "true"), ("seed", 1.5), ("logprobs", False), ("echo", "yes"),
+])
+def test_values_of_the_wrong_json_type_are_refused_not_coerced(field: str, value) -> None:
+    err = error_of(api.CompletionRequest, {"model": "m", "prompt": "x", field: value})
+    assert err.param == field and err.code == "invalid_parameter"
+
+
+@pytest.mark.parametrize("schema, body, param, says", [
+    (api.CompletionRequest, {"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens", "0 only with echo"),
+    (api.CompletionRequest, {"model": "m", "prompt": "x", "echo": True, "stream": True}, "echo", "stream"),
+    (api.ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                 "top_logprobs": 3}, "top_logprobs", "requires logprobs"),
+    (api.ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": ""},
+                                                           {"role": "tool"}]},
+     "messages", "every message is empty"),
+])
+def test_rules_between_parameters_name_a_parameter(schema, body: dict, param: str, says: str) -> None:
+    err = error_of(schema, body)
+    assert err.param == param and err.message.startswith(f"{param}: ") and says in err.message
+
+
+@pytest.mark.parametrize("prompt", ["", [], [[]], [""]])
+def test_an_empty_prompt_is_refused(prompt) -> None:
+    err = error_of(api.CompletionRequest, {"model": "m", "prompt": prompt})
+    assert err.param == "prompt" and "empty" in err.message
+
+
+def test_a_union_error_reports_the_member_the_input_meant() -> None:
+    """An image part fails inside the list-of-parts member; "should be a valid string" would mislead."""
+    body = {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}
+    err = error_of(api.ChatCompletionRequest, body)
+    assert err.param == "messages.0.content.0" and "only text content parts are supported" in err.message
+    err = error_of(api.CompletionRequest, {"model": "m", "prompt": {"text": "x"}})
+    assert err.param == "prompt" and err.message.startswith("prompt: Input should be one of: str, list[int]")
+
+
+@pytest.mark.parametrize("model, mode", [(api.CompletionRequest, "validation"), (api.ChatCompletionRequest,
+                                                                                  "validation")])
+def test_request_schemas_refuse_unknown_fields_and_state_the_rules(model, mode) -> None:
+    schema = model.model_json_schema(mode=mode)
+    assert schema["additionalProperties"] is False and schema["allOf"]
+    props = schema["properties"]
+    assert props["n"]["maximum"] == 1 and props["logit_bias"]["maxProperties"] == 0
+    text = {"type": "string", "minLength": 1}
+    assert {"type": "array", "items": text, "maxItems": api.MAX_STOP_STRINGS} in props["stop"]["anyOf"]
+
+
+def test_responses_parse_as_the_openai_packages_types() -> None:
+    """Our models extend OpenAI's shapes (routing, usage.expert_tokens); a client typed with `openai` reads
+    them."""
+    from openai.types import Completion, Model
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    usage = api.Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5, expert_tokens={"code": 2})
+    routing = api.Routing(gate_version="g1", share={"code": 1.0},
+                          tokens=[api.TokenRoute(index=0, token="x", experts={"code": 1.0})])
+    head = {"id": "cmpl-1", "created": 1, "model": "ensemble", "system_fingerprint": "g1"}
+    lp = api.CompletionLogprobs(tokens=["a"], token_logprobs=[-0.5], top_logprobs=[{"a": -0.5}],
+                                text_offset=[0])
+    completion = api.CompletionResponse(**head, usage=usage, choices=[
+        api.CompletionChoice(text="ab", logprobs=lp, finish_reason="length", routing=routing)]).model_dump()
+    parsed = Completion.model_validate(completion)
+    assert parsed.usage.total_tokens == 5 and parsed.choices[0].model_extra["routing"]["gate_version"] == "g1"
+    top = api.ChatTokenLogprob(token="a", logprob=-0.5, bytes=[97],
+                               top_logprobs=[api.TopLogprob(token="a", logprob=-0.5)])
+    chat = api.ChatCompletionResponse(**head, usage=usage, choices=[api.ChatChoice(
+        message=api.AssistantMessage(content="hi"), finish_reason="stop",
+        logprobs=api.ChatLogprobs(content=[top]))]).model_dump()
+    assert ChatCompletion.model_validate(chat).choices[0].logprobs.content[0].top_logprobs[0].logprob == -0.5
+    for delta, finish in [(api.ChatDelta(role="assistant", content=""), None),
+                          (api.ChatDelta(content="hi"), "length")]:
+        choice = api.ChatChunkChoice(delta=delta, finish_reason=finish)
+        chunk = api.ChatCompletionChunk(**head, choices=[choice])
+        assert ChatCompletionChunk.model_validate(chunk.model_dump()).choices[0].delta.content in ("", "hi")
+    assert Model.model_validate(api.ModelCard(id="code", created=1).model_dump()).owned_by == "ensemble"
 
 
 def test_chat_log_params_keep_the_messages() -> None:

@@ -53,7 +53,7 @@ def test_mixture_is_a_distribution_over_the_full_vocabulary(space, w):
 
 def test_probability_space_is_the_weighted_average_of_probabilities():
     ids, lps = two_experts()
-    mixed = mix(ids, lps, torch.tensor([[0.3, 0.7]]), V, "probs")
+    mixed = mix(ids, lps, torch.tensor([[0.3, 0.7]]), V, "probs", interp=0.0)     # the plain floor
     floors = expert_floor(lps[0], V)
     for tok in range(V):
         p = 0.0
@@ -65,7 +65,7 @@ def test_probability_space_is_the_weighted_average_of_probabilities():
 
 def test_logit_space_adds_weighted_logprobs_then_normalises():
     ids, lps = two_experts()
-    mixed = mix(ids, lps, torch.tensor([[0.5, 0.5]]), V, "logits")
+    mixed = mix(ids, lps, torch.tensor([[0.5, 0.5]]), V, "logits", interp=0.0)
     floors = expert_floor(lps[0], V)
     raw = torch.zeros(V)
     for tok in range(V):
@@ -75,6 +75,43 @@ def test_logit_space_adds_weighted_logprobs_then_normalises():
     expected = torch.log_softmax(raw, 0)
     got = torch.log(full_distribution(mixed))
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def expert_representation(ids, lps, weights, s, interp):
+    """Dense [V] probabilities that expert s is taken to assign under the cross-listed rule."""
+    from gating.mix import cross_listed_values, first_occurrence
+
+    cand = ids.reshape(1, -1)
+    values, floor = cross_listed_values(cand, first_occurrence(cand), ids, lps, weights, V, interp)
+    p = torch.full((V,), float(floor[0, s].exp()))
+    for c, v in zip(cand[0].tolist(), values[0, s]):
+        p[c] = v.exp()
+    return p
+
+
+@pytest.mark.parametrize("interp", [0.25, 0.75, 1.0])
+def test_cross_listed_guess_keeps_each_expert_a_distribution_between_floor_and_kth(interp):
+    ids, lps = two_experts()
+    weights = torch.tensor([[0.4, 0.6]])
+    for s in range(2):
+        p = expert_representation(ids, lps, weights, s, interp)
+        assert float(p.sum()) == pytest.approx(1.0, abs=1e-5)
+        other = [t for t in ids[0, 1 - s].tolist() if t not in ids[0, s].tolist()]
+        assert other
+        for t in other:
+            assert float(expert_floor(lps[0, s], V).exp()) <= float(p[t]) <= float(lps[0, s, -1].exp()) + 1e-7
+        for t, v in zip(ids[0, s].tolist(), lps[0, s]):               # its own top-k untouched
+            assert float(p[t]) == pytest.approx(float(v.exp()), rel=1e-5)
+
+
+@pytest.mark.parametrize("space", ["logits", "probs"])
+def test_cross_listed_guess_raises_the_tokens_the_other_expert_lists(space):
+    ids, lps = two_experts()
+    w = torch.tensor([[0.5, 0.5]])
+    plain, guessed = mix(ids, lps, w, V, space, interp=0.0), mix(ids, lps, w, V, space, interp=0.75)
+    only_b = torch.tensor([t for t in ids[0, 1].tolist() if t not in ids[0, 0].tolist()])
+    assert bool((logprob_of(guessed, only_b[:1]) > logprob_of(plain, only_b[:1])).all())
+    assert float(full_distribution(guessed).sum()) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_shared_candidates_are_counted_once():
@@ -117,3 +154,25 @@ def test_gate_weights_follow_mixtral_rule():
         gate_weights(torch.zeros(1, 4), 5)
     _, w1 = gate_weights(torch.zeros(1, 4), 1)
     assert w1.tolist() == [[1.0]]
+
+
+def test_tail_slot_makes_sampling_match_the_reported_distribution():
+    from gating.mix import TAIL_SLOT, draw_outside, with_tail_slot
+
+    ids, lps = two_experts()
+    mixed = mix(ids, lps, torch.tensor([[0.5, 0.5]]), V, "probs")
+    slot_ids, slot_lps = with_tail_slot(mixed, V)
+    assert int(slot_ids[0, -1]) == TAIL_SLOT
+    assert float(torch.logsumexp(slot_lps[0], 0)) == pytest.approx(0.0, abs=1e-5)     # nothing truncated
+    rng = torch.Generator().manual_seed(0)
+    counts = torch.zeros(V)
+    probs = torch.softmax(slot_lps[0], 0)
+    for _ in range(4000):
+        j = int(torch.multinomial(probs, 1, generator=rng))
+        tok = int(slot_ids[0, j]) if j < slot_ids.shape[1] - 1 else draw_outside(mixed.cand_ids[0], V, rng)
+        counts[tok] += 1
+    assert float((counts / counts.sum() - full_distribution(mixed)).abs().max()) < 0.03
+    # temperature: the slot carries n_tail · exp(tail/T), as the tokens would one by one
+    _, cold = with_tail_slot(mixed, V, 0.5)
+    n_tail = V - int(mixed.first.sum())
+    assert float(cold[0, -1] / 0.5) == pytest.approx(math.log(n_tail) + float(mixed.tail_logprob[0]) / 0.5, rel=1e-5)

@@ -1,0 +1,164 @@
+"""Tools for the fault tests: find the real processes behind Serve replicas, run streams in threads, and wait
+for the service to recover. No mocks: faults are signals sent to real replica and engine processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from deploy.replicas import ReplicaInfo
+from deploy.replicas import replicas as live_replicas
+
+
+def replicas(app: str, deployment: str) -> list[ReplicaInfo]:
+    """The RUNNING replicas of one deployment, with their pids, as Serve's controller reports them."""
+    return [r for r in live_replicas(app, deployment) if r.pid]
+
+
+def children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command name) of every descendant of pid, from /proc."""
+    parent_of: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        parent_of[int(entry)] = int(stat[stat.rindex(")") + 2:].split()[1])
+        names[int(entry)] = name
+    out, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        for c, pp in parent_of.items():
+            if pp == p:
+                out.append((c, names[c]))
+                frontier.append(c)
+    return out
+
+
+def engine_core_pid(replica_pid: int) -> int:
+    cores = [p for p, name in children(replica_pid) if name.startswith("VLLM::EngineCor")]   # comm is cut at 15 chars
+    assert len(cores) == 1, f"expected one vLLM EngineCore under replica pid {replica_pid}: {children(replica_pid)}"
+    return cores[0]
+
+
+def kill(pid: int, sig: int = signal.SIGKILL) -> None:
+    os.kill(pid, sig)
+
+
+def wait_for(what: str, predicate, timeout_s: float = 300.0, poll_s: float = 0.5):
+    """Poll `predicate` until it returns a truthy value (returned), or fail naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - the service may be mid-restart
+            last_error = exc
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last error: {last_error!r})")
+
+
+def health(base_url: str) -> dict:
+    return httpx.get(f"{base_url}/health", timeout=30).json()
+
+
+def wait_all_experts_ok(base_url: str, names: list[str], timeout_s: float = 400.0) -> None:
+    """Until /health reports every expert ok (not down, not recently failing) and each one answers alone."""
+
+    def ok() -> bool:
+        body = health(base_url)
+        if any(body["experts"][n]["state"] == "down" for n in names):
+            return False
+        for n in names:
+            r = httpx.post(f"{base_url}/v1/completions", timeout=120,
+                           json={"model": n, "prompt": "a", "max_tokens": 2, "ignore_eos": True})
+            if r.status_code != 200:
+                return False
+        return health(base_url)["status"] == "ok"
+
+    wait_for(f"experts {names} to be ok again", ok, timeout_s, poll_s=2.0)
+
+
+@dataclass
+class StreamRun:
+    """One streamed completion read in a thread; `started` is set once `after_tokens` tokens arrived."""
+
+    base_url: str
+    body: dict
+    after_tokens: int = 4
+    started: threading.Event = field(default_factory=threading.Event)
+    text: str = ""
+    tokens: int = 0
+    finish_reason: str | None = None
+    usage: dict | None = None
+    error: str | None = None
+    status: int | None = None
+    request_id: str | None = None
+    degraded_positions: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> StreamRun:
+        self._thread.start()
+        return self
+
+    def join(self, timeout_s: float = 600.0) -> None:
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), f"stream {self.request_id} still running after {timeout_s:.0f} s"
+
+    def _run(self) -> None:
+        body = {**self.body, "stream": True, "stream_options": {"include_usage": True}, "return_routing": True}
+        try:
+            with httpx.stream("POST", f"{self.base_url}/v1/completions", json=body, timeout=300) as r:
+                self.status, self.request_id = r.status_code, r.headers.get("x-ensemble-request-id")
+                if r.status_code != 200:
+                    self.error = r.read().decode()
+                    return
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        self.error = chunk["error"]["message"]
+                        continue
+                    if chunk.get("usage"):
+                        self.usage = chunk["usage"]
+                    for choice in chunk.get("choices", []):
+                        self.text += choice.get("text", "")
+                        routing = choice.get("routing") or {}
+                        self.tokens += len(routing.get("tokens", []))
+                        self.degraded_positions += routing.get("degraded", [])
+                        self.finish_reason = choice.get("finish_reason") or self.finish_reason
+                    if self.tokens >= self.after_tokens:
+                        self.started.set()
+        except Exception as exc:  # noqa: BLE001 - recorded, the test asserts on it
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.started.set()
+
+
+def run_streams(base_url: str, bodies: list[dict], fault=None, after_tokens: int = 4) -> list[StreamRun]:
+    """Start one stream per body; once every stream has `after_tokens` tokens, call fault(); wait for all."""
+    runs = [StreamRun(base_url, b, after_tokens).start() for b in bodies]
+    for run in runs:
+        assert run.started.wait(300), "a stream never started"
+    if fault is not None:
+        fault()
+    for run in runs:
+        run.join()
+    return runs

@@ -1,0 +1,264 @@
+"""Faults on the real service (Serve + vLLM experts): real processes are killed, stopped and disconnected.
+
+- an expert's only replica is SIGKILLed mid-stream: no stream fails, the tokens it missed are marked degraded
+  (response, traffic log, metric), /health says so, and the expert is used again once Serve replaced it;
+- one of two replicas of an expert is SIGKILLed: its sessions migrate to the other replica by replaying
+  their tokens, and the temperature-0 outputs are identical to a run without the kill;
+- a replica's vLLM EngineCore process is SIGKILLed: Serve's health check replaces the replica, no stream fails;
+- a replica hangs (SIGSTOP): the per-step timeout treats it as dead, no stream fails;
+- 200 clients cut their sockets mid-stream (RST): every session and generation on every expert replica is
+  closed, and every request is in the traffic log.
+
+Each test leaves the service healthy (it waits for Serve to replace what it killed), so later modules run on
+an intact service. Runs inside the session's live gateway (tests/integration/gateway_fixtures.py).
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import struct
+import threading
+
+import httpx
+import pytest
+
+from deploy.config import Application, DeployConfig
+from tests.integration.faults import (
+    engine_core_pid,
+    health,
+    kill,
+    replicas,
+    run_streams,
+    wait_all_experts_ok,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = ["def parse_config(path):", "The river wound through the valley", "Solve: 12 * (3 + 4) =",
+           '{"items": [', "import os\nimport sys\n", "Once upon a time"]
+
+
+def bodies(n: int = 6, **extra) -> list[dict]:
+    # experts_per_token=4: every token asks every expert, so a fault on any expert hits every stream.
+    return [{"model": "ensemble", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 48, "ignore_eos": True,
+             "experts_per_token": 4, "temperature": 0.8, **extra} for i in range(n)]
+
+
+def the_replica(gw, expert: str):
+    (only,) = wait_for(f"one live replica of {expert}", lambda: replicas(gw.app_name, f"expert-{expert}") or None)
+    return only
+
+
+def metric(gw, name: str) -> float:
+    text = httpx.get(f"{gw.base_url}/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def assert_no_stream_failed(runs) -> None:
+    for run in runs:
+        assert run.error is None and run.status == 200, (run.request_id, run.status, run.error)
+        assert run.finish_reason == "length" and run.usage["completion_tokens"] == 48, (run.request_id, run.usage)
+
+
+@pytest.fixture
+def healthy_after(live_gateway):
+    """Every expert is ok before the test and again after it (Serve replaced what the test killed)."""
+    names = [e.name for e in live_gateway.config.experts]
+    wait_all_experts_ok(live_gateway.base_url, names)
+    yield live_gateway
+    wait_all_experts_ok(live_gateway.base_url, names)
+
+
+def test_killing_an_experts_only_replica_degrades_its_tokens_and_fails_no_stream(healthy_after) -> None:
+    gw = healthy_after
+    victim = the_replica(gw, "math")
+    degraded_before = metric(gw, "ensemble_degraded_tokens_total")
+    runs = run_streams(gw.base_url, bodies(), fault=lambda: kill(victim.pid))
+
+    assert_no_stream_failed(runs)
+    for run in runs:
+        assert run.usage["degraded_tokens"] >= 1 and run.degraded_positions, (run.request_id, run.usage)
+        assert len(run.degraded_positions) == run.usage["degraded_tokens"]
+    report = health(gw.base_url)
+    assert report["status"] == "degraded" and report["experts"]["math"]["state"] in ("down", "degraded"), report
+    assert metric(gw, "ensemble_degraded_tokens_total") - degraded_before >= sum(len(r.degraded_positions)
+                                                                                for r in runs)
+    records = gw.records()
+    for run in runs:
+        assert list(records[run.request_id].degraded_tokens) == run.degraded_positions, run.request_id
+
+    # Serve replaces the replica; the gate's choice of math is honoured again (no degraded token).
+    wait_for("a new math replica", lambda: [r for r in replicas(gw.app_name, "expert-math") if r.pid != victim.pid])
+    wait_all_experts_ok(gw.base_url, [e.name for e in gw.config.experts])
+    (after,) = run_streams(gw.base_url, bodies(1))
+    assert after.error is None and after.usage["degraded_tokens"] == 0, after.usage
+
+
+@pytest.fixture
+def two_code_replicas(healthy_after):
+    """The live app with 2 replicas of `code` (a deployment override: nothing else restarts), then 1 again."""
+    from deploy.app import deploy
+
+    gw = healthy_after
+    app = gw.deploy_config.applications[0]
+    scaled = Application.model_validate({**app.model_dump(), "deployments": [
+        {"name": "expert-code", "num_replicas": 2}]})
+    deploy(DeployConfig.model_validate({**gw.deploy_config.model_dump(), "applications": [scaled.model_dump()]}))
+    wait_for("two code replicas", lambda: len(replicas(gw.app_name, "expert-code")) == 2)
+    yield gw
+    deploy(gw.deploy_config)
+    wait_for("one code replica", lambda: len(replicas(gw.app_name, "expert-code")) == 1)
+
+
+def test_killing_one_of_two_replicas_migrates_sessions_with_identical_output(two_code_replicas) -> None:
+    gw = two_code_replicas
+    greedy = bodies(temperature=0)
+    reference = run_streams(gw.base_url, greedy)
+    assert_no_stream_failed(reference)
+
+    pids = {r.pid for r in replicas(gw.app_name, "expert-code")}
+    migrations_before = metric(gw, "ensemble_session_migrations_total")
+
+    def kill_the_busier_replica() -> None:     # streams are running: both replicas hold some of their sessions
+        victim = max(replicas(gw.app_name, "expert-code"), key=lambda r: sessions_on(gw, "code", r.replica_id))
+        assert sessions_on(gw, "code", victim.replica_id) > 0
+        kill(victim.pid)
+
+    killed = run_streams(gw.base_url, greedy, fault=kill_the_busier_replica)
+
+    assert_no_stream_failed(killed)
+    assert metric(gw, "ensemble_session_migrations_total") > migrations_before, "the kill moved no session"
+    for ref, run in zip(reference, killed):
+        assert run.usage["degraded_tokens"] == 0, run.usage        # the other replica answered every step
+        assert run.text == ref.text, (run.request_id, ref.text, run.text)
+    wait_for("Serve to replace the killed replica",
+             lambda: len(replicas(gw.app_name, "expert-code")) == 2
+             and {r.pid for r in replicas(gw.app_name, "expert-code")} != pids)
+
+
+def sessions_on(gw, expert: str, replica_id: str) -> int:
+    """Open sessions of one replica, asked of that replica itself (the router pins calls with `replica=`)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(f"expert-{expert}", gw.app_name)
+    return handle.stats.remote(replica=replica_id).result(timeout_s=30).open_sessions
+
+
+def test_killing_a_replicas_engine_core_gets_it_replaced_and_fails_no_stream(healthy_after) -> None:
+    gw = healthy_after
+    victim = the_replica(gw, "prose")
+    core = engine_core_pid(victim.pid)
+    runs = run_streams(gw.base_url, bodies(), fault=lambda: kill(core))
+    assert_no_stream_failed(runs)
+    assert any(run.usage["degraded_tokens"] for run in runs), "the dead engine answered?"
+    wait_for("Serve to replace the replica whose engine died",
+             lambda: [r for r in replicas(gw.app_name, "expert-prose") if r.pid != victim.pid])
+
+
+def test_a_hung_replica_times_out_and_fails_no_stream(healthy_after) -> None:
+    gw = healthy_after
+    victim = the_replica(gw, "json")
+    try:
+        runs = run_streams(gw.base_url, bodies(), fault=lambda: kill(victim.pid, signal.SIGSTOP))
+        assert_no_stream_failed(runs)
+        assert all(run.usage["degraded_tokens"] for run in runs), [r.usage for r in runs]
+        assert health(gw.base_url)["experts"]["json"]["state"] in ("down", "degraded")
+    finally:
+        try:
+            kill(victim.pid, signal.SIGCONT)      # Serve may have replaced (killed) it already
+        except ProcessLookupError:
+            pass
+
+
+def _cut_stream(host: str, port: int, body: bytes, ids: list, errors: list) -> None:
+    """A real client that reads the first event of a stream, then resets the TCP connection."""
+    try:
+        s = socket.create_connection((host, port), timeout=300)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        seen = b""
+        while b"data: " not in seen:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed before the first event: {seen[:200]!r}")
+            seen += chunk
+        head = seen.split(b"\r\n\r\n", 1)[0].decode()
+        assert head.startswith("HTTP/1.1 200"), head
+        ids.append(next(line.split(":", 1)[1].strip() for line in head.split("\r\n")
+                        if line.lower().startswith("x-ensemble-request-id:")))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))   # close = RST
+        s.close()
+    except Exception as exc:  # noqa: BLE001
+        errors.append(repr(exc))
+
+
+def test_clients_cutting_200_streams_leave_no_session_or_generation_open(healthy_after) -> None:
+    import json
+
+    gw = healthy_after
+    host, port = gw.base_url.removeprefix("http://").split(":")
+    expert = gw.config.experts[0].name
+    ids: list[str] = []
+    errors: list[str] = []
+    # At most 32 clients at once: below the gateway's admission limit (48), so every request is served and
+    # then cut (above it, 429s are the expected answer; tests/unit/test_admission.py covers that).
+    running = threading.Semaphore(32)
+
+    def client(i: int) -> None:
+        # three in four through the mixing loop (sessions), one in four on an expert's native path (generations)
+        model = expert if i % 4 == 3 else "ensemble"
+        body = json.dumps({"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 200,
+                           "ignore_eos": True, "stream": True}).encode()
+        with running:
+            _cut_stream(host, int(port), body, ids, errors)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert not errors, errors[:5]
+    assert len(ids) == 200
+
+    def all_closed() -> bool:
+        if health(gw.base_url)["in_flight"]:
+            return False
+        from ray import serve
+
+        for name in [e.name for e in gw.config.experts]:
+            handle = serve.get_deployment_handle(f"expert-{name}", gw.app_name)
+            for r in replicas(gw.app_name, f"expert-{name}"):
+                stats = handle.stats.remote(replica=r.replica_id).result(timeout_s=30)
+                if stats.open_sessions or stats.generations:
+                    return False
+        return True
+
+    wait_for("every session and generation to be closed", all_closed, timeout_s=120)
+    records = gw.records()
+    for rid in ids:
+        assert rid in records and records[rid].complete and records[rid].status == 499, (rid, records.get(rid))
+
+
+def test_killing_the_gateway_replica_under_load_loses_no_committed_row_and_a_new_one_serves(healthy_after) -> None:
+    import sqlite3
+
+    gw = healthy_after
+    before_ids = {rid for rid, rec in gw.records().items() if rec.complete}      # flushed: committed rows
+    (victim,) = wait_for("the gateway replica", lambda: replicas(gw.app_name, "gateway") or None)
+    runs = run_streams(gw.base_url, bodies(), fault=lambda: kill(victim.pid))
+
+    # In-flight streams end at once with a broken connection, not a hang and not a made-up completion.
+    for run in runs:
+        assert run.error is not None or run.finish_reason is None, (run.request_id, run.finish_reason)
+    with sqlite3.connect(gw.db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    wait_for("a new gateway replica", lambda: [r for r in replicas(gw.app_name, "gateway") if r.pid != victim.pid])
+    wait_all_experts_ok(gw.base_url, [e.name for e in gw.config.experts])
+    after = gw.records()
+    assert before_ids <= set(after), f"{len(before_ids - set(after))} committed rows lost"
+    r = httpx.post(f"{gw.base_url}/v1/completions", timeout=120,
+                   json={"model": "ensemble", "prompt": "x = ", "max_tokens": 4, "ignore_eos": True})
+    assert r.status_code == 200 and r.headers["x-ensemble-request-id"] in gw.records()

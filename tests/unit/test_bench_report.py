@@ -1,0 +1,65 @@
+"""The bench's arithmetic (deploy/bench: load.summarise, report.ratios, phases.per_token) on made-up timings.
+
+No server and no clock: these check that the numbers `ensemble bench` prints are the ones its rows imply.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from deploy.bench import phases, report
+from deploy.bench.load import LevelResult, RequestTiming, percentile, summarise
+
+
+def level(target: str, c: int, wall_s: float, tokens: int, ttft_s: float, tpot_s: float, n: int = 4,
+          failed: int = 0) -> LevelResult:
+    ok = [RequestTiming(ok=True, ttft_s=ttft_s, last_s=ttft_s + tpot_s * (tokens - 1), tokens=tokens,
+                        itl_s=[tpot_s] * (tokens - 1)) for _ in range(n)]
+    bad = [RequestTiming(ok=False, status=429, error="busy") for _ in range(failed)]
+    return LevelResult(target, c, wall_s, ok + bad)
+
+
+def test_percentile_is_nearest_rank() -> None:
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile(list(range(101)), 99) == 99
+
+
+def test_summary_counts_only_successful_tokens_and_reports_tpot_and_errors() -> None:
+    row = summarise([level("vllm", 1, wall_s=2.0, tokens=11, ttft_s=0.05, tpot_s=0.01, n=4, failed=1)])
+    assert row["tokens"] == 44 and row["tokens_per_s"] == 22.0 and row["requests"] == 5
+    assert row["ttft_ms_p50"] == 50.0 and row["itl_ms_p50"] == pytest.approx(10.0)
+    assert row["errors"] == {"429": 1}
+
+
+def test_ratios_compare_each_side_with_vllm_at_the_same_concurrency() -> None:
+    rows = [summarise([level(name, c, wall_s=1.0, tokens=10 * k, ttft_s=0.01 * k, tpot_s=0.001 * k)])
+            for c in (1, 8) for name, k in (("vllm", 4), ("gateway_single", 3), ("ensemble_top1", 2),
+                                            ("ensemble_top2", 1))]
+    r = report.ratios(rows)
+    assert (r["concurrency_low"], r["concurrency_high"]) == (1, 8)
+    # throughput is tokens over wall time: 30/40, 10/40
+    assert r["gateway_single_tp"] == pytest.approx(0.75, abs=0.02) and r["ensemble_top2_tp"] == pytest.approx(0.25, abs=0.02)
+    assert r["gateway_single_itl_c1"] == pytest.approx(0.75) and r["ensemble_top2_itl_c1"] == pytest.approx(0.25)
+    assert r["gateway_single_ttft_ms_over_c1"] == pytest.approx(-10.0)
+    table = report.format_table(rows)
+    assert "gateway_single" in table and "0.75" in table
+
+
+def test_a_missing_side_gives_no_ratio_rather_than_a_wrong_one() -> None:
+    rows = [summarise([level("gateway_single", 1, 1.0, 10, 0.01, 0.001)])]
+    assert report.ratios(rows)["gateway_single_tp"] is None
+
+
+def test_phase_breakdown_is_per_generated_token_and_orchestration_share_of_the_round() -> None:
+    before = {"round": 1.0, "gate": 0.1, "mix": 0.1, "sample": 0.0, "rpc": 0.2, "expert": 0.5, "_tokens": 100}
+    after = {"round": 3.0, "gate": 0.2, "mix": 0.2, "sample": 0.1, "rpc": 0.4, "expert": 1.5, "_tokens": 1100}
+    b = phases.per_token("ensemble_top2", 8, phases.delta(before, after))
+    assert b["tokens"] == 1000 and b["us_per_token"]["round"] == pytest.approx(2000.0)
+    assert b["orchestration_share"] == pytest.approx((0.1 + 0.1 + 0.1 + 0.2) / 2.0)
+
+
+def test_plot_writes_a_png(tmp_path) -> None:
+    rows = [summarise([level(n, c, 1.0, 10, 0.01, 0.001)]) for n in report.ORDER for c in (1, 8)]
+    report.plot(rows, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

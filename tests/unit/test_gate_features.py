@@ -1,0 +1,109 @@
+"""Observed-features gate: the features are one pure function, and serving computes exactly what training used."""
+
+import math
+
+import torch
+
+from experts.protocol import TopK
+from gating.checkpoint import GateCheckpoint
+from gating.evaluate import gate_logits_for
+from gating.features import FEATURES_PER_EXPERT, Memory, signals, step_features, unobserved_features
+from gating.model import Gate, GateArgs
+from gating.rollout import corpus_signals, padded_signals, rollout, top_k_rule
+from gating.runtime import GateRuntime
+from tests.unit.test_gate_training import NAMES, V, synthetic_corpus
+
+E = len(NAMES)
+
+
+def observed_gate(seed: int = 0) -> Gate:
+    torch.manual_seed(seed)
+    return Gate(GateArgs(V, E, 8, 16, 0.0, features="observed")).eval()
+
+
+def test_features_read_only_the_selected_experts():
+    ids = torch.tensor([[[5, 6], [7, 8], [5, 9]]])                    # [1, E, K]
+    lps = torch.log(torch.tensor([[[0.5, 0.2], [0.4, 0.1], [0.3, 0.3]]]))
+    sig = signals(ids, lps, torch.tensor([5]), V)
+    observed = torch.tensor([[True, False, True]])
+    feats, memory = step_features(Memory.initial(1, E), observed, sig)
+    f = feats.view(1, E, FEATURES_PER_EXPERT)
+    assert f[0, 1].tolist()[:5] == [0.0, 0.0, 0.0, 0.0, 0.0]         # expert 1 was not selected: nothing read
+    assert f[0, 0, 0] == 1 and math.isclose(float(f[0, 0, 1]), math.log(0.5) / 10, rel_tol=1e-5)
+    assert f[0, 0, 2] == 1 and math.isclose(float(f[0, 0, 3]), 0.7, rel_tol=1e-5)
+    assert memory.skipped.tolist() == [[0.0, 1.0, 0.0]] and memory.seen.tolist() == [[1.0, 0.0, 1.0]]
+    # unselected experts' values may be anything: changing them changes nothing
+    lps2 = lps.clone()
+    lps2[0, 1] = torch.log(torch.tensor([0.9, 0.05]))
+    feats2, _ = step_features(Memory.initial(1, E), observed, signals(ids, lps2, torch.tensor([5]), V))
+    assert torch.equal(feats, feats2)
+
+
+def test_unobserved_features_equal_stepping_token_by_token():
+    memory = Memory(torch.rand(2, E), torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 5.0]]), torch.ones(2, E))
+    block, after = unobserved_features(memory, 5)
+    m = memory
+    for i in range(5):
+        f, m = step_features(m, torch.zeros(2, E, dtype=torch.bool), None)
+        assert torch.allclose(block[:, i], f)
+    assert all(torch.equal(a, b) for a, b in zip(after, m))
+
+
+def test_serving_steps_reproduce_the_training_rollout():
+    """Prefill a prompt, then step token by token with only the selected experts' top-k, as the decode loop does:
+    the routing logits equal the teacher-forced rollout used by training and `ensemble eval`."""
+    corpus = synthetic_corpus(n_docs=3, length=30)
+    gate = observed_gate()
+    ckpt = GateCheckpoint("gate-v1", gate.args, gate.state_dict(), NAMES, "fp", top_k=2, mix_space="probs")
+    rt = GateRuntime.from_checkpoint(ckpt)
+    for d in range(corpus.n_docs):
+        rows = corpus.doc_rows(d)
+        seq = corpus.sequences[d]
+        prompt = 7
+        sig = corpus_signals(corpus.ids[rows], corpus.lps[rows], corpus.targets[rows], V)
+        want = rollout(gate, torch.tensor([seq]), padded_signals(sig, [len(seq) - 1]), top_k_rule(2),
+                       torch.tensor([prompt]))[0]
+        state = rt.prefill(seq[:prompt])
+        got = [state.logits]
+        for j in range(prompt, len(seq) - 1):                        # row j-1 produced token seq[j]
+            chosen = state.logits.topk(2).indices.tolist()
+            observed = {e: TopK(tuple(corpus.ids[rows][j - 1, e].tolist()), tuple(corpus.lps[rows][j - 1, e].tolist()))
+                        for e in chosen}                          # the experts that produced seq[j]
+            state = rt.step([state], [seq[j]], [observed])[0]
+            got.append(state.logits)
+        assert torch.allclose(torch.stack(got), want[prompt - 1:len(seq) - 1], atol=1e-5)
+
+
+def test_echo_scoring_and_offline_evaluation_route_alike():
+    corpus = synthetic_corpus(n_docs=4, length=25)
+    gate = observed_gate(1)
+    ckpt = GateCheckpoint("gate-v1", gate.args, gate.state_dict(), NAMES, "fp", top_k=2, mix_space="probs")
+    rt = GateRuntime.from_checkpoint(ckpt)
+    offline = gate_logits_for(gate, corpus, k=2)
+    for d in range(corpus.n_docs):
+        rows = corpus.doc_rows(d)
+        echo = rt.sequence_logits(corpus.sequences[d], corpus.ids[rows], corpus.lps[rows])
+        assert torch.allclose(echo[:-1], offline[rows], atol=1e-5)
+
+
+def test_observed_gate_learns_to_route():
+    from gating.train import FitArgs, fit_gate
+
+    corpus = synthetic_corpus(n_docs=60, length=40, seed=3)
+    fit = FitArgs(epochs=10, lr=1e-2, patience=20, seed=0, space="probs")
+    train, val = list(range(45)), list(range(45, 60))
+    _, hist = fit_gate(corpus, train, val, GateArgs(V, E, 16, 32, 0.0, features="observed"), fit, V, progress=False)
+    assert hist["best_val_nll"] < hist["val_nll"][0] - 0.3
+
+
+def test_adaptive_echo_routes_like_the_adaptive_evaluation():
+    from gating.adaptive import adaptive_k, selection_mask
+
+    corpus = synthetic_corpus(n_docs=2, length=20)
+    gate = observed_gate(2)
+    rt = GateRuntime.from_checkpoint(GateCheckpoint("gate-v1", gate.args, gate.state_dict(), NAMES, "fp"))
+    offline = gate_logits_for(gate, corpus, select=lambda lg: selection_mask(lg, adaptive_k(lg, 0.7)))
+    for d in range(corpus.n_docs):
+        rows = corpus.doc_rows(d)
+        echo = rt.sequence_logits(corpus.sequences[d], corpus.ids[rows], corpus.lps[rows], threshold=0.7)
+        assert torch.allclose(echo[:-1], offline[rows], atol=1e-5)
