@@ -87,7 +87,18 @@ def serve_forever(config: DeployConfig) -> int:
                 signal.signal(signal.SIGINT, previous_int)
                 return 1
         if reaped := reap_orphan_engines():
-            print(f"reaped {reaped} vLLM engine process(es) an earlier run left without a parent", flush=True)
+            print(f"reaped {reaped} vLLM engine / Serve HAProxy process(es) an earlier run left without a parent",
+                  flush=True)
+        from deploy.orphans import wait_port_free
+
+        host = config.http_options.host if config.http_options.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        if holder := wait_port_free(host, config.http_options.port):
+            print(f"ensemble serve: port {config.http_options.port} is in use by {holder}; stop it or pass --port",
+                  file=sys.stderr)
+            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, previous_int)
+            return 1
+    started_at = time.time()
     print(f"starting Ray ({config.ray_init.address or 'local'}) ...", flush=True)
     try:
         ray.init(**config.ray_init.init_kwargs())
@@ -128,6 +139,9 @@ def serve_forever(config: DeployConfig) -> int:
         finally:
             if started_ray:
                 ray.shutdown()
+                from deploy.orphans import reap_after_stop
+
+                reap_after_stop(started_at)                 # Serve's HAProxy outlives its manager otherwise
             signal.signal(signal.SIGTERM, previous)
             signal.signal(signal.SIGINT, previous_int)
     print("stopped.", flush=True)

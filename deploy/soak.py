@@ -49,8 +49,8 @@ def service_pid() -> int | None:
     return None
 
 
-def memory_by_process(pid: int | None) -> dict[str, float]:
-    """MiB of RSS per process of the tree under pid, keyed `name[pid]`."""
+def memory_by_process(pid: int | None) -> dict[int, tuple[str, float]]:
+    """pid -> (process name, MiB of RSS) for the tree under pid."""
     if pid is None:
         return {}
     try:
@@ -61,7 +61,7 @@ def memory_by_process(pid: int | None) -> dict[str, float]:
     out = {}
     for p in procs:
         try:
-            out[f"{p.name()}[{p.pid}]"] = round(p.memory_info().rss / 2**20, 1)
+            out[p.pid] = (p.name(), round(p.memory_info().rss / 2**20, 1))
         except psutil.NoSuchProcess:
             pass
     return out
@@ -145,8 +145,11 @@ def run(args) -> int:
         "latency_s_p50": _r(percentile(ok_lat, 50)), "latency_s_p99": _r(percentile(ok_lat, 99)),
         "with_request_id": len(ids), "logged_once": sum(1 for n in rows.values() if n == 1),
         "not_logged": sum(1 for n in rows.values() if n == 0), "logged_twice": sum(1 for n in rows.values() if n > 1),
-        "rss_mib_start": round(sum(before.values()), 1), "rss_mib_end": round(sum(after.values()), 1),
-        "processes": {name: [before.get(name), mb] for name, mb in sorted(after.items())},
+        "rss_mib_start": round(sum(mb for _, mb in before.values()), 1),
+        "rss_mib_end": round(sum(mb for _, mb in after.values()), 1),
+        # every process alive at the end: RSS at the start (None if it started during the run) and at the end
+        "processes": {f"{name}[{pid}]": [before.get(pid, (None, None))[1], mb]
+                      for pid, (name, mb) in sorted(after.items(), key=lambda kv: kv[1][0])},
     }
     if args.json:
         print(json.dumps(report))

@@ -89,10 +89,10 @@ async def score_files(files: list[Path], args, configs, gen_cfg, cache: Path, ma
 
 
 async def evaluate_files(args) -> tuple[dict, dict]:
+    from experts.tokenizer_check import tokenizer_fingerprint
     from gating.checkpoint import load_checkpoint, resolve_gate_path
     from gating.doc_router import DocRouter
     from gating.evaluate import evaluate
-    from experts.tokenizer_check import tokenizer_fingerprint
     from gating.jobs import demo_expert_configs, generalist_config, vocab_size_of
 
     ckpt = load_checkpoint(resolve_gate_path(args.gate or args.demo / "gate"))
@@ -137,9 +137,8 @@ def run(args) -> int:
     else:
         print("\n\n".join(f"== {names[f]} ({f})\n{format_table(s)}" for f, s in summaries.items()))
     if args.plot:
-        from gating.plots import plot_routing
-
         from gating.checkpoint import load_checkpoint, resolve_gate_path
+        from gating.plots import plot_routing
 
         gate = load_checkpoint(resolve_gate_path(args.gate or args.demo / "gate")).build()
         plot_routing(next(iter(corpora.values())), gate, args.plot)

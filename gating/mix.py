@@ -87,7 +87,7 @@ def cross_listed_values(
     The rest of i's left-over mass is spread evenly over the tokens left, so each expert stays a proper
     distribution. Candidates listed only by weight-0 experts are ordinary unlisted tokens, so weights (1, 0)
     still reproduce the first expert exactly. -> values [B, S, C], floor [B, S]."""
-    b, s, k = ids.shape
+    k = ids.shape[-1]
     floor = expert_floor(logprobs, vocab_size)                                    # [B, S]
     match = cand[:, None, :, None] == ids[:, :, None, :]                          # [B, S, C, K]
     listed = match.any(-1)                                                        # [B, S, C]

@@ -24,9 +24,9 @@ from orchestrator import api
 from orchestrator.api import OpenAIError
 from orchestrator.metrics import GatewayMetrics
 from orchestrator.ray_metrics import RayMetricsBridge
-from orchestrator.store.replica_status import report_replica
 from orchestrator.service import GatewayCore, GatewaySettings
 from orchestrator.store import TrafficLog, registry_location, resolve_store_url
+from orchestrator.store.replica_status import report_replica
 from orchestrator.stream import TextCodec
 
 logger = logging.getLogger(__name__)
@@ -351,7 +351,7 @@ class Gateway:
             await asyncio.to_thread(report_replica, resolve_store_url(self.core.settings.store_url),
                                     serve.get_replica_context().replica_id.unique_id,
                                     self.core.engine.gate_version, self.core.gate_error)
-        except Exception:  # noqa: BLE001 - the store may be down; serving goes on, the swap check will say so
+        except Exception:
             logger.exception("could not record this replica's gate version in the store")
 
     async def _swap_gate(self, source: GateSource) -> None:

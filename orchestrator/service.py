@@ -470,9 +470,7 @@ class GatewayCore:
         503 when it cannot (draining, traffic log writer dead, or no expert answering)."""
         experts = self.engine.health.report()
         status = experts["status"]
-        if self._draining or not self.log.healthy:
-            status = "unavailable"
-        elif status == "down":
+        if self._draining or not self.log.healthy or status == "down":
             status = "unavailable"
         body = {"status": status, "gate_version": self.engine.gate_version, "models": self.models,
                 "in_flight": len(self._open), "experts": experts["experts"]}

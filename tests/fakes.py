@@ -10,7 +10,15 @@ import hashlib
 
 import torch
 
-from experts.protocol import ExpertInfo, GenerateDelta, GenerateRequest, ScoreOutput, SessionStep, StepOutput, TopK
+from experts.protocol import (
+    ExpertInfo,
+    GenerateDelta,
+    GenerateRequest,
+    ScoreOutput,
+    SessionStep,
+    StepOutput,
+    TopK,
+)
 
 
 def context_logprobs(seed: int, context: list[int], vocab: int) -> torch.Tensor:

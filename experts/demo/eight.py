@@ -49,10 +49,11 @@ def _link(src: Path, dst: Path) -> None:
 
 def build_eight(base: Path, out: Path, workers: int, log: Callable[[str], None]) -> dict:
     """Branch the eight experts from base/seed; link base's tokenizer, generalist and data; write manifest.json."""
+    from transformers import MixtralConfig
+
     from experts.demo import tokenizer as tk
     from experts.demo.build import run_plans
     from experts.demo.train import TrainArgs, encode_docs, pack_rows, take_rows
-    from transformers import MixtralConfig
 
     manifest = json.loads((base / "manifest.json").read_text())
     branch = manifest["training"]["branch_args"]

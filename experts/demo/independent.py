@@ -19,7 +19,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 from experts.demo import textutil
@@ -59,7 +59,7 @@ MANUALS = ("info_prose", "math_manual")   # big single files give several window
 _DPKG_INFO = Path("/var/lib/dpkg/info")
 
 
-@lru_cache(maxsize=None)
+@cache
 def package_files(pkg: str) -> tuple[Path, ...]:
     """Regular files installed by a Debian package (its dpkg file list), sorted; [] if not installed."""
     lists = sorted(_DPKG_INFO.glob(f"{pkg}.list")) + sorted(_DPKG_INFO.glob(f"{pkg}:*.list"))

@@ -29,6 +29,13 @@ RAY = str(Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "ray")
 NODE_IP = "127.0.0.1"
 
 
+def pytest_configure(config) -> None:
+    """This session's driver joins the cluster with token authentication. Ray reads RAY_AUTH_MODE once, when this
+    process first loads it, so the variables are set here, before any test module imports ray."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Refuse to share a session with other test folders: tests/integration starts a local Ray in-process."""
     here = Path(__file__).parent
@@ -64,7 +71,7 @@ class LocalCluster:
     root: Path
     env: dict[str, str]                       # environment of every `ray start` (inherited by every worker)
     gcs_port: int = field(default_factory=free_port)
-    token: str = field(default_factory=lambda: secrets.token_hex(32))
+    token: str = field(default_factory=lambda: os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32))
     nodes: list[RayNode] = field(default_factory=list)
 
     @property
@@ -74,7 +81,7 @@ class LocalCluster:
     def __post_init__(self) -> None:
         # Token authentication, the way a real cluster runs: one fresh token for every node and the driver
         # (`ray start --head` turns token auth on by itself when ~/.ray/auth_token exists, and a joining node
-        # without the token is refused). The driver sets the same two variables before ray.init.
+        # without the token is refused). The driver has the same two variables (pytest_configure).
         self.env = {**self.env, **self.auth_env}
 
     @property
@@ -191,4 +198,10 @@ def cluster_root() -> Iterator[Path]:
     # Short, in /tmp: Ray's Unix socket paths (temp_dir/session_.../sockets/plasma_store) must fit 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="ens-rc-", dir="/tmp"))
     yield root
+    # Keep the nodes' Serve logs of the last run (small) for a post-mortem; drop the rest.
+    kept = Path(tempfile.gettempdir()) / "ens-rc-last-logs"
+    shutil.rmtree(kept, ignore_errors=True)
+    for logs in root.glob("*/session_latest/logs"):
+        shutil.copytree(logs, kept / logs.parts[-3], ignore=shutil.ignore_patterns("*.sock", "events"),
+                        dirs_exist_ok=True, ignore_dangling_symlinks=True)
     shutil.rmtree(root, ignore_errors=True)

@@ -36,18 +36,20 @@ PROMPTS = [
 ]
 
 
-def two_expert_gate(version: str, parent: str | None):
-    """The demo gate cut down to the experts this cluster serves (its head's rows for code and prose)."""
-    from gating.checkpoint import GateArgs, GateCheckpoint, load_gate_checkpoint
+def two_expert_gate(version: str, parent: str | None, seed: int):
+    """A gate for the two experts this cluster serves: the demo gate's shape and tokenizer, fresh weights (the
+    GRU's input width depends on the number of experts, so the 4-expert demo gate cannot be cut down)."""
+    import torch
+
+    from gating.checkpoint import GateCheckpoint, load_gate_checkpoint
+    from gating.model import Gate, GateArgs
 
     demo = load_gate_checkpoint(DEMO / "gate")
-    rows = [demo.expert_names.index(n) for n in EXPERTS]
-    state = dict(demo.state_dict)
-    state["head.weight"], state["head.bias"] = state["head.weight"][rows].clone(), state["head.bias"][rows].clone()
     args = GateArgs(**{**demo.args.to_dict(), "n_experts": len(EXPERTS)})
-    return GateCheckpoint(version=version, args=args, state_dict=state, expert_names=list(EXPERTS),
+    torch.manual_seed(seed)
+    return GateCheckpoint(version=version, args=args, state_dict=Gate(args).state_dict(), expert_names=list(EXPERTS),
                           tokenizer_fingerprint=demo.tokenizer_fingerprint, top_k=2, mix_space=demo.mix_space,
-                          parent=parent, metrics={"source": "demo gate, code+prose rows"})
+                          parent=parent, metrics={"source": "cluster test, untrained"})
 
 
 def cluster_config(root: Path, port: int):
@@ -82,7 +84,7 @@ def service(cluster_root, postgres_server):
     from gating.registry_store import StoreGateRegistry
 
     db_url = postgres_server.new_database()
-    StoreGateRegistry(db_url).add(two_expert_gate("gate-v1", None), promote=True, reason="cluster test")
+    StoreGateRegistry(db_url).add(two_expert_gate("gate-v1", None, seed=1), promote=True, reason="cluster test")
     haproxy = cluster_root / "haproxy"
     env = {**os.environ, **serve_env({
         "ENSEMBLE_STORE_URL": db_url, "VLLM_LOGGING_LEVEL": "WARNING",
@@ -107,7 +109,14 @@ def service(cluster_root, postgres_server):
         head.node_id = next(n["NodeID"] for n in alive if "head_node" in n["Resources"])
         worker.node_id = next(n["NodeID"] for n in alive if "worker_node" in n["Resources"])
         t0 = time.monotonic()
-        deploy(config, timeout_s=600)
+        try:
+            deploy(config, timeout_s=600)
+        except (RuntimeError, TimeoutError) as exc:
+            from ray import serve
+
+            app = serve.status().applications.get(APP)
+            detail = {name: (d.status, d.message) for name, d in (app.deployments if app else {}).items()}
+            raise RuntimeError(f"{exc}; deployments: {detail}") from exc
         deploy_s = time.monotonic() - t0
         base_url = f"http://127.0.0.1:{config.http_options.port}"
         _wait_healthy(base_url)
@@ -361,7 +370,7 @@ def test_gate_swap_confirmed_on_both_gateway_replicas(service) -> None:
     from gating.registry_store import StoreGateRegistry
 
     config = service["config"]
-    StoreGateRegistry(service["db_url"]).add(two_expert_gate("gate-v2", "gate-v1"), promote=True,
+    StoreGateRegistry(service["db_url"]).add(two_expert_gate("gate-v2", "gate-v1", seed=2), promote=True,
                                              reason="cluster test swap")
     result = swap_live_gate(config, config.app.gate.path, "gate-v2")
     assert result["replicas"] == 2, result

@@ -7,6 +7,7 @@ once deploy.app.build_app(config) exists, `serve_experts` can deploy that app an
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -69,10 +70,14 @@ def ray_cluster():
         # service as users do.
         env = serve_env({"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")})
         ray.init(num_cpus=16, include_dashboard=False, runtime_env={"env_vars": env})
+    since = time.time()
     yield ray
     serve.shutdown()
     if started:
         ray.shutdown()
+        from deploy.orphans import reap_after_stop
+
+        reap_after_stop(since)              # Serve's HAProxy would otherwise outlive the session
 
 
 @pytest.fixture(scope="session")

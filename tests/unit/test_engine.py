@@ -112,7 +112,7 @@ async def test_single_expert_model_uses_only_that_expert():
 async def test_single_expert_fast_path_and_stepping_agree_at_temperature_zero():
     """model=<expert> is decoded by the expert's own engine (native path); a seeded request on an engine that
     cannot seed is stepped in lockstep instead. Greedy, both give that expert's argmax text."""
-    engine, experts = await started()
+    engine, _ = await started()
     native = await collect(engine, GenerationRequest("n", (0, 4), GenerationParams(max_tokens=8, temperature=0.0,
                                                                                    ignore_eos=True), model="json"))
     engine.infos[3].extra["native_seed"] = False

@@ -18,7 +18,7 @@ DEMO = ROOT / "artifacts" / "demo"
 
 def prose_debs() -> set[str]:
     text = (ROOT / "Makefile").read_text()
-    block = re.search(r"PROSE_DEBS :=(.*?)\n[^\s\\]", text, re.S).group(1)
+    block = re.search(r"PROSE_DEBS :=(.*?)\n[^\s\\]", text, re.DOTALL).group(1)
     return set(block.replace("\\", " ").split())
 
 

@@ -8,8 +8,8 @@ from pydantic import ValidationError
 
 from experts.config import GIB, ExpertConfig
 from experts.protocol import ExpertInfo
-from experts.tokenizer_check import TokenizerMismatchError, check_shared_tokenizer, tokenizer_fingerprint
 from experts.scoring import plan_score_windows
+from experts.tokenizer_check import TokenizerMismatchError, check_shared_tokenizer, tokenizer_fingerprint
 
 
 def cfg(**kw) -> ExpertConfig:
