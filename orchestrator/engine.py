@@ -218,7 +218,7 @@ class EnsembleEngine:
             e = len(self._experts)
             experts, weights = torch.arange(e).expand(n, e), torch.full((n, e), 1.0 / e)
         else:
-            experts, weights = gate_weights(gate.sequence_logits(list(token_ids))[:n], self.top_k)
+            experts, weights = gate_weights(gate.sequence_logits(list(token_ids), all_ids, all_lps)[:n], self.top_k)
         ids, lps = select_experts(all_ids, all_lps, experts)                          # [N, S, K]
         mixed = mix(ids, lps, weights, self.vocab_size, self._space(model, gate))
         lp = logprob_of(mixed, targets)                                                # [N]
