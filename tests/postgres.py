@@ -10,7 +10,6 @@ import glob
 import itertools
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -18,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from deploy.serve_env import free_port
 
 _BINARIES = ("initdb", "pg_ctl", "postgres")
 
@@ -31,12 +32,6 @@ def find_bindir() -> Path | None:
         if all((Path(d) / b).exists() for b in _BINARIES):
             return Path(d)
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -86,7 +81,7 @@ def postgres_server() -> Iterator[PostgresServer]:
     if os.geteuid() == 0:              # postgres refuses to run as root: hand it the directory and its user
         shutil.chown(root, "postgres")
         run_as = ["runuser", "-u", "postgres", "--"]
-    server = PostgresServer(bindir, root, _free_port(), run_as)
+    server = PostgresServer(bindir, root, free_port(), run_as)
     subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(root / "data"), "-A", "trust", "-U", "postgres",
                     "--no-sync"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
     server.start()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import httpx
 
+from deploy.serve_env import free_port
 from experts.config import ExpertConfig
 
 
@@ -28,12 +28,6 @@ class RunningServer:
     name: str
     base_url: str
     pid: int
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def vllm_command(expert: ExpertConfig, port: int) -> list[str]:

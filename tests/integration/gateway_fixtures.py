@@ -7,7 +7,6 @@ Builds on `ray_cluster`/`expert_configs` from tests/integration/conftest.py: sam
 from __future__ import annotations
 
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import httpx
 import pytest
 
 from deploy.config import AppConfig, Application, DeployConfig, HttpOptions, parse_app_args
+from deploy.serve_env import free_port
 
 APP_NAME = "ensemble-test"
 
@@ -60,12 +60,6 @@ class LiveGateway:
         from deploy.app import deploy
 
         deploy(self.deploy_config, gateway_user_config=user_config)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(base_url: str, timeout_s: float = 120) -> None:

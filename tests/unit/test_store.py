@@ -238,9 +238,9 @@ def test_rows_written_while_postgres_is_down_arrive_exactly_once(postgres_server
 def test_a_full_buffer_counts_and_logs_what_it_cannot_keep(caplog) -> None:
     """Nothing listens on this port: the database is down from the start. The gateway still starts and
     accepts requests; beyond the bound each row is counted as dropped and logged as an error."""
-    from tests.postgres import _free_port
+    from deploy.serve_env import free_port
 
-    url = f"postgresql://postgres:secret-pw@127.0.0.1:{_free_port()}/nowhere"
+    url = f"postgresql://postgres:secret-pw@127.0.0.1:{free_port()}/nowhere"
     with caplog.at_level(logging.ERROR, logger="orchestrator.store.writer"):
         log = TrafficLog(url, max_buffer_rows=10, retry_min_s=0.05, retry_max_s=0.05)
         for i in range(15):
@@ -259,10 +259,10 @@ def test_a_full_buffer_counts_and_logs_what_it_cannot_keep(caplog) -> None:
 
 
 def test_reading_an_unreachable_store_says_so() -> None:
-    from tests.postgres import _free_port
+    from deploy.serve_env import free_port
 
     with pytest.raises(StoreError, match="cannot reach"):
-        list(iter_records(f"postgresql://postgres:pw@127.0.0.1:{_free_port()}/nowhere"))
+        list(iter_records(f"postgresql://postgres:pw@127.0.0.1:{free_port()}/nowhere"))
 
 
 # ---- SQLite specifics ----------------------------------------------------------------------------------
