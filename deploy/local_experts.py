@@ -41,8 +41,11 @@ class ServeWatchdog:
     """Checks every `period_s` that Serve's controller answers; when it has not for `grace_s`, cancels the
     job's task (which `running_experts` turns into ServeLost) instead of letting handle calls retry forever."""
 
-    def __init__(self, task: asyncio.Task | None, period_s: float = 5.0, grace_s: float = 60.0) -> None:
+    def __init__(self, task: asyncio.Task | None, period_s: float = 5.0, grace_s: float | None = None) -> None:
+        # ENSEMBLE_SERVE_GRACE_S: how long an offline job waits for an unreachable Serve controller (default 60 s)
+        grace_s = float(os.environ.get("ENSEMBLE_SERVE_GRACE_S", 60.0)) if grace_s is None else grace_s
         self.task, self.period_s, self.grace_s = task, period_s, grace_s
+        self.check_timeout_s = min(30.0, max(1.0, grace_s))     # one check waits at most this long for an answer
         self.lost: str | None = None
         self._watch: asyncio.Task | None = None
 
@@ -57,7 +60,7 @@ class ServeWatchdog:
         failing_since: float | None = None
         while True:
             await asyncio.sleep(self.period_s)
-            error = await asyncio.to_thread(_controller_error)
+            error = await asyncio.to_thread(_controller_error, self.check_timeout_s)
             if error is None:
                 failing_since = None
                 continue
@@ -70,14 +73,14 @@ class ServeWatchdog:
                 return
 
 
-def _controller_error() -> str | None:
-    """None if Serve's controller answers within 30 s, else what went wrong."""
+def _controller_error(timeout_s: float = 30.0) -> str | None:
+    """None if Serve's controller answers within timeout_s, else what went wrong."""
     import ray
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
     try:
         controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-        ray.get(controller.check_alive.remote(), timeout=30)
+        ray.get(controller.check_alive.remote(), timeout=timeout_s)
         return None
     except Exception as exc:  # noqa: BLE001 - any failure to reach it counts
         return f"{type(exc).__name__}: {str(exc)[:300]}"

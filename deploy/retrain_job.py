@@ -183,13 +183,14 @@ def wait_replicas_serve(config, version: str, timeout_s: float = 60.0) -> dict[s
         time.sleep(0.5)
 
 
-async def retrain_from_log(args) -> dict:
+async def retrain_from_log(args, config=None) -> dict:
+    """The job of `ensemble retrain` -> its result. `config`: the service's DeployConfig (default: args.config)."""
     from deploy.config import load_config
     from gating.checkpoint import open_registry
     from gating.jobs import load_tokenizer
     from gating.retrain import RetrainError, RetrainOptions, build_sequences, check_log, retrain
 
-    config = load_config(args.config)
+    config = config or load_config(args.config)
     if config.app.gate is None:
         raise RetrainError(f"{args.config}: no gate configured; train one first (`ensemble train-gate`)")
     registry = open_registry(config.app.gate.location())
@@ -220,6 +221,7 @@ async def retrain_from_log(args) -> dict:
             # The configured location, not the resolved one: ENSEMBLE_STORE_URL stays out of Serve's config.
             result["swap"] = await asyncio.to_thread(swap_live_gate, config, config.app.gate.path, ckpt.version)
         result["swapped_live"] = "swap" in result
+        result["records_read"], result["feedback_read"] = len(records), len(feedback)
     if args.report:
         from gating.report import share_report
 
@@ -252,6 +254,7 @@ def run(args) -> int:
         print(f"{verdict} {result['new_version']} (was {result['old_version']}): held-out NLL/token "
               f"{result['heldout_nll_old']:.4f} -> {result['heldout_nll_new']:.4f} on {result['heldout_tokens']} "
               f"tokens; trained on {result['train_sequences']} sequences in {result['seconds']} s")
+        print(f"  read {result['records_read']} logged requests and {result['feedback_read']} feedback rows")
         fmt = lambda share: "  ".join(f"{e} {v:.3f}" for e, v in share.items())
         print(f"  held-out oracle share (where the data says weight belongs): {fmt(result['heldout_oracle_share'])}")
         for which in ("old", "new"):

@@ -5,6 +5,8 @@ then the command waits for the traffic log to hold every request it sent. It rep
 status code, p50/p99 latency, rows logged against requests sent (each id exactly once), and the resident
 memory of every service process at the start and at the end (the process tree of `ensemble serve`, found by
 `--pid` or by its command line). 429s above capacity are the expected answer, counted apart from errors.
+When the config's application runs on a Ray it can join, it also samples the open sessions of every expert
+replica every 2 s (peak and mean per replica: how the load spreads over replicas).
 
     ensemble soak --clients 64 --minutes 2            # against `make serve` on http://127.0.0.1:8000
 """
@@ -38,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="ensemble")
     p.add_argument("--api-key", default="not-needed-without-keys", help="a key, once keys exist")
     p.add_argument("--pid", type=int, help="root pid of the service (default: the `ensemble serve` process)")
+    p.add_argument("--no-replica-load", action="store_true",
+                   help="do not join Ray to sample open sessions per expert replica during the run")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -130,9 +134,11 @@ def run(args) -> int:
     before = memory_by_process(pid)
     print(f"[soak] {args.clients} clients for {args.minutes} min against {args.url} "
           f"(service pid {pid}, {len(before)} processes)", file=sys.stderr, flush=True)
+    sampler = None if args.no_replica_load else _replica_sampler(config)
     t0 = time.time()
     results = asyncio.run(drive(args))
     wall = time.time() - t0
+    load = sampler.stop() if sampler else None
     after = memory_by_process(pid)
     statuses = Counter(str(s) for s, _, _ in results)
     ok_lat = [lat for s, lat, _ in results if s == 200]
@@ -142,11 +148,14 @@ def run(args) -> int:
         "clients": args.clients, "minutes": args.minutes, "seconds": round(wall, 1), "requests": len(results),
         "by_status": dict(statuses),
         "errors": sum(n for s, n in statuses.items() if s not in ("200", "429")),
+        "requests_per_s": round(len(ok_lat) / wall, 2),
         "latency_s_p50": _r(percentile(ok_lat, 50)), "latency_s_p99": _r(percentile(ok_lat, 99)),
         "with_request_id": len(ids), "logged_once": sum(1 for n in rows.values() if n == 1),
         "not_logged": sum(1 for n in rows.values() if n == 0), "logged_twice": sum(1 for n in rows.values() if n > 1),
         "rss_mib_start": round(sum(mb for _, mb in before.values()), 1),
         "rss_mib_end": round(sum(mb for _, mb in after.values()), 1),
+        # open sessions + generations per expert replica, sampled every 2 s: {expert: {replica: peak, mean}}
+        "replica_load": load if load is not None else "not sampled",
         # every process alive at the end: RSS at the start (None if it started during the run) and at the end
         "processes": {f"{name}[{pid}]": [before.get(pid, (None, None))[1], mb]
                       for pid, (name, mb) in sorted(after.items(), key=lambda kv: kv[1][0])},
@@ -161,6 +170,22 @@ def run(args) -> int:
         for name, (b, a) in report["processes"].items():
             print(f"    {name:<60} {b if b is not None else '-':>8} -> {a:>8}")
     return 0 if report["errors"] == 0 and report["not_logged"] == 0 and report["logged_twice"] == 0 else 1
+
+
+def _replica_sampler(config):
+    """Join the service's Ray (read-only) and sample its expert replicas; None (with a note) if it is not there."""
+    from deploy.replica_load import LoadSampler
+    from deploy.retrain_job import app_running
+
+    try:
+        if not app_running(config):
+            print("[soak] the config's application is not running on a reachable Ray: no per-replica load",
+                  file=sys.stderr)
+            return None
+    except Exception as exc:  # noqa: BLE001 - the soak works without Ray
+        print(f"[soak] cannot join Ray ({exc}): no per-replica load", file=sys.stderr)
+        return None
+    return LoadSampler(config.applications[0].name, [e.name for e in config.app.experts]).start()
 
 
 def _r(v: float | None) -> float | None:

@@ -6,7 +6,9 @@ batch of advances is split by replica: one call per replica, all at once. Native
 multiplexed: per replica one `poll` in flight carries the new tokens of every stream this client runs there.
 
 Failures are per item, never exceptions: a call that times out or reaches a dead replica fails its steps
-with error_kind "unavailable" and forgets their pins, so the caller can re-open them elsewhere.
+with error_kind "unavailable" and forgets their pins, so the caller can re-open them elsewhere. Sessions
+given up on after a timeout may still be open on a replica that was only slow or stopped: they are closed
+there in the background once it answers again (until it is gone, or its idle reaper has had them).
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ class ServeExpertClient:
         self._streams: dict[str, tuple[str | None, asyncio.Queue]] = {}   # generation id -> (replica, deltas)
         self._aborts: dict[str, list[str]] = {}                           # replica -> generation ids
         self._pollers: dict[str, asyncio.Task] = {}
+        # Sessions given up on after a timeout, by replica (None: an open whose replica is unknown); a task per
+        # replica retries their close until it answers or is gone.
+        self.abandoned: dict[str | None, set[str]] = {}
+        self._closers: dict[str | None, asyncio.Task] = {}
+        self.abandon_retry_s = (2.0, 30.0, 600.0)     # first wait, longest wait, give up (the idle reaper's time)
 
     def __repr__(self) -> str:
         return f"ServeExpertClient({self.name!r})"
@@ -110,9 +117,44 @@ class ServeExpertClient:
             groups.setdefault(self._pins.pop(sid, None), []).append(sid)
         results = await asyncio.gather(*(self._call("close", ids, replica=replica) for replica, ids in groups.items()),
                                        return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
+        for (replica, ids), r in zip(groups.items(), results):
+            if isinstance(r, TimeoutError):
+                self._abandon(replica, ids)                 # slow or stopped: close them when it answers
+            elif isinstance(r, BaseException):
                 log.warning("expert %s: close failed: %r", self.name, r)   # its replica is gone: so are they
+
+    def _abandon(self, replica: str | None, session_ids: list[str]) -> None:
+        self.abandoned.setdefault(replica, set()).update(session_ids)
+        task = self._closers.get(replica)
+        if task is None or task.done():
+            self._closers[replica] = asyncio.get_running_loop().create_task(self._close_abandoned(replica))
+
+    async def _close_abandoned(self, replica: str | None) -> None:
+        """Retry the close of `replica`'s abandoned sessions with backoff until it answers, is gone (any other
+        error: ReplicaGone, a dead actor) or the idle reaper's time has passed."""
+        wait, longest, give_up = self.abandon_retry_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + give_up
+        while self.abandoned.get(replica):
+            await asyncio.sleep(wait)
+            ids = sorted(self.abandoned[replica])
+            try:
+                await self._call("close", ids, replica=replica)
+            except TimeoutError:
+                if loop.time() < deadline:
+                    wait = min(2 * wait, longest)
+                    continue
+                log.warning("expert %s: replica %s never answered; its idle reaper closes %d sessions",
+                            self.name, replica, len(ids))
+            except Exception as exc:  # noqa: BLE001 - the replica is gone, and its sessions with it
+                log.info("expert %s: abandoned sessions of replica %s went with it (%r)", self.name, replica, exc)
+            else:
+                log.info("expert %s: closed %d sessions abandoned on replica %s", self.name, len(ids), replica)
+            remaining = self.abandoned.get(replica, set()) - set(ids)
+            if remaining:
+                self.abandoned[replica] = remaining
+            else:
+                self.abandoned.pop(replica, None)
 
     async def score(self, sequences: list[list[int]], top_k: int) -> list[ScoreOutput]:
         return await self._call("score", sequences, top_k, bounded=False)   # offline jobs: long batches
@@ -137,6 +179,8 @@ class ServeExpertClient:
             why = f"expert {self.name} unavailable ({type(exc).__name__}: {exc})"
             for step in steps:
                 self._pins.pop(step.session_id, None)
+            if isinstance(exc, TimeoutError):        # it may only be slow: its sessions could still be open
+                self._abandon(replica, [step.session_id for step in steps])
             return [StepOutput(s.session_id, error=why, error_kind="unavailable") for s in steps]
         return [StepOutput(o.session_id, o.topk, o.error, o.error_kind, o.length, reply.replica, reply.server_s)
                 for o in reply.outputs]
@@ -215,9 +259,10 @@ class ServeExpertClient:
         self._pollers.pop(replica, None)
 
     async def aclose(self) -> None:
-        for task in list(self._pollers.values()):
+        tasks = [*self._pollers.values(), *self._closers.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._pollers.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _awaited(response: Any) -> Any:

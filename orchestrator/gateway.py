@@ -271,6 +271,10 @@ def _complete_openapi(doc: dict, core: GatewayCore) -> None:
     for path in doc["paths"].values():
         for operation in path.values():
             operation["responses"].pop("422", None)
+            # A key is needed only once an active key exists: an open service (no keys) answers without one.
+            # OpenAPI says "optional" with an empty requirement next to the bearer one.
+            if operation.get("security") and {} not in operation["security"]:
+                operation["security"].append({})
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
 

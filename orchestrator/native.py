@@ -2,7 +2,9 @@
 on its own and we relay the tokens as TokenEvents.
 
 If the replica dies mid-request, the generation restarts on another replica from the prompt plus the tokens
-already produced (migration; at temperature 0 the text is the same as without the fault).
+already produced (migration; at temperature 0 the text is the same as without the fault). Two attempts in a
+row that produce nothing mean no replica is answering: the request then fails (a 503) instead of waiting
+out every attempt on a hung replica.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ from orchestrator.types import AtCapacity, ExpertsUnavailable, GateDecision, Gen
 
 log = logging.getLogger(__name__)
 MAX_MIGRATIONS = 3
+MAX_BARREN_ATTEMPTS = 2     # attempts in a row without a token before the expert counts as not answering
 
 
 async def native_events(expert: Expert, name: str, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
     p = req.params
     routing = GateDecision((name,), (1.0,))
     produced: list[int] = []
+    barren = 0
     for attempt in range(MAX_MIGRATIONS + 1):
+        before = len(produced)
         remaining = p.max_tokens - len(produced)
         greq = GenerateRequest(f"{req.request_id}.{attempt}", tuple(req.prompt_ids) + tuple(produced), remaining,
                                p.temperature, p.top_p, p.seed, p.stop_token_ids, p.ignore_eos, p.top_logprobs)
@@ -44,6 +49,9 @@ async def native_events(expert: Expert, name: str, req: GenerationRequest) -> As
                 return
         if lost is None:
             return
+        barren = barren + 1 if len(produced) == before else 0
+        if barren >= MAX_BARREN_ATTEMPTS:
+            break
         log.warning("request %s: expert %s lost mid-generation after %d tokens (%s); restarting elsewhere",
                     req.request_id, name, len(produced), lost)
     raise ExpertsUnavailable(f"expert {name} is not answering: {lost}")

@@ -138,6 +138,7 @@ class GatewayCore:
         self._open: dict[str, _Trace] = {}
         self._draining = False
         self.admission = Admission(settings.max_active, settings.max_queued, settings.queue_timeout_s)
+        metrics.admission_queued.set_function(lambda: self.admission.queued)    # read at each scrape
         self.started = time.time()
         self.gate_error: str | None = None    # the last failed live gate swap (the previous gate stays live)
         self.fingerprint = engine.infos[0].tokenizer_fingerprint if engine.infos else None
@@ -185,8 +186,6 @@ class GatewayCore:
             except AtCapacity as exc:
                 self.metrics.admission_rejected.inc()
                 raise overloaded(exc) from None
-            finally:
-                self.metrics.admission_queued.set(self.admission.queued)
             trace.admitted = True
             self.log.write(trace.record(complete=False))    # on record even if the process is killed mid-way
             if prep.echo and prep.request.params.max_tokens == 0:

@@ -9,6 +9,11 @@ Custom resources pin the shape: each node offers one `gateway_slot` and one `cod
 replicas and the two code replicas land one per node. ENSEMBLE_STORE_URL (in every node's environment, as
 an operator would set it) points the whole service at PostgreSQL; the YAML's SQLite URL must stay unused.
 Three vLLM engines in all (~2 GiB each with a 0.25 GiB KV cache).
+
+In order, on one deployed service: placement; 200 requests through both gateway replicas, each logged once;
+feedback for every one through either replica; metrics of both replicas through Ray's pipeline; `ensemble
+retrain` reads the whole log, promotes and both replicas serve the new gate; identical greedy output with
+2 and 1 code replicas; the worker node stopped, the head keeps serving.
 """
 
 from __future__ import annotations
@@ -365,19 +370,35 @@ def test_metrics_of_both_gateway_replicas_through_rays_pipeline(service) -> None
         assert served(per_replica[rid]) > 0, (rid, per_replica[rid])
 
 
-def test_gate_swap_confirmed_on_both_gateway_replicas(service) -> None:
-    from deploy.retrain_job import swap_live_gate
-    from gating.registry_store import StoreGateRegistry
+def test_retrain_reads_every_logged_request_promotes_and_both_replicas_serve_it(service) -> None:
+    """`ensemble retrain` on the cluster: it reads the whole PostgreSQL log, scores it with the live experts,
+    fits, promotes (--force: the promotion rule itself is tests/integration/test_retrain_demo.py's) and swaps;
+    the swap is confirmed on both gateway replicas, and new requests through either carry the new version."""
+    import argparse
 
-    config = service["config"]
-    StoreGateRegistry(service["db_url"]).add(two_expert_gate("gate-v2", "gate-v1", seed=2), promote=True,
-                                             reason="cluster test swap")
-    result = swap_live_gate(config, config.app.gate.path, "gate-v2")
-    assert result["replicas"] == 2, result
+    from deploy.retrain_job import add_arguments, retrain_from_log
+
+    if not service["results"].get("ids"):
+        pytest.skip("needs the requests and feedback of the previous tests")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--force", "--epochs", "4", "--json"])
+    _flush_every_gateway()
+    (logged,), = _sql(service["db_url"], "SELECT count(*) FROM requests")
+    result = asyncio.run(retrain_from_log(args, config=service["config"]))
+    print(f"\nretrain on the cluster: {({k: result[k] for k in ('records_read', 'feedback_read', 'new_version')})}, "
+          f"swap confirmed on {result['swap']['replicas']} gateway replicas")
+    assert result["records_read"] == logged >= N_REQUESTS and result["feedback_read"] == N_REQUESTS, result
+    assert result["promoted"] and result["new_version"] != result["old_version"], result
+    assert result["swapped_live"] and result["swap"]["replicas"] == 2, result
+    service["results"]["gate"] = result["new_version"]
+
+    before = _haproxy_sessions(service["haproxy_stats"])
     specs = [{"stream": i % 2 == 0, "chat": False, "prompt": PROMPTS[i % len(PROMPTS)]} for i in range(16)]
     results = asyncio.run(_send_all(service["base_url"], specs, concurrency=8))
     assert all(not isinstance(r, Exception) for r in results), results
-    assert {r["fingerprint"] for r in results} == {"gate-v2"}
+    assert {r["fingerprint"] for r in results} == {result["new_version"]}
+    assert len(_spread(before, _haproxy_sessions(service["haproxy_stats"]))) >= 2, "one replica answered all"
 
 
 def test_greedy_output_identical_with_one_and_two_code_replicas(service) -> None:
@@ -398,7 +419,8 @@ def test_greedy_output_identical_with_one_and_two_code_replicas(service) -> None
                               "deployments": [{"name": "expert-code", "num_replicas": 1}]})
     scaled = config.model_copy(update={"applications": [one_code]})
     # A `deployments:` override of num_replicas only scales: no other replica (nor engine) restarts.
-    deploy(scaled, gateway_user_config={"gate": {"path": config.app.gate.path, "version": "gate-v2"},
+    gate = service["results"].get("gate", "gate-v1")
+    deploy(scaled, gateway_user_config={"gate": {"path": config.app.gate.path, "version": gate},
                                         "draining": False}, timeout_s=300)
     deadline = time.monotonic() + 120
     while len(_replicas("expert-code")) != 1 and time.monotonic() < deadline:
@@ -407,3 +429,30 @@ def test_greedy_output_identical_with_one_and_two_code_replicas(service) -> None
     one = asyncio.run(_send_all(service["base_url"], specs, concurrency=12))
     assert all(not isinstance(r, Exception) for r in one), one
     assert [r["text"] for r in one] == texts_two
+
+
+def test_stopping_the_worker_node_leaves_the_head_serving(service) -> None:
+    """The worker node goes away (its raylet and every process on it stopped). Once Serve has noticed (no
+    replica left on the worker, every deployment running on the head), requests succeed with no error."""
+    cluster, head, worker = service["cluster"], service["head"], service["worker"]
+    cluster.stop_node(worker)
+
+    def head_only() -> bool:
+        running = {d: _replicas(d) for d in ("gateway", "expert-code", "expert-prose")}
+        return all(reps and all(r.node_id == head.node_id for r in reps) for reps in running.values())
+
+    deadline = time.monotonic() + 300
+    while not head_only():
+        assert time.monotonic() < deadline, "Serve did not settle on the head node within 300 s"
+        time.sleep(1)
+    _wait_healthy(service["base_url"])
+    deadline = time.monotonic() + 300
+    while httpx.get(f"{service['base_url']}/health", timeout=30).json()["status"] != "ok":
+        assert time.monotonic() < deadline, "the head's service did not report ok within 300 s"
+        time.sleep(1)
+    specs = [{"stream": i % 2 == 0, "chat": i % 4 == 1, "prompt": PROMPTS[i % len(PROMPTS)]} for i in range(40)]
+    results = asyncio.run(_send_all(service["base_url"], specs, concurrency=8))
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert not errors, f"{len(errors)} of {len(specs)} failed after the worker stopped; first: {errors[0]!r}"
+    print(f"\nworker stopped: head serves with {len(_replicas('gateway'))} gateway and "
+          f"{len(_replicas('expert-code'))} code replica(s), {len(specs)} requests, 0 errors")

@@ -1,7 +1,8 @@
 """Integration fixtures: one local Ray + Serve and the demo experts (real vLLM engines), started once per session.
 
-`expert_clients` is the seam: today it deploys each expert as its own Serve app (experts.server.run_experts);
-once deploy.app.build_app(config) exists, `serve_experts` can deploy that app and return clients from its handles.
+`expert_clients` talks to the expert deployments of the session's live application (gateway_fixtures.py):
+one set of engines for the whole suite. Four engines cost about 11 GiB; a second set for the expert tests
+pushed the suite past Ray's memory monitor on a 24 GiB machine (replicas were killed mid-test).
 """
 
 from __future__ import annotations
@@ -90,16 +91,12 @@ def expert_configs() -> list[ExpertConfig]:
 
 
 @pytest.fixture(scope="session")
-def expert_clients(ray_cluster, expert_configs):
-    """dict name -> ServeExpertClient over real Serve deployments, one vLLM engine each (~20-50 s to start)."""
-    return serve_experts(expert_configs)
+def expert_clients(live_gateway, expert_configs):
+    """dict name -> ServeExpertClient over the live application's expert deployments (real vLLM engines,
+    started once per session, ~20-50 s each)."""
+    from experts.server import connect_experts
 
-
-def serve_experts(configs: list[ExpertConfig]):
-    """Deploy the experts; the one place to swap for the full application (gateway + experts) later."""
-    from experts.server import run_experts
-
-    return run_experts(configs)
+    return connect_experts([c.name for c in expert_configs], live_gateway.app_name)
 
 
 @pytest.fixture(scope="session")

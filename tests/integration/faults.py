@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -162,3 +164,42 @@ def run_streams(base_url: str, bodies: list[dict], fault=None, after_tokens: int
     for run in runs:
         run.join()
     return runs
+
+
+# ---- raw-socket clients: a stream held open without reading it, and a real TCP reset ----------------------
+
+def send_completion(base_url: str, body: dict) -> socket.socket:
+    """POST /v1/completions on a fresh TCP connection; the response is left unread."""
+    host, port = base_url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    s = socket.create_connection((host, int(port)), timeout=300)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+    return s
+
+
+def read_first_event(s: socket.socket) -> str:
+    """Read a streamed response up to its first SSE event; returns its request id (asserts a 200)."""
+    seen = b""
+    while b"data: " not in seen:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before the first event: {seen[:200]!r}")
+        seen += chunk
+    head = seen.split(b"\r\n\r\n", 1)[0].decode()
+    assert head.startswith("HTTP/1.1 200"), head
+    return next(line.split(":", 1)[1].strip() for line in head.split("\r\n")
+                if line.lower().startswith("x-ensemble-request-id:"))
+
+
+def reset(s: socket.socket) -> None:
+    """Close the connection with a TCP RST (SO_LINGER 0), as a client that crashed or was cut off."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def metric(base_url: str, name: str) -> float:
+    """The sum of every sample of one metric on /metrics (0 when absent)."""
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))

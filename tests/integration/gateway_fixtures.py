@@ -18,6 +18,7 @@ from deploy.config import AppConfig, Application, DeployConfig, HttpOptions, par
 from deploy.serve_env import free_port
 
 APP_NAME = "ensemble-test"
+LIVE_MAX_QUEUED = 8           # the live gateway's admission queue (max_active stays at its default, 48)
 
 
 @dataclass
@@ -94,7 +95,8 @@ def live_gateway(ray_cluster, expert_configs, tmp_path_factory) -> LiveGateway:
     tmp = tmp_path_factory.mktemp("gateway")
     gate_dir = tmp / "gate"
     shutil.copytree(DEMO / "gate", gate_dir, ignore=shutil.ignore_patterns("cache", "*.npz"))
-    app = live_config(expert_configs, gate_dir, tmp / "traffic.db")
+    # A short admission queue, so that tests/integration/test_gateway_capacity.py can fill it on real engines.
+    app = live_config(expert_configs, gate_dir, tmp / "traffic.db", gateway={"max_queued": LIVE_MAX_QUEUED})
     # The port is ignored (with a log line) when an earlier fixture already started Serve; we ask Serve for the
     # real one below. `deploy` is the declarative path `ensemble serve` uses, so user_config updates are in place.
     config = DeployConfig(http_options=HttpOptions(host="127.0.0.1", port=free_port()),

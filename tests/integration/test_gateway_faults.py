@@ -16,8 +16,6 @@ an intact service. Runs inside the session's live gateway (tests/integration/gat
 from __future__ import annotations
 
 import signal
-import socket
-import struct
 import threading
 
 import httpx
@@ -28,11 +26,15 @@ from tests.integration.faults import (
     engine_core_pid,
     health,
     kill,
+    read_first_event,
     replicas,
+    reset,
     run_streams,
+    send_completion,
     wait_all_experts_ok,
     wait_for,
 )
+from tests.integration.faults import metric as base_metric
 
 pytestmark = pytest.mark.integration
 
@@ -52,9 +54,7 @@ def the_replica(gw, expert: str):
 
 
 def metric(gw, name: str) -> float:
-    text = httpx.get(f"{gw.base_url}/metrics", timeout=30).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name) and not line.startswith("#"))
+    return base_metric(gw.base_url, name)
 
 
 def assert_no_stream_failed(runs) -> None:
@@ -173,33 +173,18 @@ def test_a_hung_replica_times_out_and_fails_no_stream(healthy_after) -> None:
             pass
 
 
-def _cut_stream(host: str, port: int, body: bytes, ids: list, errors: list) -> None:
+def _cut_stream(base_url: str, body: dict, ids: list, errors: list) -> None:
     """A real client that reads the first event of a stream, then resets the TCP connection."""
     try:
-        s = socket.create_connection((host, port), timeout=300)
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        seen = b""
-        while b"data: " not in seen:
-            chunk = s.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"closed before the first event: {seen[:200]!r}")
-            seen += chunk
-        head = seen.split(b"\r\n\r\n", 1)[0].decode()
-        assert head.startswith("HTTP/1.1 200"), head
-        ids.append(next(line.split(":", 1)[1].strip() for line in head.split("\r\n")
-                        if line.lower().startswith("x-ensemble-request-id:")))
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))   # close = RST
-        s.close()
+        s = send_completion(base_url, body)
+        ids.append(read_first_event(s))
+        reset(s)
     except Exception as exc:  # noqa: BLE001
         errors.append(repr(exc))
 
 
 def test_clients_cutting_200_streams_leave_no_session_or_generation_open(healthy_after) -> None:
-    import json
-
     gw = healthy_after
-    host, port = gw.base_url.removeprefix("http://").split(":")
     expert = gw.config.experts[0].name
     ids: list[str] = []
     errors: list[str] = []
@@ -210,10 +195,10 @@ def test_clients_cutting_200_streams_leave_no_session_or_generation_open(healthy
     def client(i: int) -> None:
         # three in four through the mixing loop (sessions), one in four on an expert's native path (generations)
         model = expert if i % 4 == 3 else "ensemble"
-        body = json.dumps({"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 200,
-                           "ignore_eos": True, "stream": True}).encode()
+        body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 200, "ignore_eos": True,
+                "stream": True}
         with running:
-            _cut_stream(host, int(port), body, ids, errors)
+            _cut_stream(gw.base_url, body, ids, errors)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(200)]
     for t in threads:
@@ -223,20 +208,25 @@ def test_clients_cutting_200_streams_leave_no_session_or_generation_open(healthy
     assert not errors, errors[:5]
     assert len(ids) == 200
 
+    still_open: dict = {}
+
     def all_closed() -> bool:
-        if health(gw.base_url)["in_flight"]:
-            return False
         from ray import serve
 
+        still_open.clear()
+        still_open["in_flight"] = health(gw.base_url)["in_flight"]
         for name in [e.name for e in gw.config.experts]:
             handle = serve.get_deployment_handle(f"expert-{name}", gw.app_name)
             for r in replicas(gw.app_name, f"expert-{name}"):
                 stats = handle.stats.remote(replica=r.replica_id).result(timeout_s=30)
                 if stats.open_sessions or stats.generations:
-                    return False
-        return True
+                    still_open[f"{name}/{r.replica_id}"] = (stats.open_sessions, stats.generations)
+        return still_open == {"in_flight": 0}
 
-    wait_for("every session and generation to be closed", all_closed, timeout_s=120)
+    try:
+        wait_for("every session and generation to be closed", all_closed, timeout_s=120)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; still open (sessions, generations): {still_open}") from None
     records = gw.records()
     for rid in ids:
         assert rid in records and records[rid].complete and records[rid].status == 499, (rid, records.get(rid))

@@ -12,7 +12,7 @@ from deploy.local_experts import ServeWatchdog
 
 async def _job_under(watchdog_errors: list[str | None], monkeypatch) -> ServeWatchdog:
     answers = iter(watchdog_errors)
-    monkeypatch.setattr(local_experts, "_controller_error", lambda: next(answers, watchdog_errors[-1]))
+    monkeypatch.setattr(local_experts, "_controller_error", lambda timeout_s: next(answers, watchdog_errors[-1]))
     job = asyncio.get_running_loop().create_task(asyncio.Event().wait())     # a job that would wait forever
     dog = ServeWatchdog(job, period_s=0.01, grace_s=0.03)
     dog.start()
@@ -28,7 +28,7 @@ async def test_a_controller_that_stays_unreachable_stops_the_job_and_says_why(mo
 
 async def test_a_short_blip_is_forgiven(monkeypatch) -> None:
     answers = iter(["blip", None] * 50)
-    monkeypatch.setattr(local_experts, "_controller_error", lambda: next(answers, None))
+    monkeypatch.setattr(local_experts, "_controller_error", lambda timeout_s: next(answers, None))
     job = asyncio.get_running_loop().create_task(asyncio.sleep(0.3))
     dog = ServeWatchdog(job, period_s=0.01, grace_s=0.05)
     dog.start()

@@ -1,0 +1,75 @@
+"""An offline job whose Serve controller stops answering fails with a clear error, instead of retrying
+forever, and leaves no engine behind. Real parts: the job (tests/integration/offline_job.py) runs in its
+own process with its own local Ray and a real vLLM expert, as `ensemble eval` does; the fault is a real
+SIGSTOP of that Ray's Serve controller process (hung, unreachable, but not restarted by Ray)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.integration.conftest import REPO, require_demo
+
+pytestmark = pytest.mark.integration
+GRACE_S = 5           # ENSEMBLE_SERVE_GRACE_S for the job: how long it tolerates an unreachable controller
+
+
+def test_an_offline_job_whose_serve_controller_hangs_fails_clearly_and_leaves_no_engine() -> None:
+    require_demo()
+    ray_tmp = tempfile.mkdtemp(prefix="ens-job-", dir="/tmp")       # its own Ray, its own session dir
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_SERVE_"))}
+    env.update(RAY_TMPDIR=ray_tmp, ENSEMBLE_SERVE_GRACE_S=str(GRACE_S), VLLM_LOGGING_LEVEL="WARNING")
+    log = Path(ray_tmp) / "job.stderr"                 # a file, not a pipe: Ray and vLLM write a lot there
+    with open(log, "w") as err:
+        job = subprocess.Popen([sys.executable, "-m", "tests.integration.offline_job", "code"], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=err, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in job.stdout], daemon=True).start()
+    family: dict[int, psutil.Process] = {}
+    try:
+        line = lines.get(timeout=300)                                 # READY, once its expert answers
+        assert line.strip() == "READY", (line, job.poll(), log.read_text()[-3000:])
+        family = {p.pid: p for p in psutil.Process(job.pid).children(recursive=True)}
+        (controller,) = [pid for pid, p in family.items() if "ServeController" in " ".join(_cmdline(p))]
+        assert any("EngineCore" in p.name() for p in family.values()), family
+
+        os.kill(controller, signal.SIGSTOP)
+        t0 = time.monotonic()
+        job.wait(timeout=240)
+        elapsed = time.monotonic() - t0
+        stderr = log.read_text()
+        assert job.returncode == 3, (job.returncode, stderr[-3000:])
+        lost = [ln for ln in stderr.splitlines() if ln.startswith("LOST: ")]
+        assert lost and "lost Ray Serve" in lost[0] and "nothing was retried" in lost[0], lost or stderr[-2000:]
+        print(f"\njob stopped {elapsed:.0f} s after its controller hung: {lost[0][:200]}")
+
+        # Its Ray and every engine went with it (the job started that Ray, so it shut it down).
+        _, alive = psutil.wait_procs(list(family.values()), timeout=60)
+        assert not alive, [f"{p.pid} {p.name()}" for p in alive]
+    finally:
+        if job.poll() is None:
+            job.kill()
+        for p in family.values():
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
