@@ -7,6 +7,7 @@ WAL needs memory shared by every process on the file, so a SQLite store must not
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -45,7 +46,17 @@ def create_store_engine(url: str, *, readonly: bool = False) -> sa.Engine:
 
 def _sqlite_wal(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
+    # Switching a new file to WAL needs an exclusive lock, and SQLite answers "database is locked" at once
+    # (no busy wait) when another process switches it at the same moment: two replicas starting together.
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     # NORMAL in WAL mode survives a process crash; only an OS crash can drop the last commits.
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()

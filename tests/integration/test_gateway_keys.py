@@ -115,10 +115,15 @@ def test_a_second_stream_over_max_streams_gets_429_until_the_first_ends(keys) ->
     with httpx.stream("POST", f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"},
                       timeout=120) as first:
         assert first.status_code == 200
-        next(first.iter_lines())                  # the stream is running
+        # Keep the line iterator referenced: dropping it (e.g. `next(first.iter_lines())`) closes the
+        # connection at once, the gateway sees a client disconnect and frees the slot before the check below.
+        lines = first.iter_lines()
+        event = next(line for line in lines if line.startswith("data: "))
+        assert '"error"' not in event, event      # the stream is running (not ended by an in-band error)
         r = status(base, "POST", "/v1/completions", token, json=completion())
         assert r.status_code == 429 and "max_streams" in r.json()["error"]["message"]
         assert r.headers["retry-after"] == "1"
+        del lines                                 # now the client goes away
     # Closing the stream frees its slot (released off the event loop, so look for it).
     wait_until(lambda: status(base, "POST", "/v1/completions", token, json=completion()).status_code == 200,
                timeout_s=30)

@@ -152,11 +152,20 @@ def test_two_replicas_share_one_store_and_feedback_works_through_either(store_ur
     """Each gateway replica has its own writer on the one database: every request once, whichever replica
     served it; feedback is accepted by a replica that never saw the request."""
     started: list[TrafficLog] = []
-    starts = [threading.Thread(target=lambda: started.append(TrafficLog(store_url))) for _ in range(2)]
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            started.append(TrafficLog(store_url))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failed.append(exc)
+
+    starts = [threading.Thread(target=start) for _ in range(2)]
     for t in starts:                              # both create the schema at once, as replicas starting do
-        t.start()
+        t.start()                                 # (a new SQLite file: both switch it to WAL at once)
     for t in starts:
         t.join()
+    assert not failed, failed
     a, b = started
     assert a.db_ok and b.db_ok
     for i in range(40):
