@@ -10,17 +10,10 @@ import asyncio
 from experts.client import ServeExpertClient
 from experts.protocol import SessionStep, StepOutput, StepReply, TopK
 from experts.replica_router import ReplicaGone
+from tests.serve_fakes import FakeHandle
 
 
-class _Method:
-    def __init__(self, fn) -> None:
-        self.fn = fn
-
-    def remote(self, *args, **kwargs):
-        return asyncio.ensure_future(self.fn(*args, **kwargs))
-
-
-class Replica:
+class Replica(FakeHandle):
     """One replica `r1` that can hang (every call waits until `resume`) or be gone."""
 
     def __init__(self) -> None:
@@ -29,9 +22,6 @@ class Replica:
         self.gone = False
         self.open_sessions: set[str] = set()
         self.closed: list[list[str]] = []
-
-    def __getattr__(self, name):
-        return _Method(getattr(self, f"_{name}"))
 
     async def _serve(self) -> None:
         if self.gone:

@@ -7,25 +7,15 @@ import asyncio
 
 from experts.client import ServeExpertClient
 from experts.protocol import GenerateDelta, GenerateRequest, PollReply, StartReply
+from tests.serve_fakes import FakeHandle
 
 
-class _Method:
-    def __init__(self, fn) -> None:
-        self.fn = fn
-
-    def remote(self, *args, **kwargs):
-        return asyncio.ensure_future(self.fn(*args, **kwargs))
-
-
-class RacyReplica:
+class RacyReplica(FakeHandle):
     """`start` of the second request answers only after a poll has already delivered that request's deltas."""
 
     def __init__(self) -> None:
         self.outbox: list[GenerateDelta] = []
         self.delivered = asyncio.Event()
-
-    def __getattr__(self, name):
-        return _Method(getattr(self, f"_{name}"))
 
     async def _start(self, requests, caller, replica=None):
         rid = requests[0].request_id
