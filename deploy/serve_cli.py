@@ -109,6 +109,10 @@ def serve_forever(config: DeployConfig) -> int:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
         return 1
+    # ray.init installs Ray's own C-level SIGTERM handler in this process (it prints a stack trace and kills
+    # the process, so nothing drains): ours must be the one that runs.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     code, running = 0, False
     try:
         names = ", ".join(e.name for e in config.app.experts)
