@@ -43,7 +43,7 @@ class ServeWatchdog:
 
     def __init__(self, task: asyncio.Task | None, period_s: float = 5.0, grace_s: float | None = None) -> None:
         # ENSEMBLE_SERVE_GRACE_S: how long an offline job waits for an unreachable Serve controller (default 60 s)
-        grace_s = float(os.environ.get("ENSEMBLE_SERVE_GRACE_S", 60.0)) if grace_s is None else grace_s
+        grace_s = float(os.environ.get("ENSEMBLE_SERVE_GRACE_S", "60")) if grace_s is None else grace_s
         self.task, self.period_s, self.grace_s = task, period_s, grace_s
         self.check_timeout_s = min(30.0, max(1.0, grace_s))     # one check waits at most this long for an answer
         self.lost: str | None = None

@@ -10,21 +10,28 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from experts.protocol import ReplicaStats
 
-def replica_load(app: str, experts: list[str]) -> dict[str, dict[str, int]]:
-    """expert -> {replica id: open sessions + generations} for every RUNNING replica (needs ray.init)."""
+
+def replica_stats(app: str, experts: list[str]) -> dict[str, dict[str, ReplicaStats]]:
+    """expert -> {replica id: its ReplicaStats} for every RUNNING replica, each asked of that replica itself
+    (calls pinned with `replica=`; needs ray.init)."""
     from ray import serve
 
     from deploy.replicas import replicas
 
-    out: dict[str, dict[str, int]] = {}
+    out: dict[str, dict[str, ReplicaStats]] = {}
     for name in experts:
         handle = serve.get_deployment_handle(f"expert-{name}", app)
-        out[name] = {}
-        for r in replicas(app, f"expert-{name}"):
-            stats = handle.stats.remote(replica=r.replica_id).result(timeout_s=30)
-            out[name][r.replica_id] = stats.open_sessions + stats.generations
+        out[name] = {r.replica_id: handle.stats.remote(replica=r.replica_id).result(timeout_s=30)
+                     for r in replicas(app, f"expert-{name}")}
     return out
+
+
+def replica_load(app: str, experts: list[str]) -> dict[str, dict[str, int]]:
+    """expert -> {replica id: open sessions + generations} for every RUNNING replica (needs ray.init)."""
+    return {name: {rid: st.open_sessions + st.generations for rid, st in reps.items()}
+            for name, reps in replica_stats(app, experts).items()}
 
 
 @dataclass

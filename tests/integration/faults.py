@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+import psutil
 
 from deploy.replicas import ReplicaInfo
 from deploy.replicas import replicas as live_replicas
@@ -203,3 +204,24 @@ def metric(base_url: str, name: str) -> float:
     text = httpx.get(f"{base_url}/metrics", timeout=30).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(name) and not line.startswith("#"))
+
+
+# ---- a service or job run as its own process tree ----------------------------------------------------------
+
+def descendants(pid: int) -> dict[int, psutil.Process]:
+    """Every process under pid now (its Ray, replicas, engines), to check later that they all went away."""
+    return {p.pid: p for p in psutil.Process(pid).children(recursive=True)}
+
+
+def assert_all_exit(procs: dict[int, psutil.Process], timeout_s: float = 60.0) -> None:
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=timeout_s)
+    assert not alive, [f"{p.pid} {p.name()}" for p in alive]
+
+
+def kill_all(procs: dict[int, psutil.Process]) -> None:
+    """Teardown: whatever of `procs` is still alive (a failed test must not leave engines running)."""
+    for p in procs.values():
+        try:
+            p.kill()
+        except psutil.Error:
+            pass

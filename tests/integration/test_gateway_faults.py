@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from deploy.config import Application, DeployConfig
+from deploy.replica_load import replica_stats
 from tests.integration.faults import (
     engine_core_pid,
     health,
@@ -141,10 +142,7 @@ def test_killing_one_of_two_replicas_migrates_sessions_with_identical_output(two
 
 def sessions_on(gw, expert: str, replica_id: str) -> int:
     """Open sessions of one replica, asked of that replica itself (the router pins calls with `replica=`)."""
-    from ray import serve
-
-    handle = serve.get_deployment_handle(f"expert-{expert}", gw.app_name)
-    return handle.stats.remote(replica=replica_id).result(timeout_s=30).open_sessions
+    return replica_stats(gw.app_name, [expert])[expert][replica_id].open_sessions
 
 
 def test_killing_a_replicas_engine_core_gets_it_replaced_and_fails_no_stream(healthy_after) -> None:
@@ -211,16 +209,12 @@ def test_clients_cutting_200_streams_leave_no_session_or_generation_open(healthy
     still_open: dict = {}
 
     def all_closed() -> bool:
-        from ray import serve
-
         still_open.clear()
         still_open["in_flight"] = health(gw.base_url)["in_flight"]
-        for name in [e.name for e in gw.config.experts]:
-            handle = serve.get_deployment_handle(f"expert-{name}", gw.app_name)
-            for r in replicas(gw.app_name, f"expert-{name}"):
-                stats = handle.stats.remote(replica=r.replica_id).result(timeout_s=30)
+        for name, reps in replica_stats(gw.app_name, [e.name for e in gw.config.experts]).items():
+            for rid, stats in reps.items():
                 if stats.open_sessions or stats.generations:
-                    still_open[f"{name}/{r.replica_id}"] = (stats.open_sessions, stats.generations)
+                    still_open[f"{name}/{rid}"] = (stats.open_sessions, stats.generations)
         return still_open == {"in_flight": 0}
 
     try:

@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from tests.integration.conftest import REPO, require_demo
+from tests.integration.faults import assert_all_exit, descendants, kill_all
 
 pytestmark = pytest.mark.integration
 GRACE_S = 5           # ENSEMBLE_SERVE_GRACE_S for the job: how long it tolerates an unreachable controller
@@ -40,7 +41,7 @@ def test_an_offline_job_whose_serve_controller_hangs_fails_clearly_and_leaves_no
     try:
         line = lines.get(timeout=300)                                 # READY, once its expert answers
         assert line.strip() == "READY", (line, job.poll(), log.read_text()[-3000:])
-        family = {p.pid: p for p in psutil.Process(job.pid).children(recursive=True)}
+        family = descendants(job.pid)
         (controller,) = [pid for pid, p in family.items() if "ServeController" in " ".join(_cmdline(p))]
         assert any("EngineCore" in p.name() for p in family.values()), family
 
@@ -55,16 +56,11 @@ def test_an_offline_job_whose_serve_controller_hangs_fails_clearly_and_leaves_no
         print(f"\njob stopped {elapsed:.0f} s after its controller hung: {lost[0][:200]}")
 
         # Its Ray and every engine went with it (the job started that Ray, so it shut it down).
-        _, alive = psutil.wait_procs(list(family.values()), timeout=60)
-        assert not alive, [f"{p.pid} {p.name()}" for p in alive]
+        assert_all_exit(family)
     finally:
         if job.poll() is None:
             job.kill()
-        for p in family.values():
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        kill_all(family)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

@@ -24,7 +24,7 @@ import yaml
 
 from deploy.serve_env import free_port
 from tests.integration.conftest import REPO, demo_expert_dir, require_demo
-from tests.integration.faults import wait_for
+from tests.integration.faults import assert_all_exit, descendants, kill_all, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +53,7 @@ def test_sigterm_drains_a_running_stream_and_exits_cleanly(tmp_path) -> None:
     try:
         wait_for("the service to answer", lambda: _health(base) == "ok" or service.poll() is not None, 600)
         assert service.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-        family = {p.pid: p for p in psutil.Process(service.pid).children(recursive=True)}
+        family = descendants(service.pid)
 
         events: queue.Queue[str] = queue.Queue()
         body = {"model": "code", "prompt": "def f(x):", "max_tokens": 200, "ignore_eos": True, "stream": True,
@@ -79,16 +79,11 @@ def test_sigterm_drains_a_running_stream_and_exits_cleanly(tmp_path) -> None:
         assert got[-2:] == ["[DONE]", "<closed>"], got[-3:]              # finished, not cut
         assert json.loads(got[-3])["choices"][0]["finish_reason"] == "length"
         assert "SIGTERM received" not in (tmp_path / "serve.log").read_text()
-        _, alive = psutil.wait_procs(list(family.values()), timeout=60)
-        assert not alive, [f"{p.pid} {p.name()}" for p in alive]
+        assert_all_exit(family)
     finally:
         if service.poll() is None:
             service.kill()
-        for p in family.values():
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        kill_all(family)
 
 
 def _health(base: str) -> str | None:

@@ -114,10 +114,11 @@ def test_the_gpu_extras_vllm_pins_the_same_torch_as_the_project() -> None:
     from packaging.requirements import Requirement
 
     text = (PROJECT_ROOT / "pyproject.toml").read_text()
-    gpu = Requirement(re.search(r'^gpu = \["([^"]+)"\]', text, re.M).group(1))
-    torch_pin = Requirement(re.search(r'^\s*"(torch==[^"]+)"', text, re.M).group(1))
+    gpu = Requirement(re.search(r'^gpu = \["([^"]+)"\]', text, re.MULTILINE).group(1))
+    torch_pin = Requirement(re.search(r'^\s*"(torch==[^"]+)"', text, re.MULTILINE).group(1))
     out = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--ignore-installed",
-                          "--quiet", "--report", "-", str(gpu)], capture_output=True, text=True, timeout=300)
+                          "--quiet", "--report", "-", str(gpu)], capture_output=True, text=True, timeout=300,
+                         check=False)
     if out.returncode != 0 and ("connection" in out.stderr.lower() or "network" in out.stderr.lower()):
         pytest.skip(f"no package index reachable: {out.stderr.strip()[-300:]}")
     assert out.returncode == 0, out.stderr[-2000:]
