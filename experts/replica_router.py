@@ -2,7 +2,9 @@
 
 A call made with the keyword `replica=<unique id>` is routed to that replica and nowhere else; if it is gone
 (dead, or removed by Serve), the call fails at once with ReplicaGone instead of waiting for it forever, so
-the orchestrator can re-open the session elsewhere (migration). Calls without `replica=` (new sessions,
+the orchestrator can re-open the session elsewhere (migration), and its routing task ends (it must never
+spin: Serve's routing loop runs on the caller's event loop, which also runs the decode loop and the HTTP
+server; tests/unit/test_replica_router.py). Calls without `replica=` (new sessions,
 generations, scoring) use Serve's default power-of-two-choices by load. Configured per expert deployment
 through `request_router_config` (experts/config.py: serve_options).
 """
@@ -25,12 +27,17 @@ class SessionAffinityRouter(PowerOfTwoChoicesRequestRouter):
         pinned = pending_request.kwargs.get(PIN) if pending_request is not None else None
         if pinned is None:
             return await super().choose_replicas(candidate_replicas, pending_request)
+        # Serve's routing loop asks again at once, without awaiting anything, unless told to back off: a
+        # pinned replica that stays busy (or a request already failed below) must not spin the event loop.
+        pending_request.routing_context.should_backoff = True
         for replica in candidate_replicas:
             if replica.replica_id.unique_id == pinned:
                 return [[replica]]
         if not pending_request.future.done():
             pending_request.future.set_exception(ReplicaGone(f"replica {pinned} of {self._deployment_id.name} is gone"))
-        return []
+        # The loop ends a request's routing once its future is done, but it looks only when it is handed some
+        # candidates (an empty answer means "ask again"); these are never tried.
+        return [candidate_replicas]
 
 
 ROUTER_PATH = f"{__name__}:{SessionAffinityRouter.__name__}"
