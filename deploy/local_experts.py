@@ -96,6 +96,10 @@ async def running_experts(configs: list[ExpertConfig], *, num_cpus: int | None =
     apps = [c.deployment_name for c in configs]
     t0 = time.time()
     try:
+        if started_ray:
+            # An offline job talks to its experts through handles only: no HTTP proxy, so it never needs (or
+            # fights a running service for) Serve's port 8000.
+            serve.start(proxy_location="Disabled")
         # One run_many call: every engine loads in parallel, and it returns once all are healthy.
         clients: dict[str, Expert] = await asyncio.to_thread(run_experts, configs)
         log.info("started %d experts in %.0f s", len(configs), time.time() - t0)

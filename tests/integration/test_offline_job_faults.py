@@ -1,5 +1,6 @@
-"""An offline job whose Serve controller stops answering fails with a clear error, instead of retrying
-forever, and leaves no engine behind. Real parts: the job (tests/integration/offline_job.py) runs in its
+"""An offline job needs no HTTP port (it runs beside a service on Serve's default port 8000), and one whose
+Serve controller stops answering fails with a clear error, instead of retrying forever, and leaves no engine
+behind. Real parts: the job (tests/integration/offline_job.py) runs in its
 own process with its own local Ray and a real vLLM expert, as `ensemble eval` does; the fault is a real
 SIGSTOP of that Ray's Serve controller process (hung, unreachable, but not restarted by Ray)."""
 
@@ -9,6 +10,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,11 +25,13 @@ from tests.integration.conftest import REPO, require_demo
 from tests.integration.faults import assert_all_exit, descendants, kill_all
 
 pytestmark = pytest.mark.integration
+SERVE_DEFAULT_PORT = 8000
 GRACE_S = 5           # ENSEMBLE_SERVE_GRACE_S for the job: how long it tolerates an unreachable controller
 
 
-def test_an_offline_job_whose_serve_controller_hangs_fails_clearly_and_leaves_no_engine() -> None:
+def test_an_offline_job_needs_no_http_port_and_fails_clearly_when_its_serve_controller_hangs() -> None:
     require_demo()
+    port_8000 = _hold(SERVE_DEFAULT_PORT)      # as a running `make serve` would (None: something already does)
     ray_tmp = tempfile.mkdtemp(prefix="ens-job-", dir="/tmp")       # its own Ray, its own session dir
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_SERVE_"))}
     env.update(RAY_TMPDIR=ray_tmp, ENSEMBLE_SERVE_GRACE_S=str(GRACE_S), VLLM_LOGGING_LEVEL="WARNING")
@@ -44,6 +48,7 @@ def test_an_offline_job_whose_serve_controller_hangs_fails_clearly_and_leaves_no
         family = descendants(job.pid)
         (controller,) = [pid for pid, p in family.items() if "ServeController" in " ".join(_cmdline(p))]
         assert any("EngineCore" in p.name() for p in family.values()), family
+        assert not [p for p in family.values() if "ProxyActor" in " ".join(_cmdline(p))], "an HTTP proxy started"
 
         os.kill(controller, signal.SIGSTOP)
         t0 = time.monotonic()
@@ -62,6 +67,19 @@ def test_an_offline_job_whose_serve_controller_hangs_fails_clearly_and_leaves_no
             job.kill()
         kill_all(family)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+        if port_8000 is not None:
+            port_8000.close()
+
+
+def _hold(port: int) -> socket.socket | None:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        s.close()
+        return None
+    s.listen()
+    return s
 
 
 def _cmdline(p: psutil.Process) -> list[str]:
