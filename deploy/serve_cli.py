@@ -113,14 +113,14 @@ def serve_forever(config: DeployConfig) -> int:
     # the process, so nothing drains): ours must be the one that runs.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    code, running = 0, False
+    code, drain = 0, False
     try:
         names = ", ".join(e.name for e in config.app.experts)
         print(f"deploying gateway + {len(config.app.experts)} experts ({names}); engines take ~30-60 s ...",
               flush=True)
         t0 = time.time()
         deploy(config)
-        running = True
+        drain = True
         print(f"\nensemble gateway ready in {time.time() - t0:.0f} s at {config.url}/v1\n"
               f"  models:      ensemble, {names}\n"
               f"  traffic log: {config.app.traffic_log.path}\n"
@@ -131,13 +131,16 @@ def serve_forever(config: DeployConfig) -> int:
             time.sleep(3600)
     except (KeyboardInterrupt, _Stop):
         print("\nshutting down: draining requests and flushing the traffic log ...", flush=True)
+        # Also when the stop came while deploy() still waited for RUNNING: the gateway may already be
+        # answering (its /health is up before Serve's status says RUNNING), so its streams must finish.
+        drain = True
     except Exception as exc:  # noqa: BLE001 - deployment failed: say why, still clean up
         print(f"ensemble serve: {type(exc).__name__}: {exc}", file=sys.stderr)
         code = 1
     finally:
         on_signal.fired = True                              # a second signal must not cut the cleanup short
         try:
-            stop(config, drain_first=running)
+            stop(config, drain_first=drain)
             if started_ray:
                 serve.shutdown()                            # a shared cluster's Serve is left running
         finally:
@@ -161,13 +164,13 @@ def stop(config: DeployConfig, drain_first: bool) -> None:
     from deploy.app import deploy
 
     app_name, timeout_s = config.applications[0].name, config.app.gateway.graceful_shutdown_timeout_s + 30
+    if app_name not in serve.status().applications:     # stopped before the deploy began: nothing to stop
+        return
     if drain_first:
         try:
             deploy(config, gateway_user_config=config.app.gateway_user_config(draining=True), timeout_s=timeout_s)
         except Exception as exc:  # noqa: BLE001 - still delete the app below
             print(f"warning: could not drain the gateway first ({type(exc).__name__}: {exc})", file=sys.stderr)
-    if app_name not in serve.status().applications:
-        return
     serve.delete(app_name, _blocking=False)
     deadline = time.monotonic() + timeout_s
     while app_name in serve.status().applications:

@@ -2,8 +2,10 @@
 with `data: [DONE]`), the command exits 0, and no process of its Ray is left.
 
 It once died at once with Ray's `*** SIGTERM received` trace and exit 134 (ray.init had replaced our signal
-handler with Ray's own): the drain never ran and running streams were cut. Real parts: the command as a user
-runs it, its own local Ray, one real vLLM engine (the code expert alone, no gate), a real signal to its pid.
+handler with Ray's own): the drain never ran and running streams were cut. Later, a stop that came after the
+gateway answered but before `ensemble serve` had seen the app RUNNING skipped the drain (the `late_ready`
+case widens that window: tests/integration/serve_late_ready.py). Real parts: the command as a user runs it,
+its own local Ray, one real vLLM engine (the code expert alone, no gate), a real signal to its pid.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from tests.integration.faults import assert_all_exit, descendants, kill_all, wai
 pytestmark = pytest.mark.integration
 
 
-def test_sigterm_drains_a_running_stream_and_exits_cleanly(tmp_path) -> None:
+@pytest.mark.parametrize("late_ready", [False, True], ids=["after-ready", "before-ready"])
+def test_sigterm_drains_a_running_stream_and_exits_cleanly(tmp_path, late_ready: bool) -> None:
     require_demo()
     port = free_port()
     config = {
@@ -46,13 +49,16 @@ def test_sigterm_drains_a_running_stream_and_exits_cleanly(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env.update(RAY_TMPDIR=ray_tmp, VLLM_LOGGING_LEVEL="WARNING")
     with open(tmp_path / "serve.log", "w") as log:
-        service = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--config",
+        module = "tests.integration.serve_late_ready" if late_ready else "orchestrator.cli"
+        service = subprocess.Popen([sys.executable, "-m", module, "serve", "--config",
                                     str(tmp_path / "one.yaml")], cwd=REPO, env=env, stdout=log, stderr=log)
     family: dict[int, psutil.Process] = {}
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for("the service to answer", lambda: _health(base) == "ok" or service.poll() is not None, 600)
         assert service.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        if not late_ready:
+            wait_for("`ensemble serve` to say it is ready", lambda: _said_ready(tmp_path), 120)
         family = descendants(service.pid)
 
         events: queue.Queue[str] = queue.Queue()
@@ -70,7 +76,9 @@ def test_sigterm_drains_a_running_stream_and_exits_cleanly(tmp_path) -> None:
         reader.start()
         first = events.get(timeout=120)
         assert "error" not in json.loads(first), first                  # the stream is running ...
+        said_ready = _said_ready(tmp_path)
         service.send_signal(signal.SIGTERM)                              # ... when the stop comes
+        assert said_ready != late_ready, "the stop did not come in the window this case is about"
         assert service.wait(timeout=300) == 0, (tmp_path / "serve.log").read_text()[-3000:]
         reader.join(60)
         got = [first]
@@ -84,6 +92,10 @@ def test_sigterm_drains_a_running_stream_and_exits_cleanly(tmp_path) -> None:
         if service.poll() is None:
             service.kill()
         kill_all(family)
+
+
+def _said_ready(tmp_path) -> bool:
+    return "ensemble gateway ready" in (tmp_path / "serve.log").read_text()
 
 
 def _health(base: str) -> str | None:
