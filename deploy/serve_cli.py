@@ -113,14 +113,13 @@ def serve_forever(config: DeployConfig) -> int:
     # the process, so nothing drains): ours must be the one that runs.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    code, drain = 0, False
+    code = 0
     try:
         names = ", ".join(e.name for e in config.app.experts)
         print(f"deploying gateway + {len(config.app.experts)} experts ({names}); engines take ~30-60 s ...",
               flush=True)
         t0 = time.time()
         deploy(config)
-        drain = True
         print(f"\nensemble gateway ready in {time.time() - t0:.0f} s at {config.url}/v1\n"
               f"  models:      ensemble, {names}\n"
               f"  traffic log: {config.app.traffic_log.path}\n"
@@ -131,16 +130,15 @@ def serve_forever(config: DeployConfig) -> int:
             time.sleep(3600)
     except (KeyboardInterrupt, _Stop):
         print("\nshutting down: draining requests and flushing the traffic log ...", flush=True)
-        # Also when the stop came while deploy() still waited for RUNNING: the gateway may already be
-        # answering (its /health is up before Serve's status says RUNNING), so its streams must finish.
-        drain = True
     except Exception as exc:  # noqa: BLE001 - deployment failed: say why, still clean up
         print(f"ensemble serve: {type(exc).__name__}: {exc}", file=sys.stderr)
         code = 1
     finally:
         on_signal.fired = True                              # a second signal must not cut the cleanup short
         try:
-            stop(config, drain_first=drain)
+            # Drain unless the deploy failed; also when the stop came while deploy() still waited for RUNNING:
+            # the gateway may already be answering then (its /health is up before Serve's status says RUNNING).
+            stop(config, drain_first=code == 0)
             if started_ray:
                 serve.shutdown()                            # a shared cluster's Serve is left running
         finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,6 +93,7 @@ def test_sigterm_drains_a_running_stream_and_exits_cleanly(tmp_path, late_ready:
         if service.poll() is None:
             service.kill()
         kill_all(family)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _said_ready(tmp_path) -> bool:
