@@ -45,11 +45,15 @@ class Generations:
     async def poll(self, caller: str, aborts: list[str], wait_s: float) -> list[GenerateDelta]:
         """Abort `aborts`, then return the caller's deltas, waiting up to wait_s for the first one."""
         self._last_poll[caller] = time.monotonic()
+        cancelled = []
         for rid in aborts:
             owner, task = self._tasks.get(rid, (None, None))
             if owner == caller and task is not None:
                 self._aborted.add(rid)
                 task.cancel()
+                cancelled.append(task)
+        if cancelled:               # aborted in the engine (the task's cleanup) before this poll answers
+            await asyncio.gather(*cancelled, return_exceptions=True)
         ready = self._ready.setdefault(caller, asyncio.Event())
         ready.clear()
         if not self._outbox.get(caller) and self._active(caller) and wait_s > 0:
@@ -68,9 +72,14 @@ class Generations:
         from vllm.inputs import TokensPrompt
 
         rid = f"gen-{req.request_id}#{next(self._ids)}"
+        prompt = TokensPrompt(prompt_token_ids=list(req.prompt_ids))
         try:
-            async for out in self._engine.generate(TokensPrompt(prompt_token_ids=list(req.prompt_ids)),
-                                                   generation_params(req), request_id=rid):
+            if getattr(self._engine, "raw_outputs", False):        # InprocEngine: logprob arrays, no dicts
+                async for out in self._engine.generate(prompt, generation_params(req), rid, raw=True):
+                    if out.new_token_ids or out.finish_reason is not None:
+                        self._push(caller, _delta_of_arrays(req, out))
+                return
+            async for out in self._engine.generate(prompt, generation_params(req), request_id=rid):
                 c = out.outputs[0]
                 tokens = tuple(int(t) for t in c.token_ids)
                 positions: list[PositionLogprobs] = list(c.logprobs or [])
@@ -119,3 +128,23 @@ class Generations:
 def _alternatives(position: PositionLogprobs, n: int) -> tuple[tuple[int, float], ...]:
     ranked = sorted(position.items(), key=lambda kv: -kv[1].logprob)[:n]
     return tuple((int(t), float(lp.logprob)) for t, lp in ranked)
+
+
+def _delta_of_arrays(req: GenerateRequest, out: Any) -> GenerateDelta:
+    """A delta from vLLM's raw EngineCoreOutput: per token, column 0 of the logprob rows is the sampled
+    token's logprob and columns 1..n the top n (descending)."""
+    from vllm.v1.engine import FinishReason
+
+    tokens = tuple(int(t) for t in out.new_token_ids)
+    lp = out.new_logprobs
+    logprobs: tuple[float, ...] = ()
+    alternatives: tuple = ()
+    if lp is not None and tokens:
+        logprobs = tuple(lp.logprobs[:len(tokens), 0].tolist())
+        if req.top_logprobs:
+            n = req.top_logprobs
+            alternatives = tuple(tuple(zip(ids[1:n + 1].tolist(), vals[1:n + 1].tolist()))
+                                 for ids, vals in zip(lp.logprob_token_ids[:len(tokens)], lp.logprobs[:len(tokens)]))
+    finish = out.finish_reason
+    return GenerateDelta(req.request_id, tokens, logprobs=logprobs, top_logprobs=alternatives,
+                         finish_reason=None if finish is None else ("length" if finish == FinishReason.LENGTH else "stop"))

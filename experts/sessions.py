@@ -15,7 +15,8 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from experts.vllm_engine import PositionLogprobs
+from experts.protocol import TopK
+from experts.vllm_engine import topk_of, topk_of_arrays
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class Session:
         self._chunks: asyncio.Queue[Any] = asyncio.Queue()
         self._outputs: AsyncGenerator[Any, None] | None = None
         self._engine = engine
+        self._raw = getattr(engine, "raw_outputs", False)    # InprocEngine: logprob arrays, no dicts
         self._close_requested = False
 
     async def _inputs(self) -> AsyncGenerator[Any, None]:
@@ -41,15 +43,22 @@ class Session:
             tokens, params = chunk
             yield StreamingInput(prompt=TokensPrompt(prompt_token_ids=tokens), sampling_params=params)
 
-    async def feed(self, tokens: list[int], params: Any) -> PositionLogprobs:
+    async def feed(self, tokens: list[int], params: Any) -> TopK:
+        """Append `tokens`; the top-k (k = params.logprobs) of the next position."""
         self.busy = True
         try:
             self._chunks.put_nowait((tokens, params))
             if self._outputs is None:
-                self._outputs = self._engine.generate(self._inputs(), params, request_id=self.request_id)
+                self._outputs = (self._engine.generate(self._inputs(), params, self.request_id, raw=True)
+                                 if self._raw else self._engine.generate(self._inputs(), params, request_id=self.request_id))
             out = await anext(self._outputs)
+            while self._raw and out.new_logprobs is None:     # an output of a prefill step, not of this position
+                out = await anext(self._outputs)
             self.length += len(tokens)
-            return out.outputs[0].logprobs[-1]
+            if self._raw:
+                return topk_of_arrays(out.new_logprobs.logprob_token_ids[-1], out.new_logprobs.logprobs[-1],
+                                      params.logprobs)
+            return topk_of(out.outputs[0].logprobs[-1], params.logprobs)
         finally:
             self.busy = False
             self.last_used = time.monotonic()

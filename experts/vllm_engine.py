@@ -1,4 +1,4 @@
-"""Starting one vLLM AsyncLLM for an expert, and the small translations between our messages and vLLM's.
+"""Starting one vLLM engine for an expert, and the small translations between our messages and vLLM's.
 
 Everything vLLM-specific that is not a session, a generation or a scoring window lives here: engine
 start-up (in the replica's process; needs a `__main__` guard when run from a script), the SamplingParams
@@ -22,13 +22,20 @@ PositionLogprobs = dict[int, Any]
 
 
 def start_engine(config: ExpertConfig) -> Any:
-    """Build the vLLM AsyncLLM for this expert (spawns the engine-core process)."""
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
-
+    """Build this expert's engine: in this process (InprocEngine) or vLLM's AsyncLLM, which spawns the
+    engine-core process (see ExpertConfig.engine_process). Both offer generate/check_health/shutdown."""
     if not config.is_hub_id:
         require_checkpoint(config.model_path)
     args = {"disable_log_stats": True, **config.engine_args()}
+    if config.engine_inproc:
+        from experts.inproc_engine import InprocEngine
+
+        cores = config.engine_cores() if not config.on_gpu else None
+        with _environment(config.env_vars()):
+            return InprocEngine(args, threads=len(cores) if cores else None, cores=cores)
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
     # The engine-core process inherits the environment at spawn: the same variables a Serve replica gets
     # through runtime_env, set only while this engine starts so several engines in one process may differ.
     with _environment(config.env_vars()):
@@ -93,6 +100,12 @@ def topk_of(position: PositionLogprobs, k: int, exclude: int | None = None) -> T
         items = [kv for kv in items if not (kv[0] == exclude and (kv[1].rank or 0) > k)]
     items = items[:k]
     return TopK(tuple(int(t) for t, _ in items), tuple(float(lp.logprob) for _, lp in items))
+
+
+def topk_of_arrays(ids: Any, logprobs: Any, k: int) -> TopK:
+    """Top-k of one position from vLLM's logprob arrays (one row of LogprobsLists): column 0 is the sampled
+    token, columns 1..k the top-k, already in descending order."""
+    return TopK(tuple(ids[1:k + 1].tolist()), tuple(logprobs[1:k + 1].tolist()))
 
 
 def describe(exc: BaseException) -> str:

@@ -1,4 +1,7 @@
-"""The Expert protocol over one vLLM AsyncLLM: token ids in, raw top-k next-token logprobs out. No Ray here.
+"""The Expert protocol over one vLLM engine: token ids in, raw top-k next-token logprobs out. No Ray here.
+
+The engine is experts/inproc_engine.py (vLLM's engine in this process, the CPU default) or vLLM's AsyncLLM
+(its own processes); both offer the same generate(), see ExpertConfig.engine_process.
 
 Three kinds of work share the engine: decode sessions (experts/sessions.py: the orchestrator feeds every
 token), native generations (experts/generations.py: vLLM decodes alone, the single-expert fast path) and
@@ -136,7 +139,8 @@ class VLLMExpert:
 
     @property
     def engine(self) -> Any:
-        """The underlying vllm AsyncLLM (for measurement scripts; the protocol methods are the API)."""
+        """The underlying engine, InprocEngine or AsyncLLM (for measurement scripts and tests; the protocol
+        methods are the API)."""
         return self._engine
 
     @property
@@ -238,7 +242,7 @@ class VLLMExpert:
         session = self.sessions.get(step.session_id)
         assert session is not None
         try:
-            position = await session.feed([int(t) for t in step.token_ids], step_params(int(top_k)))
+            topk = await session.feed([int(t) for t in step.token_ids], step_params(int(top_k)))
         except asyncio.CancelledError:
             # The caller gave up mid-step (e.g. a cancelled handle call): the context is now unknown.
             self.sessions.drop(step.session_id)
@@ -249,7 +253,7 @@ class VLLMExpert:
             verb = "open" if opening else "advance"
             return StepOutput(step.session_id, error=f"{verb} failed in the engine, session closed: {describe(exc)}",
                               error_kind="engine")
-        return StepOutput(step.session_id, topk=topk_of(position, top_k), length=session.length)
+        return StepOutput(step.session_id, topk=topk, length=session.length)
 
     async def _score_one(self, seq: list[int], top_k: int, k_err: str | None) -> ScoreOutput:
         err = k_err or self._token_error(seq, "sequence to score")

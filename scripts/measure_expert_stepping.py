@@ -6,6 +6,7 @@ Both feed the same predetermined tokens and must return the same top-k; the scri
 --via-serve measures (b) through Ray Serve (ServeExpertClient -> ExpertServer), i.e. with the per-step RPC.
 
     .venv/bin/python scripts/measure_expert_stepping.py --model artifacts/demo/experts/code [--via-serve]
+    .venv/bin/python scripts/measure_expert_stepping.py --streams 1 8 32 --cpu-threads-bind 1 --engine-process separate
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def report(name: str, streams: int, times: list[float]) -> None:
 def probe_config(args) -> ExpertConfig:
     return ExpertConfig(name="probe", model_path=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                         max_num_seqs=max(64, 2 * max(args.streams)), kv_cache_space_gib=1,
-                        cpu_threads_bind=args.cpu_threads_bind)
+                        cpu_threads_bind=args.cpu_threads_bind, engine_process=args.engine_process)
 
 
 def workload(rng: random.Random, vocab: int, streams: int, args):
@@ -157,7 +158,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--top-k", type=int, default=20)
-    p.add_argument("--cpu-threads-bind", default="auto", help="VLLM_CPU_OMP_THREADS_BIND of the engine")
+    p.add_argument("--cpu-threads-bind", default="auto", help="cores of the engine (ExpertConfig.cpu_threads_bind)")
+    p.add_argument("--engine-process", default="auto", choices=["auto", "inproc", "separate"],
+                   help="vLLM's engine in this process or in its own (ExpertConfig.engine_process)")
     p.add_argument("--via-serve", action="store_true", help="measure (b) through a Ray Serve deployment instead")
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
     asyncio.run(measure(p.parse_args()))

@@ -22,6 +22,8 @@ EXPERT_NAMES = ("code", "prose", "math", "json")
 # float32 engines so the comparison with a transformers forward can use a tight tolerance (1e-3 nats);
 # the bfloat16 default is covered by the same tests with a bf16 tolerance on one expert (BF16_EXPERT).
 BF16_EXPERT = "json"
+# The expert whose vLLM engine runs in processes of its own (ExpertConfig.engine_process="separate").
+SEPARATE_ENGINE_EXPERT = "prose"
 # Logprob agreement (nats) between two computations of the same positions: float32 engines agree with a
 # float32 transformers forward to ~1e-5; bf16 typically to ~0.03, except where a MoE router near-tie flips
 # (see test_expert_logprobs.assert_rows_match).
@@ -50,6 +52,10 @@ def demo_expert_configs() -> list[ExpertConfig]:
             max_num_seqs=64,
             # Spread the engines over the cores: vLLM's "auto" pins every engine to core 0 on 2 cores.
             cpu_threads_bind=str(i % (os.cpu_count() or 1)),
+            # One expert keeps vLLM's engine in its own processes (AsyncLLM, the GPU layout), the others run it
+            # in the replica (the CPU default): both layouts serve every test, and the fault tests can kill a
+            # real EngineCore process.
+            engine_process="separate" if name == SEPARATE_ENGINE_EXPERT else "auto",
         )
         for i, name in enumerate(EXPERT_NAMES)
         if (demo_expert_dir(name) / "config.json").is_file()

@@ -161,7 +161,11 @@ def run_streams(base_url: str, bodies: list[dict], fault=None, after_tokens: int
     for run in runs:
         assert run.started.wait(300), "a stream never started"
     if fault is not None:
+        early = {run.request_id: run.tokens for run in runs if run.finish_reason is not None}
         fault()
+        # A stream that had ended before the fault cannot show its effect: say so instead of failing later on
+        # a misleading count (a faster service can end a short stream while the others are still starting).
+        assert not early, f"streams ended before the fault was injected (make them longer): {early}"
     for run in runs:
         run.join()
     return runs

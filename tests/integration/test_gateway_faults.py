@@ -1,7 +1,8 @@
 """Faults on the real service (Serve + vLLM experts): real processes are killed, stopped and disconnected.
 
-- an expert's only replica is SIGKILLed mid-stream: no stream fails, the tokens it missed are marked degraded
-  (response, traffic log, metric), /health says so, and the expert is used again once Serve replaced it;
+- an expert's only replica is SIGKILLed mid-stream: no stream fails; each session continues on Serve's
+  replacement replica (migration) or, until that answers, the tokens it missed are marked degraded (response,
+  traffic log, metric), and the expert is used again once Serve replaced it;
 - one of two replicas of an expert is SIGKILLed: its sessions migrate to the other replica by replaying
   their tokens, and the temperature-0 outputs are identical to a run without the kill;
 - a replica's vLLM EngineCore process is SIGKILLed: Serve's health check replaces the replica, no stream fails;
@@ -43,9 +44,13 @@ PROMPTS = ["def parse_config(path):", "The river wound through the valley", "Sol
            '{"items": [', "import os\nimport sys\n", "Once upon a time"]
 
 
+# Long enough that no stream ends while the others are still starting (the fault must find all of them running).
+MAX_TOKENS = 128
+
+
 def bodies(n: int = 6, **extra) -> list[dict]:
     # experts_per_token=4: every token asks every expert, so a fault on any expert hits every stream.
-    return [{"model": "ensemble", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 48, "ignore_eos": True,
+    return [{"model": "ensemble", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": MAX_TOKENS, "ignore_eos": True,
              "experts_per_token": 4, "temperature": 0.8, **extra} for i in range(n)]
 
 
@@ -61,7 +66,7 @@ def metric(gw, name: str) -> float:
 def assert_no_stream_failed(runs) -> None:
     for run in runs:
         assert run.error is None and run.status == 200, (run.request_id, run.status, run.error)
-        assert run.finish_reason == "length" and run.usage["completion_tokens"] == 48, (run.request_id, run.usage)
+        assert run.finish_reason == "length" and run.usage["completion_tokens"] == MAX_TOKENS, (run.request_id, run.usage)
 
 
 @pytest.fixture
@@ -73,20 +78,26 @@ def healthy_after(live_gateway):
     wait_all_experts_ok(live_gateway.base_url, names)
 
 
-def test_killing_an_experts_only_replica_degrades_its_tokens_and_fails_no_stream(healthy_after) -> None:
+def test_killing_an_experts_only_replica_fails_no_stream_and_degrades_or_migrates_each_session(healthy_after) -> None:
+    """Each session on the dead replica either continues on Serve's replacement replica (re-opened from its
+    tokens, when the replacement answers within expert_timeout_s: an in-process engine starts in seconds) or,
+    until then, loses math for some tokens, which are marked degraded. Either way no stream fails, and what is
+    reported as degraded is exactly what the log and the metric say."""
     gw = healthy_after
     victim = the_replica(gw, "math")
     degraded_before = metric(gw, "ensemble_degraded_tokens_total")
+    migrations_before = metric(gw, "ensemble_session_migrations_total")
     runs = run_streams(gw.base_url, bodies(), fault=lambda: kill(victim.pid))
 
     assert_no_stream_failed(runs)
     for run in runs:
-        assert run.usage["degraded_tokens"] >= 1 and run.degraded_positions, (run.request_id, run.usage)
-        assert len(run.degraded_positions) == run.usage["degraded_tokens"]
-    report = health(gw.base_url)
-    assert report["status"] == "degraded" and report["experts"]["math"]["state"] in ("down", "degraded"), report
-    assert metric(gw, "ensemble_degraded_tokens_total") - degraded_before >= sum(len(r.degraded_positions)
-                                                                                for r in runs)
+        assert len(run.degraded_positions) == run.usage["degraded_tokens"], run.request_id
+        # A token without math is degraded; every other token was answered by math (old replica or new one).
+        assert run.usage["expert_tokens"]["math"] + run.usage["degraded_tokens"] == MAX_TOKENS, run.usage
+    degraded = sum(len(r.degraded_positions) for r in runs)
+    migrated = metric(gw, "ensemble_session_migrations_total") - migrations_before
+    assert degraded or migrated >= len(runs), ("the kill had no effect?", degraded, migrated)
+    assert metric(gw, "ensemble_degraded_tokens_total") - degraded_before >= degraded
     records = gw.records()
     for run in runs:
         assert list(records[run.request_id].degraded_tokens) == run.degraded_positions, run.request_id

@@ -47,7 +47,8 @@ def test_an_offline_job_needs_no_http_port_and_fails_clearly_when_its_serve_cont
         assert line.strip() == "READY", (line, job.poll(), log.read_text()[-3000:])
         family = descendants(job.pid)
         (controller,) = [pid for pid, p in family.items() if "ServeController" in " ".join(_cmdline(p))]
-        assert any("EngineCore" in p.name() for p in family.values()), family
+        # The expert's replica (its vLLM engine runs inside it: engine_process "auto" on CPU) must go with the job.
+        assert any("expert-code" in " ".join(_cmdline(p)) for p in family.values()), family
         assert not [p for p in family.values() if "ProxyActor" in " ".join(_cmdline(p))], "an HTTP proxy started"
 
         os.kill(controller, signal.SIGSTOP)

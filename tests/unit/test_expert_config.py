@@ -148,3 +148,19 @@ def test_score_windows_tile_every_prediction_once(length, window):
         rows += [start + i for i in range(keep_from, n_rows)]
         assert keep_from == 0 or keep_from >= window // 2 - 1  # later rows keep at least half a window of context
     assert rows == list(range(length - 1))
+
+
+def test_engine_process_auto_runs_the_engine_in_the_replica_on_cpu_and_separately_on_gpu():
+    assert cfg().engine_inproc
+    assert not cfg(num_gpus=1).engine_inproc
+    assert not cfg(engine_process="separate").engine_inproc
+    assert cfg(engine_process="inproc", num_gpus=1).engine_inproc
+    with pytest.raises(ValidationError):
+        cfg(engine_process="elsewhere")
+
+
+def test_engine_cores_read_the_bind_spec():
+    assert cfg(cpu_threads_bind="auto").engine_cores() is None
+    assert cfg(cpu_threads_bind="nobind").engine_cores() is None
+    assert cfg(cpu_threads_bind="1").engine_cores() == {1}
+    assert cfg(cpu_threads_bind="0-3,6").engine_cores() == {0, 1, 2, 3, 6}

@@ -1,0 +1,272 @@
+"""vLLM's engine inside the replica's process, stepped by one thread: the part of AsyncLLM that experts/ uses.
+
+Why: on CPU, AsyncLLM runs three processes per expert (the replica, vLLM's EngineCore, its Worker) joined by
+ZeroMQ and a shared-memory queue whose readers busy-poll. A decode-session step crosses both hops twice.
+Measured on the 2-core machine (`scripts/measure_expert_stepping.py`, one code expert, top-20, bf16): a session
+step took 10.2 / 13.5 / 20.2 ms at 1 / 8 / 32 sessions through AsyncLLM, 6.0 / 6.1 / 10.3 ms in-process. So on
+CPU the engine runs here: vLLM's LLMEngine with multiprocessing off (scheduler, uniprocessor executor and model
+in this process), driven by a thread that steps it whenever it has work and sleeps otherwise.
+
+The interface is AsyncLLM's, as far as sessions.py, generations.py and scoring.py use it:
+  generate(prompt | async iterator of StreamingInput, params, request_id) -> async iterator of RequestOutput
+  check_health(), shutdown()
+Every engine call (adding, aborting, stepping) happens on the engine thread; the event loop only posts
+commands and receives outputs, so vLLM's engine is never touched from two threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class EngineDead(RuntimeError):
+    """The engine thread has stopped (an error in a step, or shutdown)."""
+
+
+class InprocEngine:
+    """One LLMEngine, one stepping thread, many asyncio consumers."""
+
+    def __init__(self, args: dict[str, Any], threads: int | None = None, cores: set[int] | None = None) -> None:
+        """Build the engine on its own thread and wait until it is ready (raises what building raised).
+
+        `threads`: torch intra-op threads for the model (None: torch's default); `cores`: pin the engine thread
+        (and the compute threads it starts) to these cores."""
+        self._engine: Any = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()                     # guards _streams between the loop and the thread
+        self.error: BaseException | None = None
+        self.steps = 0
+        self._raw: set[str] = set()                      # engine thread only: requests answered raw
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(args, threads, cores, ready),
+                                        name="vllm-engine", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if self._engine is None:
+            self._thread.join()
+            raise self.error if self.error is not None else RuntimeError("the vLLM engine did not start")
+
+    @staticmethod
+    def _build(args: dict[str, Any], threads: int | None, cores: set[int] | None) -> Any:
+        """On the engine thread: vLLM builds, warms up and later runs the model on one thread (its model
+        runner keeps per-thread state: OpenMP's thread count, torch's inference mode)."""
+        import torch
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        if cores:
+            os.sched_setaffinity(threading.get_native_id(), cores & os.sched_getaffinity(0) or os.sched_getaffinity(0))
+        if threads:
+            torch.set_num_threads(threads)        # before the engine: vLLM's CPU worker disables it afterwards
+        with _multiprocessing_off():
+            return LLMEngine.from_engine_args(EngineArgs(**args))
+
+    # ---- AsyncLLM's interface -------------------------------------------------------------------------
+
+    raw_outputs = True     # generate(..., raw=True) is available (see below)
+
+    async def generate(self, prompt: Any, params: Any, request_id: str, raw: bool = False) -> AsyncIterator[Any]:
+        """RequestOutputs of one request. `prompt` may be an async iterator of StreamingInput chunks: a
+        resumable request, one output per chunk (as AsyncLLM's streaming input), until the caller closes it.
+
+        raw=True yields vLLM's EngineCoreOutputs instead (token ids and logprob arrays, no detokenizer or
+        logprob dicts): vLLM's output processor is skipped, which at 32 sessions was half of a step's time."""
+        self._check()
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already running")
+            self._streams[request_id] = (loop, outputs)
+        streaming = hasattr(prompt, "__aiter__")
+        feeder = loop.create_task(self._feed(request_id, prompt, params, raw)) if streaming else None
+        if not streaming:
+            self._commands.put(("add", request_id, prompt, params, False, raw))
+        finished = False
+        try:
+            while True:
+                out = await outputs.get()
+                if isinstance(out, BaseException):
+                    finished = True
+                    raise out
+                yield out
+                if not streaming and (out.finish_reason is not None if raw else out.finished):
+                    finished = True
+                    return
+        finally:
+            if feeder is not None:
+                feeder.cancel()
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    async def _feed(self, request_id: str, chunks: AsyncIterator[Any], params: Any, raw: bool) -> None:
+        try:
+            async for chunk in chunks:
+                self._commands.put(("add", request_id, chunk.prompt, chunk.sampling_params or params, True, raw))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the consumer hears of it
+            self._deliver({request_id: exc})
+
+    async def check_health(self) -> None:
+        self._check()
+
+    async def requests_held(self) -> int:
+        """Requests the engine's scheduler holds (running, waiting, paused sessions), counted on the engine
+        thread after every command posted before this call (so after earlier closes and aborts)."""
+        self._check()
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        self._commands.put(("count", answer, loop))
+        return await answer
+
+    def shutdown(self) -> None:
+        """Stop the thread and free the engine. Idempotent."""
+        if self._thread.is_alive():
+            self._commands.put(_STOP)
+            self._thread.join(timeout=30)
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            try:
+                engine.engine_core.shutdown()
+            except Exception as exc:  # noqa: BLE001 - shutting down anyway
+                log.debug("engine shutdown: %r", exc)
+
+    # ---- the engine thread ------------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise EngineDead(f"the engine stopped: {type(self.error).__name__}: {self.error}") from self.error
+        if not self._thread.is_alive():
+            raise EngineDead("the engine thread is not running")
+
+    def _run(self, args: dict[str, Any], threads: int | None, cores: set[int] | None,
+             ready: threading.Event) -> None:
+        try:
+            engine = self._build(args, threads, cores)
+            self._tasks = engine.get_supported_tasks()
+            scheduler = engine.engine_core.engine_core.scheduler
+        except BaseException as exc:  # noqa: BLE001 - raised again by __init__
+            self.error = exc
+            ready.set()
+            return
+        self._engine = engine
+        ready.set()
+        try:
+            while True:
+                # Block for a command only when there is nothing to step (paused sessions are not work).
+                block = not scheduler.has_requests()
+                while True:
+                    try:
+                        command = self._commands.get(block=block)
+                    except queue.Empty:
+                        break
+                    if command is _STOP:
+                        return
+                    self._apply(command)
+                    block = False
+                if scheduler.has_requests():
+                    self._step(engine)
+        except BaseException as exc:
+            log.exception("vLLM engine thread failed")
+            self.error = exc
+            with self._lock:
+                ids = list(self._streams)
+            self._deliver({rid: EngineDead(f"the engine stopped: {type(exc).__name__}: {exc}") for rid in ids})
+
+    def _step(self, engine: Any) -> None:
+        """One engine step (LLMEngine.step without its stats): raw requests get their EngineCoreOutput, the
+        others what vLLM's output processor makes of theirs."""
+        outputs = engine.engine_core.get_output()
+        self.steps += 1
+        if not outputs.outputs:
+            return
+        items = {o.request_id: o for o in outputs.outputs if o.request_id in self._raw}
+        for o in items.values():
+            if o.finished:
+                self._raw.discard(o.request_id)
+        if len(items) < len(outputs.outputs):
+            processed = engine.output_processor.process_outputs(outputs.outputs, outputs.timestamp)
+            if processed.reqs_to_abort:
+                engine.engine_core.abort_requests(processed.reqs_to_abort)
+            items.update((o.request_id, o) for o in processed.request_outputs)
+        self._deliver(items)
+
+    def _apply(self, command: tuple) -> None:
+        kind, request_id = command[0], command[1]
+        engine = self._engine
+        if kind == "count":
+            answer, loop = command[1], command[2]
+            held = sum(engine.engine_core.engine_core.scheduler.get_request_counts())
+            loop.call_soon_threadsafe(lambda: answer.done() or answer.set_result(held))
+            return
+        if kind == "abort":
+            self._raw.discard(request_id)
+            engine.output_processor.abort_requests([request_id], internal=True)
+            # Directly too: the output processor passes on only the ids it tracks, and raw ones it does not.
+            engine.engine_core.abort_requests([request_id])
+            return
+        _, _, prompt, params, resumable, raw = command
+        try:
+            request = engine.input_processor.process_inputs(request_id, prompt, params,
+                                                            supported_tasks=self._tasks, resumable=resumable)
+            request.external_req_id = request_id          # our ids are unique already: internal = external
+            if raw:
+                self._raw.add(request_id)
+            else:
+                engine.output_processor.add_request(request, None, None, 0)
+            # The scheduler and the output processor both extend a session's prompt_token_ids on each chunk;
+            # across processes each has its own copy, in one process they must not share the list.
+            engine.engine_core.add_request(msgspec.structs.replace(
+                request, prompt_token_ids=list(request.prompt_token_ids or ())))
+        except Exception as exc:  # noqa: BLE001 - a refused request fails itself, not the engine
+            self._deliver({request_id: exc})
+
+    def _deliver(self, items: dict[str, Any]) -> None:
+        """Hand outputs (or exceptions) to their consumers' event loops: one wake-up per loop per step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        with self._lock:
+            for rid, item in items.items():
+                entry = self._streams.get(rid)
+                if entry is not None:
+                    by_loop.setdefault(entry[0], []).append((entry[1], item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:          # that loop is closed: its consumers are gone
+                pass
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in batch:
+        q.put_nowait(item)
+
+
+class _multiprocessing_off:
+    """VLLM_ENABLE_V1_MULTIPROCESSING=0 while the engine is built (vLLM reads it then): engine core and
+    executor in this process."""
+
+    def __enter__(self) -> None:
+        self._saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+    def __exit__(self, *exc: object) -> None:
+        if self._saved is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = self._saved
