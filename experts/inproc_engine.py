@@ -2,10 +2,11 @@
 
 Why: on CPU, AsyncLLM runs three processes per expert (the replica, vLLM's EngineCore, its Worker) joined by
 ZeroMQ and a shared-memory queue whose readers busy-poll. A decode-session step crosses both hops twice.
-Measured on the 2-core machine (`scripts/measure_expert_stepping.py`, one code expert, top-20, bf16): a session
-step took 10.2 / 13.5 / 20.2 ms at 1 / 8 / 32 sessions through AsyncLLM, 6.0 / 6.1 / 10.3 ms in-process. So on
-CPU the engine runs here: vLLM's LLMEngine with multiprocessing off (scheduler, uniprocessor executor and model
-in this process), driven by a thread that steps it whenever it has work and sleeps otherwise.
+Measured on the 2-core machine (`scripts/measure_expert_stepping.py --streams 1 8 32 --cpu-threads-bind 1
+--engine-process separate|inproc`, one code expert, top-20, bf16): a session step took 6.2 / 17.5 / 22.3 ms at
+1 / 8 / 32 sessions through AsyncLLM, 4.2 / 8.4 / 12.6 ms here. So on CPU the engine runs here: vLLM's LLMEngine
+with multiprocessing off (scheduler, uniprocessor executor and model in this process), driven by a thread that
+steps it whenever it has work and sleeps otherwise.
 
 The interface is AsyncLLM's, as far as sessions.py, generations.py and scoring.py use it:
   generate(prompt | async iterator of StreamingInput, params, request_id) -> async iterator of RequestOutput
@@ -100,7 +101,7 @@ class InprocEngine:
             while True:
                 out = await outputs.get()
                 if isinstance(out, BaseException):
-                    finished = True
+                    finished = isinstance(out, EngineDead)    # a refused chunk leaves the request to abort
                     raise out
                 yield out
                 if not streaming and (out.finish_reason is not None if raw else out.finished):
