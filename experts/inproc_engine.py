@@ -72,7 +72,10 @@ class InprocEngine:
             os.sched_setaffinity(threading.get_native_id(), cores & os.sched_getaffinity(0) or os.sched_getaffinity(0))
         if threads:
             torch.set_num_threads(threads)        # before the engine: vLLM's CPU worker disables it afterwards
-        with _multiprocessing_off():
+        from experts.vllm_engine import _environment
+
+        # vLLM reads this while the engine is built: engine core and executor in this process.
+        with _environment({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}):
             return LLMEngine.from_engine_args(EngineArgs(**args))
 
     # ---- AsyncLLM's interface -------------------------------------------------------------------------
@@ -257,17 +260,3 @@ def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
     for q, item in batch:
         q.put_nowait(item)
 
-
-class _multiprocessing_off:
-    """VLLM_ENABLE_V1_MULTIPROCESSING=0 while the engine is built (vLLM reads it then): engine core and
-    executor in this process."""
-
-    def __enter__(self) -> None:
-        self._saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-
-    def __exit__(self, *exc: object) -> None:
-        if self._saved is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = self._saved

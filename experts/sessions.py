@@ -49,8 +49,8 @@ class Session:
         try:
             self._chunks.put_nowait((tokens, params))
             if self._outputs is None:
-                self._outputs = (self._engine.generate(self._inputs(), params, self.request_id, raw=True)
-                                 if self._raw else self._engine.generate(self._inputs(), params, request_id=self.request_id))
+                raw = {"raw": True} if self._raw else {}
+                self._outputs = self._engine.generate(self._inputs(), params, request_id=self.request_id, **raw)
             out = await anext(self._outputs)
             while self._raw and out.new_logprobs is None:     # an output of a prefill step, not of this position
                 out = await anext(self._outputs)

@@ -97,6 +97,9 @@ def test_killing_an_experts_only_replica_fails_no_stream_and_degrades_or_migrate
     degraded = sum(len(r.degraded_positions) for r in runs)
     migrated = metric(gw, "ensemble_session_migrations_total") - migrations_before
     assert degraded or migrated >= len(runs), ("the kill had no effect?", degraded, migrated)
+    if degraded:                      # math failed a step: /health says so (down, or degraded for 30 s after)
+        report = health(gw.base_url)
+        assert report["status"] == "degraded" and report["experts"]["math"]["state"] in ("down", "degraded"), report
     assert metric(gw, "ensemble_degraded_tokens_total") - degraded_before >= degraded
     records = gw.records()
     for run in runs:
