@@ -21,6 +21,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from experts.data_plane import METHODS as DATA_PLANE_METHODS
+from experts.data_plane import DataPlaneConnection, DataPlaneLost, Endpoint
 from experts.protocol import (
     ExpertInfo,
     GenerateDelta,
@@ -36,6 +38,7 @@ from experts.protocol import (
 from experts.replica_router import PIN
 
 log = logging.getLogger(__name__)
+NO_DIRECT_S = 60.0      # after a failed direct connection, a replica's calls go through Serve this long
 
 
 class ServeExpertClient:
@@ -60,6 +63,9 @@ class ServeExpertClient:
         self.abandoned: dict[str | None, set[str]] = {}
         self._closers: dict[str | None, asyncio.Task] = {}
         self.abandon_retry_s = (2.0, 30.0, 600.0)     # first wait, longest wait, give up (the idle reaper's time)
+        self._conns: dict[str, DataPlaneConnection] = {}                  # replica -> direct connection
+        self._connecting: dict[str, asyncio.Lock] = {}
+        self._no_direct: dict[str, float] = {}                            # replica -> loop time to retry direct
 
     def __repr__(self) -> str:
         return f"ServeExpertClient({self.name!r})"
@@ -68,16 +74,55 @@ class ServeExpertClient:
 
     async def _call(self, method: str, *args: Any, replica: str | None = None, timeout_s: float | None = None,
                     bounded: bool = True) -> Any:
-        """One handle call, pinned to `replica` when given, bounded by timeout_s (default: call_timeout_s)."""
-        response = getattr(self._handle, method).remote(*args, **({PIN: replica} if replica else {}))
+        """One call, pinned to `replica` when given, bounded by timeout_s (default: call_timeout_s).
+
+        Pinned per-token calls take the replica's data plane when it has one (experts/data_plane.py), every
+        other call a Serve handle."""
         timeout_s = self.call_timeout_s if timeout_s is None else timeout_s
-        if timeout_s is None or not bounded:
+        limit = timeout_s if bounded else None
+        if replica is not None and method in DATA_PLANE_METHODS:
+            conn = await self._direct(replica)
+            if conn is not None:
+                try:
+                    return await (conn.call(method, *args) if limit is None
+                                  else asyncio.wait_for(conn.call(method, *args), limit))
+                except asyncio.TimeoutError:
+                    raise TimeoutError(f"expert {self.name}: {method} took longer than {limit:.1f} s") from None
+        response = getattr(self._handle, method).remote(*args, **({PIN: replica} if replica else {}))
+        if limit is None:
             return await response
         try:
-            return await asyncio.wait_for(_awaited(response), timeout_s)
+            return await asyncio.wait_for(_awaited(response), limit)
         except asyncio.TimeoutError:
             response.cancel()
-            raise TimeoutError(f"expert {self.name}: {method} took longer than {timeout_s:.1f} s") from None
+            raise TimeoutError(f"expert {self.name}: {method} took longer than {limit:.1f} s") from None
+
+    async def _direct(self, replica: str) -> DataPlaneConnection | None:
+        """The data-plane connection to `replica`, (re)connected through the endpoint Serve hands out; None
+        when the replica has none, or could not be reached directly lately (its calls then go through Serve).
+        Raises what the pinned `endpoint` call raises when the replica is gone."""
+        conn = self._conns.get(replica)
+        if conn is not None and not conn.lost:
+            return conn
+        if replica in self._no_direct and asyncio.get_running_loop().time() < self._no_direct[replica]:
+            return None
+        async with self._connecting.setdefault(replica, asyncio.Lock()):
+            conn = self._conns.get(replica)
+            if conn is not None and not conn.lost:
+                return conn
+            endpoint: Endpoint | None = await self._call("endpoint", replica=replica)
+            if endpoint is None:
+                self._no_direct[replica] = float("inf")
+                return None
+            try:
+                conn = await DataPlaneConnection.open(endpoint, f"expert {self.name} replica {replica}")
+            except (OSError, asyncio.TimeoutError) as exc:
+                log.warning("expert %s: replica %s's data plane at %s:%d is unreachable (%r); its calls go through "
+                            "Serve for %.0f s", self.name, replica, endpoint.host, endpoint.port, exc, NO_DIRECT_S)
+                self._no_direct[replica] = asyncio.get_running_loop().time() + NO_DIRECT_S
+                return None
+            self._conns[replica] = conn
+            return conn
 
     # ---- protocol -------------------------------------------------------------------------------------
 
@@ -179,7 +224,7 @@ class ServeExpertClient:
             why = f"expert {self.name} unavailable ({type(exc).__name__}: {exc})"
             for step in steps:
                 self._pins.pop(step.session_id, None)
-            if isinstance(exc, TimeoutError):        # it may only be slow: its sessions could still be open
+            if isinstance(exc, (TimeoutError, DataPlaneLost)):   # it may live on: its sessions could be open
                 self._abandon(replica, [step.session_id for step in steps])
             return [StepOutput(s.session_id, error=why, error_kind="unavailable") for s in steps]
         return [StepOutput(o.session_id, o.topk, o.error, o.error_kind, o.length, reply.replica, reply.server_s)
@@ -237,6 +282,7 @@ class ServeExpertClient:
 
     async def _poll_loop(self, replica: str) -> None:
         """While this client has streams (or aborts) on `replica`: one poll in flight, deltas to their queues."""
+        aborting = False
         while True:
             aborts = self._aborts.pop(replica, [])
             active = [rid for rid, (r, _) in self._streams.items() if r == replica]
@@ -248,10 +294,17 @@ class ServeExpertClient:
                                                     replica=replica, timeout_s=timeout)
             except Exception as exc:  # noqa: BLE001 - the replica is gone: every stream on it ends here
                 why = f"expert {self.name} unavailable ({type(exc).__name__}: {exc})"
+                lost = []
                 for rid, (r, queue) in list(self._streams.items()):
                     if r == replica:
                         queue.put_nowait(GenerateDelta(rid, error=why, error_kind="unavailable"))
+                        lost.append(rid)
+                if isinstance(exc, DataPlaneLost) and lost and not aborting:
+                    aborting = True           # the replica may live on: abort them there (one more poll)
+                    self._aborts.setdefault(replica, []).extend(lost)
+                    continue
                 break
+            aborting = False
             for delta in reply.deltas:
                 entry = self._streams.get(delta.request_id)
                 if entry is not None:
@@ -259,6 +312,9 @@ class ServeExpertClient:
         self._pollers.pop(replica, None)
 
     async def aclose(self) -> None:
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()
         tasks = [*self._pollers.values(), *self._closers.values()]
         for task in tasks:
             task.cancel()

@@ -57,11 +57,19 @@ class ExpertConfig(BaseModel):
     # rest; on 2 cores every engine lands on core 0), "nobind", or core ids such as "1" or "0-3". In-process
     # engines are pinned to these cores with one thread each; separate ones get VLLM_CPU_OMP_THREADS_BIND.
     cpu_threads_bind: str = "auto"
+    # CPU, in-process engines only: compute threads of the engine. Unset: one per bound core (torch's default
+    # when unbound). With "nobind" and 1, the OS places each engine's single thread where a core is free.
+    cpu_threads: int | None = Field(None, ge=1)
     # Where vLLM's engine runs. "separate": AsyncLLM, with vLLM's EngineCore (and on CPU its Worker) in their
     # own processes, the usual layout on GPUs. "inproc": vLLM's engine inside the replica's process, stepped
     # by one thread (experts/inproc_engine.py): no inter-process hops per step; on the 2-core dev CPU a session
     # step took 4.2 ms instead of 6.2 (12.6 instead of 22.3 at 32 sessions). "auto": inproc on CPU, separate on GPU.
     engine_process: Literal["auto", "inproc", "separate"] = "auto"
+    # The per-token calls pinned to one replica (session steps, generation polls, closes) go over a direct TCP
+    # connection to it (experts/data_plane.py, ~0.2 ms) instead of a Serve handle call (~4 ms on the 2-core
+    # dev machine); Serve still places replicas, routes new work and checks health. "auto": on, unless
+    # autoscaling_config is set (Serve's autoscaler counts only the requests it routes). "on" / "off" force it.
+    data_plane: Literal["auto", "on", "off"] = "auto"
     # GPU only: fraction of device memory for weights + KV cache.
     gpu_memory_utilization: float = 0.9
     # True skips graph capture/compilation: ~20 s engine start on CPU instead of minutes.
@@ -175,6 +183,11 @@ class ExpertConfig(BaseModel):
     def engine_inproc(self) -> bool:
         """True when vLLM's engine runs inside the replica's process (see engine_process)."""
         return self.engine_process == "inproc" or (self.engine_process == "auto" and not self.on_gpu)
+
+    @property
+    def data_plane_on(self) -> bool:
+        """True when pinned per-token calls bypass Serve's handles (see data_plane)."""
+        return self.data_plane == "on" or (self.data_plane == "auto" and self.autoscaling_config is None)
 
     def engine_cores(self) -> set[int] | None:
         """The cores cpu_threads_bind names ("0", "1,3", "0-3"), or None for "auto" / "nobind"."""

@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -50,6 +51,7 @@ class InprocEngine:
         self._lock = threading.Lock()                     # guards _streams between the loop and the thread
         self.error: BaseException | None = None
         self.steps = 0
+        self.step_s = 0.0         # wall time inside vLLM's engine steps (this thread), for the speed breakdown
         self._raw: set[str] = set()                      # engine thread only: requests answered raw
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(args, threads, cores, ready),
@@ -196,8 +198,10 @@ class InprocEngine:
     def _step(self, engine: Any) -> None:
         """One engine step (LLMEngine.step without its stats): raw requests get their EngineCoreOutput, the
         others what vLLM's output processor makes of theirs."""
+        t0 = time.perf_counter()
         outputs = engine.engine_core.get_output()
         self.steps += 1
+        self.step_s += time.perf_counter() - t0
         if not outputs.outputs:
             return
         items = {o.request_id: o for o in outputs.outputs if o.request_id in self._raw}

@@ -133,6 +133,10 @@ class ReplicaStats:
     replica: str
     open_sessions: int
     generations: int
+    data_plane_connections: int = 0     # accepted since the replica started (experts/data_plane.py)
+    data_plane_calls: int = 0           # calls answered over them
+    engine_steps: int = 0               # vLLM engine steps so far (in-process engines only)
+    engine_step_s: float = 0.0          # wall time inside them
 
 
 @dataclass(frozen=True)

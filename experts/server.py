@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from experts.config import ExpertConfig
+from experts.data_plane import DataPlaneServer, Endpoint
 from experts.protocol import (
     ExpertInfo,
     GenerateRequest,
@@ -42,6 +43,7 @@ class ExpertServer:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._expert = VLLMExpert(self.config)
         self._gauges = _replica_gauges(self.config.name, self.replica)
+        self._data_plane: DataPlaneServer | None = None
         log.info("expert %s replica %s serving %s", self.config.name, self.replica, self.config.model_path)
 
     async def info(self, replica: str | None = None) -> ExpertInfo:
@@ -68,11 +70,36 @@ class ExpertServer:
     async def poll(self, caller: str, aborts: list[str], wait_s: float, replica: str | None = None) -> PollReply:
         return PollReply(self.replica, tuple(await self._expert.poll(caller, aborts, wait_s)))
 
+    async def endpoint(self, replica: str | None = None) -> Endpoint | None:
+        """This replica's data plane (started on first ask, on the loop that serves every call), or None when
+        the expert is configured to take every call through Serve."""
+        if not self.config.data_plane_on:
+            return None
+        if self._data_plane is None:
+            import ray
+
+            async def advance(steps: list[SessionStep], top_k: int) -> StepReply:
+                return await self.advance(steps, top_k)
+
+            async def poll(caller: str, aborts: list[str], wait_s: float) -> PollReply:
+                return await self.poll(caller, aborts, wait_s)
+
+            self._data_plane = DataPlaneServer({"advance": advance, "poll": poll, "close": self.close},
+                                               ray.util.get_node_ip_address())
+        return await self._data_plane.start()
+
+    async def cut_data_plane(self, replica: str | None = None) -> int:
+        """Fault injection and drain: reset every data-plane connection now; callers reconnect."""
+        return self._data_plane.cut() if self._data_plane is not None else 0
+
     async def score(self, sequences: list[list[int]], top_k: int, replica: str | None = None) -> list[ScoreOutput]:
         return await self._expert.score(sequences, top_k)
 
     async def stats(self, replica: str | None = None) -> ReplicaStats:
-        return ReplicaStats(self.replica, self._expert.num_open_sessions, len(self._expert.generations))
+        dp, engine = self._data_plane, self._expert.engine
+        return ReplicaStats(self.replica, self._expert.num_open_sessions, len(self._expert.generations),
+                            dp.connections_accepted if dp else 0, dp.calls_served if dp else 0,
+                            getattr(engine, "steps", 0), getattr(engine, "step_s", 0.0))
 
     async def num_open_sessions(self, replica: str | None = None) -> int:
         return self._expert.num_open_sessions

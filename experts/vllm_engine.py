@@ -32,7 +32,8 @@ def start_engine(config: ExpertConfig) -> Any:
 
         cores = config.engine_cores() if not config.on_gpu else None
         with _environment(config.env_vars()):
-            return InprocEngine(args, threads=len(cores) if cores else None, cores=cores)
+            threads = config.cpu_threads or (len(cores) if cores else None)
+            return InprocEngine(args, threads=threads, cores=cores)
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 

@@ -21,3 +21,6 @@ class FakeHandle:
         if name.startswith("_"):
             raise AttributeError(name)
         return RemoteMethod(getattr(self, f"_{name}"))
+
+    async def _endpoint(self, replica=None):
+        return None                     # no data plane: every call goes through the (fake) handle

@@ -7,6 +7,8 @@
   their tokens, and the temperature-0 outputs are identical to a run without the kill;
 - a replica's vLLM EngineCore process is SIGKILLed: Serve's health check replaces the replica, no stream fails;
 - a replica hangs (SIGSTOP): the per-step timeout treats it as dead, no stream fails;
+- a replica resets the direct (data-plane) sockets the gateway's per-token calls use: no stream fails, the
+  gateway reconnects, and nothing is left open on the replica;
 - 200 clients cut their sockets mid-stream (RST): every session and generation on every expert replica is
   closed, and every request is in the traffic log.
 
@@ -183,6 +185,35 @@ def test_a_hung_replica_times_out_and_fails_no_stream(healthy_after) -> None:
             kill(victim.pid, signal.SIGCONT)      # Serve may have replaced (killed) it already
         except ProcessLookupError:
             pass
+
+
+def test_cutting_a_replicas_data_plane_sockets_fails_no_stream_and_leaks_nothing(healthy_after) -> None:
+    """The replica resets every direct connection (a real TCP RST on the sockets the gateway's per-token calls
+    use) while mixed and native streams run on it: the steps in flight are re-opened (migration), the native
+    generations restart, the gateway reconnects, and the sessions and generations left on the replica are
+    closed afterwards."""
+    from ray import serve
+
+    gw = healthy_after
+    victim = the_replica(gw, "code")
+    handle = serve.get_deployment_handle("expert-code", gw.app_name)
+    before = replica_stats(gw.app_name, ["code"])["code"][victim.replica_id]
+    migrations_before = metric(gw, "ensemble_session_migrations_total")
+    native = [{"model": "code", "prompt": p, "max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0.8}
+              for p in PROMPTS[:2]]
+    cuts: list[int] = []
+    runs = run_streams(gw.base_url, bodies(4) + native,
+                       fault=lambda: cuts.append(handle.cut_data_plane.remote(replica=victim.replica_id).result()))
+
+    assert cuts[0] >= 1, "the gateway had no direct connection to cut"
+    assert_no_stream_failed(runs)
+    assert metric(gw, "ensemble_session_migrations_total") > migrations_before, "no step was in flight?"
+    after = replica_stats(gw.app_name, ["code"])["code"][victim.replica_id]
+    assert after.data_plane_calls > before.data_plane_calls, "per-token calls did not use the data plane"
+    assert after.data_plane_connections > before.data_plane_connections, "the gateway never reconnected"
+    wait_for("the cut sessions and generations to be closed on the replica", lambda: (
+        (st := replica_stats(gw.app_name, ["code"])["code"][victim.replica_id]).open_sessions == 0
+        and st.generations == 0), timeout_s=120)
 
 
 def _cut_stream(base_url: str, body: dict, ids: list, errors: list) -> None:

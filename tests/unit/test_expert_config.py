@@ -164,3 +164,18 @@ def test_engine_cores_read_the_bind_spec():
     assert cfg(cpu_threads_bind="nobind").engine_cores() is None
     assert cfg(cpu_threads_bind="1").engine_cores() == {1}
     assert cfg(cpu_threads_bind="0-3,6").engine_cores() == {0, 1, 2, 3, 6}
+
+
+def test_data_plane_is_on_unless_serve_autoscales_the_expert():
+    assert cfg().data_plane_on
+    assert not cfg(autoscaling_config={"min_replicas": 1, "max_replicas": 2}).data_plane_on
+    assert cfg(autoscaling_config={"min_replicas": 1, "max_replicas": 2}, data_plane="on").data_plane_on
+    assert not cfg(data_plane="off").data_plane_on
+    with pytest.raises(ValidationError):
+        cfg(data_plane="sometimes")
+
+
+def test_cpu_threads_must_be_positive():
+    assert cfg(cpu_threads_bind="nobind", cpu_threads=1).cpu_threads == 1
+    with pytest.raises(ValidationError):
+        cfg(cpu_threads=0)

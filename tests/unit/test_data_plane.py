@@ -1,0 +1,143 @@
+"""The direct replica channel (experts/data_plane.py) over real localhost sockets: typed round trips, calls
+answered out of order, a wrong token refused, a cut connection failing exactly the calls in flight, and
+ServeExpertClient sending pinned calls over it (and falling back to the handle when a replica has none)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from experts.client import ServeExpertClient
+from experts.data_plane import DataPlaneConnection, DataPlaneLost, DataPlaneServer, Endpoint, RemoteError
+from experts.protocol import GenerateDelta, PollReply, SessionStep, StepOutput, StepReply, TopK
+from tests.serve_fakes import FakeHandle
+
+
+class Replica:
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.closed: list[str] = []
+
+    async def advance(self, steps: list[SessionStep], top_k: int) -> StepReply:
+        if steps and steps[0].session_id == "boom":
+            raise ValueError("bad step")
+        outs = tuple(StepOutput(s.session_id, TopK((5, 6)[:top_k], (-0.5, -1.5)[:top_k]), length=len(s.token_ids),
+                                replica="r1") for s in steps)
+        return StepReply("r1", outs, 0.001)
+
+    async def poll(self, caller: str, aborts: list[str], wait_s: float) -> PollReply:
+        await self.release.wait()
+        return PollReply("r1", (GenerateDelta("g", token_ids=(3, 4), logprobs=(-0.1, -0.2), finish_reason="length",
+                                              top_logprobs=(((3, -0.1),), ((4, -0.2),))),))
+
+    async def close(self, session_ids: list[str]) -> None:
+        self.closed += session_ids
+
+
+@pytest.fixture
+async def served():
+    replica = Replica()
+    server = DataPlaneServer({"advance": replica.advance, "poll": replica.poll, "close": replica.close}, "127.0.0.1")
+    endpoint = await server.start()
+    yield replica, server, endpoint
+    await server.close()
+
+
+async def test_typed_round_trip_and_out_of_order_answers(served) -> None:
+    replica, server, endpoint = served
+    conn = await DataPlaneConnection.open(endpoint, "test")
+    slow = asyncio.ensure_future(conn.call("poll", "caller", [], 1.0))     # waits on the replica
+    reply = await asyncio.wait_for(conn.call("advance", [SessionStep("s1", (1, 2, 3))], 2), 5)
+    assert reply == StepReply("r1", (StepOutput("s1", TopK((5, 6), (-0.5, -1.5)), length=3, replica="r1"),), 0.001)
+    assert not slow.done()                                  # answered after the later advance
+    replica.release.set()
+    polled = await asyncio.wait_for(slow, 5)
+    assert polled.deltas[0].token_ids == (3, 4) and polled.deltas[0].top_logprobs == (((3, -0.1),), ((4, -0.2),))
+    assert await conn.call("close", ["s1"]) is None and replica.closed == ["s1"]
+    assert server.connections_accepted == 1 and server.calls_served == 3
+    conn.close()
+
+
+async def test_a_failing_call_is_answered_and_the_connection_lives_on(served) -> None:
+    _, _, endpoint = served
+    conn = await DataPlaneConnection.open(endpoint, "test")
+    with pytest.raises(RemoteError, match="bad step"):
+        await asyncio.wait_for(conn.call("advance", [SessionStep("boom", (1,))], 1), 5)
+    assert (await asyncio.wait_for(conn.call("advance", [SessionStep("ok", (1,))], 1), 5)).outputs[0].session_id == "ok"
+    conn.close()
+
+
+async def test_a_wrong_token_is_refused(served) -> None:
+    _, server, endpoint = served
+    conn = await DataPlaneConnection.open(Endpoint(endpoint.host, endpoint.port, "not-the-token"), "test")
+    with pytest.raises(DataPlaneLost):
+        await asyncio.wait_for(conn.call("advance", [SessionStep("s", (1,))], 1), 5)
+    assert server.connections_accepted == 0 and server.calls_served == 0
+
+
+async def test_a_cut_connection_fails_the_calls_in_flight_and_a_new_one_works(served) -> None:
+    _, server, endpoint = served
+    conn = await DataPlaneConnection.open(endpoint, "test")
+    pending = asyncio.ensure_future(conn.call("poll", "caller", [], 1.0))
+    await asyncio.wait_for(conn.call("advance", [SessionStep("s", (1,))], 1), 5)    # connected and served
+    assert server.cut() == 1
+    with pytest.raises(DataPlaneLost):
+        await asyncio.wait_for(pending, 5)
+    assert conn.lost
+    with pytest.raises(DataPlaneLost):
+        await conn.call("advance", [SessionStep("s", (1,))], 1)
+    again = await DataPlaneConnection.open(endpoint, "test")
+    assert (await asyncio.wait_for(again.call("advance", [SessionStep("s", (1,))], 1), 5)).replica == "r1"
+    assert server.connections_accepted == 2
+    again.close()
+
+
+class DirectReplica(FakeHandle):
+    """A fake Serve handle whose replica also has a real data plane; counts calls that came through Serve."""
+
+    def __init__(self, endpoint: Endpoint | None, replica: Replica) -> None:
+        self.endpoint_ = endpoint
+        self.replica = replica
+        self.through_serve: list[str] = []
+
+    async def _endpoint(self, replica=None):
+        self.through_serve.append("endpoint")
+        return self.endpoint_
+
+    async def _open(self, steps, top_k, replica=None):
+        self.through_serve.append("open")
+        return await self.replica.advance(steps, top_k)
+
+    async def _advance(self, steps, top_k, replica=None):
+        self.through_serve.append("advance")
+        return await self.replica.advance(steps, top_k)
+
+
+async def test_client_sends_pinned_steps_over_the_data_plane_and_reconnects_after_a_cut(served) -> None:
+    replica, server, endpoint = served
+    handle = DirectReplica(endpoint, replica)
+    client = ServeExpertClient(handle, "code", call_timeout_s=5)
+    [opened] = await client.open([SessionStep("s1", (1, 2))], 2)
+    assert opened.replica == "r1" and opened.error is None
+    for _ in range(3):
+        [out] = await client.advance([SessionStep("s1", (3,))], 2)
+        assert out.error is None and out.topk.token_ids == (5, 6)
+    assert handle.through_serve == ["open", "endpoint"] and server.calls_served == 3
+    server.cut()
+    await asyncio.wait_for(client._conns["r1"]._task, 5)    # the client's reader has seen the reset
+    assert client._conns["r1"].lost
+    [out] = await client.advance([SessionStep("s1", (4,))], 2)
+    assert out.error is None                                 # reconnected through a fresh endpoint
+    assert handle.through_serve == ["open", "endpoint", "endpoint"] and server.connections_accepted == 2
+    await client.aclose()
+
+
+async def test_client_uses_serve_when_the_replica_has_no_data_plane() -> None:
+    handle = DirectReplica(None, Replica())
+    client = ServeExpertClient(handle, "code", call_timeout_s=5)
+    await client.open([SessionStep("s1", (1, 2))], 2)
+    await client.advance([SessionStep("s1", (3,))], 2)
+    await client.advance([SessionStep("s1", (4,))], 2)
+    assert handle.through_serve == ["open", "endpoint", "advance", "advance"]
+    await client.aclose()
