@@ -129,23 +129,26 @@ class DataPlaneServer:
             return
         self.connections_accepted += 1
         self._writers.add(writer)
-        tasks: set[asyncio.Task] = set()
+        polls: set[asyncio.Task] = set()
         try:
             while True:
-                body = await read_frame(reader)
-                task = asyncio.get_running_loop().create_task(self._call(writer, body))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+                call_id, method, raw = _request_head.decode(await read_frame(reader))
+                task = asyncio.get_running_loop().create_task(self._call(writer, call_id, method, raw))
+                if method == "poll":
+                    polls.add(task)
+                    task.add_done_callback(polls.discard)
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError, msgspec.DecodeError):
             pass                                  # the caller went away (or cut): its calls' answers have no reader
         finally:
             self._writers.discard(writer)
             writer.transport.abort()
+            # A poll still waiting would take deltas out of its caller's outbox and drop them with this
+            # connection, among them the first tokens of the generations the caller restarts after the loss.
+            for task in polls:
+                task.cancel()
 
-    async def _call(self, writer: asyncio.StreamWriter, body: bytes) -> None:
-        call_id = -1
+    async def _call(self, writer: asyncio.StreamWriter, call_id: int, method: str, raw: msgspec.Raw) -> None:
         try:
-            call_id, method, raw = _request_head.decode(body)
             handler = self._handlers[method]
             result = await handler(*_args[method].decode(raw))
             self.calls_served += 1

@@ -31,6 +31,7 @@ class Generations:
         self._last_poll: dict[str, float] = {}
         self._ids = itertools.count()
         self._aborted: set[str] = set()                             # ids their caller aborted (no delta owed)
+        self._polls: dict[str, asyncio.Task | None] = {}            # caller -> its poll in flight
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -43,7 +44,14 @@ class Generations:
         self._tasks[request.request_id] = (caller, task)
 
     async def poll(self, caller: str, aborts: list[str], wait_s: float) -> list[GenerateDelta]:
-        """Abort `aborts`, then return the caller's deltas, waiting up to wait_s for the first one."""
+        """Abort `aborts`, then return the caller's deltas, waiting up to wait_s for the first one.
+
+        A caller has one poll in flight; a new one ends a previous one still waiting (its connection was lost:
+        left waiting, it would take deltas whose reply nobody reads)."""
+        previous = self._polls.get(caller)
+        if previous is not None and not previous.done() and previous is not asyncio.current_task():
+            previous.cancel()
+        self._polls[caller] = asyncio.current_task()
         self._last_poll[caller] = time.monotonic()
         cancelled = []
         for rid in aborts:
@@ -60,6 +68,12 @@ class Generations:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(ready.wait(), wait_s)
         return self._outbox.pop(caller, [])
+
+    def forget(self, caller: str) -> None:
+        """Drop what is kept for a caller that owns no generation and will not poll again."""
+        if not self._active(caller):
+            for table in (self._outbox, self._ready, self._last_poll, self._polls):
+                table.pop(caller, None)
 
     def _active(self, caller: str) -> bool:
         return any(owner == caller for owner, _ in self._tasks.values())
@@ -115,6 +129,7 @@ class Generations:
         for caller in gone:
             log.warning("caller %s stopped polling; its generations were aborted", caller)
             self._last_poll.pop(caller, None)
+            self._polls.pop(caller, None)
         # Outboxes of callers that are gone and own nothing any more (what a dead caller will never poll).
         for caller in [c for c in self._outbox if c not in self._last_poll and not self._active(c)]:
             self._outbox.pop(caller, None)

@@ -97,18 +97,20 @@ class VLLMExpert:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
         """In-process native generation (the Serve client multiplexes start/poll instead)."""
-        (err,) = self.start([request], LOCAL_CALLER)
+        caller = f"{LOCAL_CALLER}:{next(self._ids)}"        # one caller per generation: its own outbox and poll
+        (err,) = self.start([request], caller)
         if err is not None:
             yield GenerateDelta(request.request_id, error=err[0], error_kind=err[1])
             return
         try:
             while True:
-                for delta in await self.generations.poll(LOCAL_CALLER, [], wait_s=1.0):
+                for delta in await self.generations.poll(caller, [], wait_s=1.0):
                     yield delta
                     if delta.final:
                         return
         finally:
-            await self.generations.poll(LOCAL_CALLER, [request.request_id], wait_s=0)
+            await self.generations.poll(caller, [request.request_id], wait_s=0)
+            self.generations.forget(caller)
 
     # ---- native generations for remote callers ---------------------------------------------------------
 

@@ -48,7 +48,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-chars", type=int, default=400)
     p.add_argument("--plot", type=Path, default=Path("bench.png"), help="throughput PNG (default: %(default)s)")
     p.add_argument("--logs", type=Path, default=Path("artifacts/bench-logs"), help="server logs go here")
+    p.add_argument("--baseline-nice", type=int, default=ray_worker_niceness(),
+                   help="scheduling niceness of vLLM's server. Default: the niceness Ray gives its workers, which "
+                        "is what our replicas run at (RAY_worker_niceness, 15 unless set), so the load generator "
+                        "and Ray's own daemons compete with both sides alike (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def ray_worker_niceness() -> int:
+    """The niceness Ray starts worker processes (our Serve replicas) with: Ray's default 15, or RAY_worker_niceness."""
+    import os
+
+    try:
+        return int(os.environ.get("RAY_worker_niceness", "15"))
+    except ValueError:
+        return 15
 
 
 def read_prompts(path: Path, chars: int, n: int = 256) -> list[str]:
@@ -129,13 +143,14 @@ def run(args) -> int:
         vllm_url, vllm_mem = None, None
         if "vllm" in names:
             _progress(f"starting vLLM's OpenAI server on expert {expert.name} ...")
-            base = stack.enter_context(vllm_server(expert, args.logs / "vllm.log"))
+            base = stack.enter_context(vllm_server(expert, args.logs / "vllm.log", nice=args.baseline_nice))
             vllm_url, vllm_mem = base.base_url, stack.enter_context(PeakRSS(base.pid))
         rows, breakdown = asyncio.run(measure(targets(names, vllm_url, ours_url, expert.name), prompts, args, ours_url))
         for name, mem in (("ensemble", ours_mem), ("vllm", vllm_mem)):
             if mem is not None:
                 memory[name] = round(max(mem.peak, mem.sample()) / 2**30, 2)
     result = {"expert": expert.name, "max_tokens": args.max_tokens, "temperature": args.temperature,
+              "baseline_nice": args.baseline_nice,
               "rows": rows, "ratios": report.ratios(rows), "phases_us_per_token": breakdown,
               "peak_rss_gib": memory, "seconds": round(time.time() - t0, 1)}
     if args.plot:

@@ -52,10 +52,12 @@ def vllm_command(expert: ExpertConfig, port: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def vllm_server(expert: ExpertConfig, log: Path, startup_timeout_s: float = 600) -> Iterator[RunningServer]:
+def vllm_server(expert: ExpertConfig, log: Path, startup_timeout_s: float = 600,
+                nice: int = 0) -> Iterator[RunningServer]:
+    """`nice`: the server's scheduling niceness (its engine processes inherit it)."""
     port = free_port()
     env = {**os.environ, **expert.env_vars(), "VLLM_LOGGING_LEVEL": "WARNING"}
-    with _process_group(vllm_command(expert, port), env, log) as proc:
+    with _process_group(vllm_command(expert, port), env, log, nice=nice) as proc:
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url, proc, startup_timeout_s, log)
         yield RunningServer("vllm", url, proc.pid)
@@ -73,8 +75,10 @@ def ensemble_server(config: Path, log: Path, startup_timeout_s: float = 900) -> 
 
 @contextlib.contextmanager
 def _process_group(cmd: list[str], env: dict, log: Path, stop_signal: int = signal.SIGTERM,
-                   stop_timeout_s: float = 30) -> Iterator[subprocess.Popen]:
+                   stop_timeout_s: float = 30, nice: int = 0) -> Iterator[subprocess.Popen]:
     log.parent.mkdir(parents=True, exist_ok=True)
+    if nice:
+        cmd = ["nice", "-n", str(nice), *cmd]
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:

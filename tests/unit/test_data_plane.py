@@ -18,6 +18,7 @@ class Replica:
     def __init__(self) -> None:
         self.release = asyncio.Event()
         self.closed: list[str] = []
+        self.polls_cancelled = 0
 
     async def advance(self, steps: list[SessionStep], top_k: int) -> StepReply:
         if steps and steps[0].session_id == "boom":
@@ -27,7 +28,11 @@ class Replica:
         return StepReply("r1", outs, 0.001)
 
     async def poll(self, caller: str, aborts: list[str], wait_s: float) -> PollReply:
-        await self.release.wait()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.polls_cancelled += 1
+            raise
         return PollReply("r1", (GenerateDelta("g", token_ids=(3, 4), logprobs=(-0.1, -0.2), finish_reason="length",
                                               top_logprobs=(((3, -0.1),), ((4, -0.2),))),))
 
@@ -77,7 +82,7 @@ async def test_a_wrong_token_is_refused(served) -> None:
 
 
 async def test_a_cut_connection_fails_the_calls_in_flight_and_a_new_one_works(served) -> None:
-    _, server, endpoint = served
+    replica, server, endpoint = served
     conn = await DataPlaneConnection.open(endpoint, "test")
     pending = asyncio.ensure_future(conn.call("poll", "caller", [], 1.0))
     await asyncio.wait_for(conn.call("advance", [SessionStep("s", (1,))], 1), 5)    # connected and served
@@ -85,6 +90,11 @@ async def test_a_cut_connection_fails_the_calls_in_flight_and_a_new_one_works(se
     with pytest.raises(DataPlaneLost):
         await asyncio.wait_for(pending, 5)
     assert conn.lost
+    for _ in range(100):                      # the replica ends the poll that had no reader left
+        if replica.polls_cancelled:
+            break
+        await asyncio.sleep(0)
+    assert replica.polls_cancelled == 1
     with pytest.raises(DataPlaneLost):
         await conn.call("advance", [SessionStep("s", (1,))], 1)
     again = await DataPlaneConnection.open(endpoint, "test")
