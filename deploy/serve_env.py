@@ -17,7 +17,9 @@ reads them when its controller and replicas start.
 
 from __future__ import annotations
 
+import random
 import socket
+from pathlib import Path
 
 DEFAULTS = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
@@ -28,9 +30,32 @@ DEFAULTS = {
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port nothing listens on now, for a server that binds it later, chosen OUTSIDE the kernel's ephemeral
+    range: a port from that range can be handed to any outgoing connection or bind to port 0 in between (seen:
+    HAProxy's metrics listener failing with "Address already in use" while Ray started its workers)."""
+    lo, hi = _ephemeral_range()
+    below = range(20000, lo) if lo > 20000 else range(0)
+    pool = below if len(below) else range(min(hi + 1, 65535), 65536)
+    rng = random.SystemRandom()
+    for _ in range(64):
+        port = rng.choice(pool)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:                 # everything tried was taken: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999                    # Linux's default
 
 
 def serve_env(overrides: dict[str, str] | None = None) -> dict[str, str]:

@@ -151,3 +151,16 @@ def test_a_gate_swap_or_drain_changes_only_the_gateway_user_config_not_the_code_
     assert apps[1].deployments[0].name == "gateway" and apps[1].deployments[0].user_config["draining"] is True
     assert "ray_init" not in base and base["http_options"]["port"] == 8000
     parse_app_args(apps[2].args)                       # the resolved args still validate on the cluster side
+
+
+def test_free_ports_are_outside_the_ephemeral_range_so_no_outgoing_connection_takes_them_first():
+    import socket
+
+    from deploy.serve_env import _ephemeral_range, free_port
+
+    lo, hi = _ephemeral_range()
+    for _ in range(20):
+        port = free_port()
+        assert not lo <= port <= hi, (port, lo, hi)
+        with socket.socket() as s:
+            s.bind(("", port))                 # and it is free
