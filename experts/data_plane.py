@@ -94,13 +94,16 @@ class DataPlaneServer:
         self._host = host
         self._token = secrets.token_hex(16)
         self._server: asyncio.base_events.Server | None = None
+        self._starting = asyncio.Lock()
         self._writers: set[asyncio.StreamWriter] = set()
         self.connections_accepted = 0
         self.calls_served = 0
 
     async def start(self) -> Endpoint:
-        if self._server is None:
-            self._server = await asyncio.start_server(self._serve, self._host, 0)
+        """Listen (once, however many callers ask at the same time); -> the endpoint."""
+        async with self._starting:
+            if self._server is None:
+                self._server = await asyncio.start_server(self._serve, self._host, 0)
         port = self._server.sockets[0].getsockname()[1]
         return Endpoint(self._host, port, self._token)
 

@@ -151,3 +151,13 @@ async def test_client_uses_serve_when_the_replica_has_no_data_plane() -> None:
     await client.advance([SessionStep("s1", (4,))], 2)
     assert handle.through_serve == ["open", "endpoint", "advance", "advance"]
     await client.aclose()
+
+
+async def test_concurrent_starts_listen_once(served) -> None:
+    _, server, endpoint = served
+    again = await asyncio.gather(*(server.start() for _ in range(5)))
+    assert {e.port for e in again} == {endpoint.port}
+    fresh = DataPlaneServer({"close": Replica().close}, "127.0.0.1")
+    ends = await asyncio.gather(*(fresh.start() for _ in range(5)))
+    assert len({e.port for e in ends}) == 1
+    await fresh.close()
