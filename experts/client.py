@@ -80,21 +80,20 @@ class ServeExpertClient:
         other call a Serve handle."""
         timeout_s = self.call_timeout_s if timeout_s is None else timeout_s
         limit = timeout_s if bounded else None
-        if replica is not None and method in DATA_PLANE_METHODS:
-            conn = await self._direct(replica)
-            if conn is not None:
-                try:
-                    return await (conn.call(method, *args) if limit is None
-                                  else asyncio.wait_for(conn.call(method, *args), limit))
-                except asyncio.TimeoutError:
-                    raise TimeoutError(f"expert {self.name}: {method} took longer than {limit:.1f} s") from None
-        response = getattr(self._handle, method).remote(*args, **({PIN: replica} if replica else {}))
+        conn = (await self._direct(replica)
+                if replica is not None and method in DATA_PLANE_METHODS else None)
+        if conn is not None:
+            answer, cancel = conn.call(method, *args), None
+        else:
+            response = getattr(self._handle, method).remote(*args, **({PIN: replica} if replica else {}))
+            answer, cancel = _awaited(response), response.cancel
         if limit is None:
-            return await response
+            return await answer
         try:
-            return await asyncio.wait_for(_awaited(response), limit)
+            return await asyncio.wait_for(answer, limit)
         except asyncio.TimeoutError:
-            response.cancel()
+            if cancel is not None:
+                cancel()
             raise TimeoutError(f"expert {self.name}: {method} took longer than {limit:.1f} s") from None
 
     async def _direct(self, replica: str) -> DataPlaneConnection | None:

@@ -131,9 +131,8 @@ class Generations:
             self._last_poll.pop(caller, None)
             self._polls.pop(caller, None)
         # Outboxes of callers that are gone and own nothing any more (what a dead caller will never poll).
-        for caller in [c for c in self._outbox if c not in self._last_poll and not self._active(c)]:
-            self._outbox.pop(caller, None)
-            self._ready.pop(caller, None)
+        for caller in [c for c in self._outbox if c not in self._last_poll]:
+            self.forget(caller)
 
     def abort_all(self) -> None:
         for _, task in self._tasks.values():

@@ -78,13 +78,7 @@ class ExpertServer:
         if self._data_plane is None:
             import ray
 
-            async def advance(steps: list[SessionStep], top_k: int) -> StepReply:
-                return await self.advance(steps, top_k)
-
-            async def poll(caller: str, aborts: list[str], wait_s: float) -> PollReply:
-                return await self.poll(caller, aborts, wait_s)
-
-            self._data_plane = DataPlaneServer({"advance": advance, "poll": poll, "close": self.close},
+            self._data_plane = DataPlaneServer({"advance": self.advance, "poll": self.poll, "close": self.close},
                                                ray.util.get_node_ip_address())
         return await self._data_plane.start()
 
