@@ -9,6 +9,11 @@
                                   (the settings of Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED mode).
     RAY_SERVE_HAPROXY_*_PORT      HAProxy's stats and metrics listeners, on free ports so two services (or a
                                   service and the test suite) can share a machine.
+    RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=5   a stopping gateway replica stays reachable this long
+                                  for HAProxy to drop it (Serve's default, 30 s, made every stop and every
+                                  gateway restart wait half a minute after its requests were done; on one
+                                  machine HAProxy reloads in ~0.5 s). Local Ray only: the KubeRay file keeps
+                                  Serve's 30 s, for ingresses that take longer to deregister.
 
 `ensemble serve` starts Ray with these. On a cluster you start yourself, export the same variables before
 `ray start` on every node (deploy/kuberay-rayservice.yaml does it for KubeRay). They are Serve-wide: Serve
@@ -27,6 +32,8 @@ DEFAULTS = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
 }
+# Only for the Ray that `ensemble serve` (or the test suite) starts on one machine.
+LOCAL_DEFAULTS = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
 
 
 def free_port() -> int:
@@ -59,7 +66,7 @@ def _ephemeral_range() -> tuple[int, int]:
 
 
 def serve_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
-    env = {**DEFAULTS, "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+    env = {**DEFAULTS, **LOCAL_DEFAULTS, "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
     env.update(overrides or {})
     return env

@@ -164,3 +164,13 @@ def test_free_ports_are_outside_the_ephemeral_range_so_no_outgoing_connection_ta
         assert not lo <= port <= hi, (port, lo, hi)
         with socket.socket() as s:
             s.bind(("", port))                 # and it is free
+
+
+def test_a_local_ray_gets_a_short_ingress_draining_window_that_the_config_can_override():
+    from deploy.config import RayInitOptions as RayInit
+
+    env = RayInit().init_kwargs()["runtime_env"]["env_vars"]
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert float(env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) <= 5     # Serve's own default is 30 s
+    longer = RayInit(serve_env={"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "30"}).init_kwargs()
+    assert longer["runtime_env"]["env_vars"]["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30"
