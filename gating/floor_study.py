@@ -7,6 +7,7 @@ k, and the same with exact values for the candidate union. It also measures the 
 mixed mass outside the candidate union, which the sampler never draws.
 
     python -m gating.floor_study --demo artifacts/demo --data artifacts/demo/data/eval/independent.jsonl
+    python -m gating.floor_study --dense --ks 20 --interps 0.75     # + the dense references (README "Quality")
 
 Shape legend: T = positions, E = experts, S = selected experts, V = vocabulary, K = top-k.
 """
@@ -73,6 +74,22 @@ def unigram_log_prior(demo: Path, tok, vocab_size: int) -> torch.Tensor:
         for enc in tok.backend_tokenizer.encode_batch(texts):
             counts += torch.bincount(torch.tensor(enc.ids, dtype=torch.long), minlength=vocab_size)[:vocab_size]
     return (counts / counts.sum()).log()
+
+
+def fixed_share(lp_target: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Dense Bayesian mixture with switching (Herbster & Warmuth's fixed share): weights start uniform, follow
+    the posterior of each expert given the realised tokens, and leak `alpha` back to uniform at every step.
+    It needs every expert's probability of every token (all experts stepped): an upper reference for what any
+    gate over these experts could reach without knowing the future. lp_target [T, E] -> log p_mix [T]."""
+    t, e = lp_target.shape
+    log_w = torch.full((e,), -math.log(e))
+    out = torch.empty(t)
+    for i in range(t):
+        joint = log_w + lp_target[i]
+        out[i] = torch.logsumexp(joint, 0)
+        post = (joint - out[i]).exp()
+        log_w = ((1 - alpha) * post + alpha / e).log()
+    return out
 
 
 def topk_floor_mix(lp: torch.Tensor, weights: torch.Tensor, k: int, space: str, targets: torch.Tensor,
@@ -158,6 +175,18 @@ def study(args) -> dict:
                             add(f"{tag}/top{k}+prior-tail", prior_tail_mix(sel, weights, k, space, targets, log_prior))
             exact_single = lp.gather(2, targets[:, None, None].expand(-1, lp.shape[1], 1))[:, :, 0]   # [T, E]
             add("oracle/exact", exact_single.max(1).values)
+            if args.dense:      # what more experts per token, softer weights or a dense mixture could reach
+                logits = route_logits(gate, seq, lp, targets, 2, args.top_logprobs)[0]       # served rollout
+                e = lp.shape[1]
+                for k in range(2, e + 1):
+                    for temp in (1.0, 2.0):
+                        top, ex = logits.topk(k, -1)
+                        sel = lp.gather(1, ex[:, :, None].expand(-1, -1, lp.shape[-1]))
+                        w = torch.softmax(top / temp, -1)
+                        add(f"dense/gate_top{k}_T{temp:g}/probs/exact",
+                            exact_mix(sel, w, "probs").gather(1, targets[:, None])[:, 0])
+                add("dense/uniform/probs/exact", torch.logsumexp(exact_single, 1) - math.log(e))
+                add("dense/fixed_share0.1/probs/exact", fixed_share(exact_single, 0.1))
     ppl = {k: round(math.exp(-v / n_tok), 2) for k, v in sorted(sums.items())}
     mass = {k: {"mean": round(sum(v) / len(v), 4), "p90": round(sorted(v)[int(0.9 * len(v))], 4)}
             for k, v in sorted(outside.items())}
@@ -175,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc-tokens", type=int, default=512)
     p.add_argument("--top-logprobs", type=int, default=20, help="top-k the engines report (an observed gate reads it)")
     p.add_argument("--max-docs", type=int, default=0)
+    p.add_argument("--dense", action="store_true",
+                   help="also exact mixes of 2..E experts (gate weights at temperature 1 and 2), the uniform mix "
+                        "of all experts and a dense fixed-share mixture: can any mixing of these experts win?")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
