@@ -9,6 +9,12 @@
                                   (the settings of Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED mode).
     RAY_SERVE_HAPROXY_*_PORT      HAProxy's stats and metrics listeners, on free ports so two services (or a
                                   service and the test suite) can share a machine.
+    RAY_SERVE_FALLBACK_PROXY_*_PORT  the Python proxy HAProxy falls back to while no gateway replica is up, on
+                                  free ports too. Serve's fixed default (8500) is bound with SO_REUSEPORT, so a
+                                  second service on the machine shared it silently: the kernel handed half of
+                                  its early requests to the FIRST service's proxy, which answered them with
+                                  its own gateway and experts (seen in the test suite: a starting service's
+                                  /health and a stream were served by the suite's service).
     RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=5   a stopping gateway replica stays reachable this long
                                   for HAProxy to drop it (Serve's default, 30 s, made every stop and every
                                   gateway restart wait half a minute after its requests were done; on one
@@ -32,6 +38,9 @@ DEFAULTS = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
 }
+# Listeners every Serve instance opens on a fixed default port: each local service gets free ones instead.
+PER_SERVICE_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
 # Only for the Ray that `ensemble serve` (or the test suite) starts on one machine.
 LOCAL_DEFAULTS = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
 
@@ -66,7 +75,10 @@ def _ephemeral_range() -> tuple[int, int]:
 
 
 def serve_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
-    env = {**DEFAULTS, **LOCAL_DEFAULTS, "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-           "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+    ports: list[int] = []
+    while len(ports) < len(PER_SERVICE_PORTS):
+        if (port := free_port()) not in ports:
+            ports.append(port)
+    env = {**DEFAULTS, **LOCAL_DEFAULTS, **{name: str(port) for name, port in zip(PER_SERVICE_PORTS, ports)}}
     env.update(overrides or {})
     return env

@@ -15,6 +15,7 @@ import os
 import queue
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -88,6 +89,12 @@ def test_sigterm_drains_a_running_stream_and_exits_cleanly(tmp_path, late_ready:
         assert got[-2:] == ["[DONE]", "<closed>"], got[-3:]              # finished, not cut
         assert json.loads(got[-3])["choices"][0]["finish_reason"] == "length"
         assert "SIGTERM received" not in (tmp_path / "serve.log").read_text()
+        # ... and it was THIS service that served it (once, another service on the machine answered through a
+        # shared Serve proxy port and this test passed without its service seeing a request): logged, complete.
+        with sqlite3.connect(tmp_path / "traffic.db") as db:
+            rows = db.execute("SELECT status, complete FROM requests WHERE request_id = ?",
+                              (json.loads(first)["id"],)).fetchall()
+        assert rows == [(200, 1)], rows
         assert_all_exit(family)
     finally:
         if service.poll() is None:

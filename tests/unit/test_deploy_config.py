@@ -174,3 +174,16 @@ def test_a_local_ray_gets_a_short_ingress_draining_window_that_the_config_can_ov
     assert float(env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) <= 5     # Serve's own default is 30 s
     longer = RayInit(serve_env={"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "30"}).init_kwargs()
     assert longer["runtime_env"]["env_vars"]["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30"
+
+
+def test_every_local_service_gets_its_own_fallback_proxy_and_haproxy_ports():
+    """Serve's fallback proxy binds a fixed port (8500) with SO_REUSEPORT: two services on one machine shared it
+    and one answered the other's requests. Each local Ray now gets free, distinct ports for every such listener."""
+    from deploy.serve_env import PER_SERVICE_PORTS, serve_env
+
+    assert {"RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"} <= set(PER_SERVICE_PORTS)
+    a, b = serve_env(), serve_env()
+    for env in (a, b):
+        ports = [int(env[name]) for name in PER_SERVICE_PORTS]
+        assert len(set(ports)) == len(ports) and 8500 not in ports and 9500 not in ports
+    assert any(a[name] != b[name] for name in PER_SERVICE_PORTS)
