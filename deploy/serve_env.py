@@ -41,6 +41,9 @@ DEFAULTS = {
 # Listeners every Serve instance opens on a fixed default port: each local service gets free ones instead.
 PER_SERVICE_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
                      "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+# Where Serve puts its replicas' direct-ingress HTTP and gRPC listeners (RAY_SERVE_DIRECT_INGRESS_MIN/MAX_*_PORT
+# defaults): free_port stays out of them, or a service's listener could take the port a replica is given next.
+SERVE_REPLICA_PORTS = ((30000, 31000), (40000, 41000))
 # Only for the Ray that `ensemble serve` (or the test suite) starts on one machine.
 LOCAL_DEFAULTS = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
 
@@ -55,6 +58,8 @@ def free_port() -> int:
     rng = random.SystemRandom()
     for _ in range(64):
         port = rng.choice(pool)
+        if any(a <= port <= b for a, b in SERVE_REPLICA_PORTS):
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("", port))

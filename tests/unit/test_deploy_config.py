@@ -156,12 +156,13 @@ def test_a_gate_swap_or_drain_changes_only_the_gateway_user_config_not_the_code_
 def test_free_ports_are_outside_the_ephemeral_range_so_no_outgoing_connection_takes_them_first():
     import socket
 
-    from deploy.serve_env import _ephemeral_range, free_port
+    from deploy.serve_env import SERVE_REPLICA_PORTS, _ephemeral_range, free_port
 
     lo, hi = _ephemeral_range()
-    for _ in range(20):
+    for _ in range(50):
         port = free_port()
         assert not lo <= port <= hi, (port, lo, hi)
+        assert not any(a <= port <= b for a, b in SERVE_REPLICA_PORTS), port     # Serve's replicas' ports
         with socket.socket() as s:
             s.bind(("", port))                 # and it is free
 
