@@ -11,7 +11,7 @@
                                   service and the test suite) can share a machine.
     RAY_SERVE_FALLBACK_PROXY_*_PORT  the Python proxy HAProxy falls back to while no gateway replica is up, on
                                   free ports too. Serve's fixed default (8500) is bound with SO_REUSEPORT, so a
-                                  second service on the machine shared it silently: the kernel handed half of
+                                  second service on the machine shared it silently: the kernel handed some of
                                   its early requests to the FIRST service's proxy, which answered them with
                                   its own gateway and experts (seen in the test suite: a starting service's
                                   /health and a stream were served by the suite's service).
