@@ -158,8 +158,9 @@ def study(args) -> dict:
                 add(f"generalist/top{k}+prior-tail", prior_tail_mix(g[:, None], torch.ones(len(g), 1), k, "probs",
                                                                     targets, log_prior))
             for route_k in (1, 2):
-                logits = route_logits(gate, seq, lp, targets, route_k, args.top_logprobs)   # [1, T, E]
-                experts, weights = gate_weights(logits[0], route_k)             # [T, S]
+                logits = route_logits(gate, seq, lp, targets, route_k, args.top_logprobs)[0]   # [T, E]
+                experts, weights = gate_weights(logits, route_k)                # [T, S]
+                served = logits                 # after the loop: the served top-2 rollout (it depends on k)
                 sel = lp.gather(1, experts[:, :, None].expand(-1, -1, lp.shape[-1]))   # [T, S, V]
                 for space in ("probs", "logits"):
                     tag = f"gate_top{route_k}/{space}"
@@ -176,12 +177,11 @@ def study(args) -> dict:
             exact_single = lp.gather(2, targets[:, None, None].expand(-1, lp.shape[1], 1))[:, :, 0]   # [T, E]
             add("oracle/exact", exact_single.max(1).values)
             if args.dense:      # what more experts per token, softer weights or a dense mixture could reach
-                logits = route_logits(gate, seq, lp, targets, 2, args.top_logprobs)[0]       # served rollout
                 e = lp.shape[1]
                 for k in range(2, e + 1):
+                    top, ex = served.topk(k, -1)
+                    sel = lp.gather(1, ex[:, :, None].expand(-1, -1, lp.shape[-1]))
                     for temp in (1.0, 2.0):
-                        top, ex = logits.topk(k, -1)
-                        sel = lp.gather(1, ex[:, :, None].expand(-1, -1, lp.shape[-1]))
                         w = torch.softmax(top / temp, -1)
                         add(f"dense/gate_top{k}_T{temp:g}/probs/exact",
                             exact_mix(sel, w, "probs").gather(1, targets[:, None])[:, 0])
