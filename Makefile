@@ -94,7 +94,7 @@ $(DEMO8)/gate/.built: $(DEMO8)/.built
 
 # Not part of `make test`: the 4-expert demo at three times the training budget (≈ 35 min of training, gate
 # ≈ 9 min), where the gated mix beats the generalist on foreign text too (README "Quality"). Serve it with
-# `ensemble serve` after pointing the experts' model_path in a copy of deploy/local.yaml at it.
+# `ensemble serve --config` a copy of deploy/local.yaml whose experts' model_path and gate path point at it.
 demo-large: $(DEMOL)/gate/.built
 
 $(DEMOL)/.built: | $(VENV)/.installed
