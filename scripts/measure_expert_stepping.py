@@ -56,12 +56,16 @@ async def run_streaming(expert: VLLMExpert, prompts, feeds, top_k: int):
     ids = [f"s{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
     first = await expert.open([SessionStep(i, tuple(p)) for i, p in zip(ids, prompts)], top_k)
     outs, times = [[o.topk for o in first]], []
+    engine = getattr(expert, "engine", None)
+    steps0 = getattr(engine, "steps", None)
     for t in range(len(feeds[0])):
         t0 = time.perf_counter()
         res = await expert.advance([SessionStep(i, (f[t],)) for i, f in zip(ids, feeds)], top_k)
         times.append(time.perf_counter() - t0)
         assert all(r.error is None for r in res), [r.error for r in res if r.error]
         outs.append([r.topk for r in res])
+    if steps0 is not None:       # in-process engine: one batched advance should be one engine step
+        print(f"    engine steps per advance: {(engine.steps - steps0) / len(feeds[0]):.2f}")
     await expert.close(ids)
     return outs, times
 

@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training budget in minutes at the reference throughput (all models together)")
     parser.add_argument("--seed-share", type=float, default=0.5,
                         help="share of the budget for a seed model all experts branch from (0: from scratch)")
+    # Replay: each expert's branch keeps this share of rows from the other domains (fresh rows, equal per domain),
+    # the usual guard of branched experts against forgetting what the seed knew outside their domain.
+    parser.add_argument("--replay", type=float, default=0.0,
+                        help="share of each expert's branch rows drawn from the other domains (0: own domain only)")
     parser.add_argument("--quick", action="store_true", help="tiny corpora and a few dozen steps (~1-2 min)")
     parser.add_argument("--seed", type=int, default=0)
     # small batches: at this budget more optimizer steps beat bigger batches (16 -> 8 -> 4 rows of 256 tokens
@@ -133,22 +137,53 @@ def run_plans(config, plans: list[list]) -> dict:
         return {name: s for f in futures for name, s in f.result().items()}
 
 
-def train_all(out: Path, tokenizer, corpora: dict, seed_args, targs, model_args, workers: int) -> dict:
-    """Seed on an equal mix of the domains; then each expert branches on its own domain and the generalist
-    continues on the union of exactly the experts' rows. Seed rows and branch rows never overlap."""
+def replay_split(n_rows: int, replay: float, n_domains: int) -> tuple[int, int]:
+    """(own rows, rows from each other domain) of one expert's n_rows branch rows at a replay share."""
+    if not 0.0 <= replay < 1.0:
+        raise ValueError(f"--replay must be in [0, 1), got {replay}")
+    per_other = round(n_rows * replay / (n_domains - 1)) if n_domains > 1 else 0
+    return n_rows - per_other * (n_domains - 1), per_other
+
+
+def branch_rows(parts: dict, n_own: int, per_other: int, seed: int) -> dict:
+    """parts[domain] = that domain's branch rows [own | one block of per_other rows for each other domain, in
+    domain order] -> {expert: its rows, shuffled}. Every row goes to exactly one expert."""
+    import numpy as np
+
+    names = list(parts)
+    rows = {}
+    for i, name in enumerate(names):
+        picked = [parts[name][:n_own]]
+        for other in names:
+            if other != name:
+                slot = [x for x in names if x != other].index(name)      # name's block among other's blocks
+                start = n_own + slot * per_other
+                picked.append(parts[other][start:start + per_other])
+        union = np.concatenate(picked)
+        rows[name] = union[np.random.default_rng(seed + 1000 + i).permutation(len(union))] if per_other else union
+    return rows
+
+
+def train_all(out: Path, tokenizer, corpora: dict, seed_args, targs, model_args, workers: int,
+              replay: float = 0.0) -> dict:
+    """Seed on an equal mix of the domains; then each expert branches on its own domain (plus a `replay` share
+    of the others) and the generalist continues on the union of exactly the experts' rows. Seed rows and branch
+    rows never overlap, nor do two experts' rows."""
     from experts.demo import tokenizer as tk
     from experts.demo.model_config import mixtral_config
     from experts.demo.train import encode_docs, pack_rows, take_rows
 
     config = mixtral_config(model_args, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
     n_seed = seed_args.steps * seed_args.batch_size // len(EXPERTS)
-    rows, seed_parts = {}, []
+    n_own, per_other = replay_split(targs.steps * targs.batch_size, replay, len(EXPERTS))
+    parts, seed_parts = {}, []
     for i, name in enumerate(EXPERTS):
         docs = encode_docs(tokenizer, [d.text for d in corpora[name]["train"]])
-        picked = take_rows(pack_rows(docs, targs.seq_len, targs.seed + i), n_seed + targs.steps * targs.batch_size,
-                           targs.seed + i)
+        picked = take_rows(pack_rows(docs, targs.seq_len, targs.seed + i),
+                           n_seed + n_own + per_other * (len(EXPERTS) - 1), targs.seed + i)
         seed_parts.append(picked[:n_seed])
-        rows[name] = picked[n_seed:]
+        parts[name] = picked[n_seed:]
+    rows = branch_rows(parts, n_own, per_other, targs.seed)
     stats = {}
     if seed_args.steps:
         stats.update(run_plans(config, [[("seed", _shuffled_union(seed_parts, targs.seed + 98), seed_args,
@@ -181,7 +216,7 @@ def manifest(args, seed_args, targs, model_args, tokenizer, corpora, mixed, stat
                      "optimizer": "AdamW(0.9, 0.95), warmup-stable-decay (seed holds the peak lr, branches decay "
                                   "it by cosine), fp32",
                      "budget": {"minutes": args.minutes, "reference_tokens_per_s": REFERENCE_TOKENS_PER_S,
-                                "seed_share": args.seed_share, "seed_tokens": seed_tokens,
+                                "seed_share": args.seed_share, "replay": args.replay, "seed_tokens": seed_tokens,
                                 "tokens_per_expert_branch": targs.steps * targs.tokens_per_step,
                                 "experts_total_tokens": seed_tokens + 4 * targs.steps * targs.tokens_per_step,
                                 "generalist_total_tokens": seed_tokens + stats["generalist"]["tokens"]},
@@ -223,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     log(f"training: seed {seed_args.steps} steps, then {targs.steps} steps per expert and {4 * targs.steps} for "
         f"the generalist, {targs.tokens_per_step} tokens per step")
     t1 = time.perf_counter()
-    stats = train_all(out, tokenizer, corpora, seed_args, targs, model_args, args.workers)
+    stats = train_all(out, tokenizer, corpora, seed_args, targs, model_args, args.workers, args.replay)
     times["training"] = round(time.perf_counter() - t1, 1)
     times["total"] = round(time.perf_counter() - t0, 1)
     info = manifest(args, seed_args, targs, model_args, tokenizer, corpora, mixed, stats, times)

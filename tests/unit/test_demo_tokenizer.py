@@ -107,3 +107,26 @@ def test_seed_schedule_holds_peak_lr_and_branches_keep_the_token_budget(tmp_path
         used = seed.steps * seed.tokens_per_step + 8 * branch.steps * branch.tokens_per_step
         assert used <= 2 * 60 * build.REFERENCE_TOKENS_PER_S
         assert (branch.init_from is None) == (share == 0.0) and seed.steps % 4 == 0
+
+
+def test_branch_rows_with_replay_are_disjoint_and_mix_the_domains():
+    import numpy as np
+
+    from experts.demo import build
+
+    names = ("code", "prose", "math", "json")
+    n_own, per_other = build.replay_split(100, 0.3, len(names))
+    assert (n_own, per_other) == (70, 10)
+    # each row holds its domain index and a serial number, so we can see where every row went
+    parts = {n: np.array([[d, i] for i in range(n_own + 3 * per_other)]) for d, n in enumerate(names)}
+    rows = build.branch_rows(parts, n_own, per_other, seed=0)
+    seen = [tuple(r) for n in names for r in rows[n]]
+    assert len(seen) == len(set(seen)) == 4 * 100                      # no row given twice, none dropped
+    for d, n in enumerate(names):
+        domains = np.bincount(rows[n][:, 0], minlength=4)
+        assert domains[d] == 70 and all(domains[o] == 10 for o in range(4) if o != d)
+    # replay 0 keeps the old behaviour exactly: own rows, in order
+    plain = build.branch_rows({n: parts[n][:n_own] for n in names}, n_own, 0, seed=0)
+    assert all((plain[n] == parts[n][:n_own]).all() for n in names)
+    with pytest.raises(ValueError):
+        build.replay_split(100, 1.0, 4)
