@@ -141,7 +141,9 @@ def replay_split(n_rows: int, replay: float, n_domains: int) -> tuple[int, int]:
     """(own rows, rows from each other domain) of one expert's n_rows branch rows at a replay share."""
     if not 0.0 <= replay < 1.0:
         raise ValueError(f"--replay must be in [0, 1), got {replay}")
-    per_other = round(n_rows * replay / (n_domains - 1)) if n_domains > 1 else 0
+    if n_domains < 2:
+        return n_rows, 0
+    per_other = min(round(n_rows * replay / (n_domains - 1)), n_rows // (n_domains - 1))   # n_own never < 0
     return n_rows - per_other * (n_domains - 1), per_other
 
 

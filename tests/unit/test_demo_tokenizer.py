@@ -128,5 +128,6 @@ def test_branch_rows_with_replay_are_disjoint_and_mix_the_domains():
     # replay 0 keeps the old behaviour exactly: own rows, in order
     plain = build.branch_rows({n: parts[n][:n_own] for n in names}, n_own, 0, seed=0)
     assert all((plain[n] == parts[n][:n_own]).all() for n in names)
+    assert build.replay_split(2, 0.9, 4) == (2, 0) and build.replay_split(100, 0.3, 1) == (100, 0)
     with pytest.raises(ValueError):
         build.replay_split(100, 1.0, 4)
