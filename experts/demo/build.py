@@ -149,9 +149,8 @@ def replay_split(n_rows: int, replay: float, n_domains: int) -> tuple[int, int]:
 
 def branch_rows(parts: dict, n_own: int, per_other: int, seed: int) -> dict:
     """parts[domain] = that domain's branch rows [own | one block of per_other rows for each other domain, in
-    domain order] -> {expert: its rows, shuffled}. Every row goes to exactly one expert."""
-    import numpy as np
-
+    domain order] -> {expert: its rows, shuffled when they come from several domains}. Every row goes to
+    exactly one expert."""
     names = list(parts)
     rows = {}
     for i, name in enumerate(names):
@@ -161,8 +160,7 @@ def branch_rows(parts: dict, n_own: int, per_other: int, seed: int) -> dict:
                 slot = [x for x in names if x != other].index(name)      # name's block among other's blocks
                 start = n_own + slot * per_other
                 picked.append(parts[other][start:start + per_other])
-        union = np.concatenate(picked)
-        rows[name] = union[np.random.default_rng(seed + 1000 + i).permutation(len(union))] if per_other else union
+        rows[name] = _shuffled_union(picked, seed + 1000 + i) if per_other else picked[0]
     return rows
 
 
