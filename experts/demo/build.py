@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of the budget for a seed model all experts branch from (0: from scratch)")
     # Replay: each expert's branch keeps this share of rows from the other domains (fresh rows, equal per domain),
     # the usual guard of branched experts against forgetting what the seed knew outside their domain.
-    parser.add_argument("--replay", type=float, default=0.0,
+    parser.add_argument("--replay", type=_replay_share, default=0.0,
                         help="share of each expert's branch rows drawn from the other domains (0: own domain only)")
     parser.add_argument("--quick", action="store_true", help="tiny corpora and a few dozen steps (~1-2 min)")
     parser.add_argument("--seed", type=int, default=0)
@@ -48,6 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(experts/demo/eight.py; reuses its tokenizer, seed, generalist and data)")
     parser.add_argument("--base", type=Path, default=Path("artifacts/demo"),
                         help="with --experts 8: the 4-expert build to branch from (default %(default)s)")
+
+
+def _replay_share(text: str) -> float:
+    """argparse type of --replay: a bad value is a usage error before any corpus work, not a traceback after."""
+    try:
+        replay_split(1, float(text), len(EXPERTS))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--replay ")) from None
+    return float(text)
 
 
 def log(msg: str) -> None:

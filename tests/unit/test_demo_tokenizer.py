@@ -110,6 +110,8 @@ def test_seed_schedule_holds_peak_lr_and_branches_keep_the_token_budget(tmp_path
 
 
 def test_branch_rows_with_replay_are_disjoint_and_mix_the_domains():
+    import argparse
+
     import numpy as np
 
     from experts.demo import build
@@ -131,3 +133,8 @@ def test_branch_rows_with_replay_are_disjoint_and_mix_the_domains():
     assert build.replay_split(2, 0.9, 4) == (2, 0) and build.replay_split(100, 0.3, 1) == (100, 0)
     with pytest.raises(ValueError):
         build.replay_split(100, 1.0, 4)
+    parser = argparse.ArgumentParser()
+    build.add_arguments(parser)
+    assert parser.parse_args(["--replay", "0.2"]).replay == 0.2
+    with pytest.raises(SystemExit):                  # a usage error before any corpus work
+        parser.parse_args(["--replay", "1.5"])
