@@ -39,6 +39,15 @@ class ScoredCorpus:
     def doc_rows(self, d: int) -> slice:
         return slice(self.doc_offsets[d], self.doc_offsets[d + 1])
 
+    def documents(self, docs: list[int]) -> ScoredCorpus:
+        """The corpus of just these documents, in this order (renumbered 0..len(docs) - 1)."""
+        parts = [torch.arange(self.doc_offsets[d], self.doc_offsets[d + 1]) for d in docs]
+        rows = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        lengths = torch.tensor([len(p) for p in parts], dtype=torch.long)
+        return ScoredCorpus(self.expert_names, self.ids[rows], self.lps[rows], self.targets[rows], self.context[rows],
+                            torch.repeat_interleave(torch.arange(len(docs)), lengths),
+                            [0, *torch.cumsum(lengths, 0).tolist()], [self.sequences[d] for d in docs])
+
 
 def stack_scores(outs: list[ScoreOutput]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One sequence scored by E experts -> ids [N, E, K], lps [N, E, K], targets [N] (N = T - 1)."""

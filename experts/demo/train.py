@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from experts.demo.data_parallel import SOLO, Group, average, group_balancing_loss, join, leave, local_rows
+
 
 @dataclass(frozen=True)
 class TrainArgs:
@@ -84,12 +86,17 @@ def _optimizer(model, args: TrainArgs):
                               {"params": keep, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def train_model(config, rows: np.ndarray, args: TrainArgs, out_dir: Path, desc: str, position: int = 0) -> dict:
-    """Train on rows (one batch = batch_size consecutive rows), from scratch or args.init_from; save_pretrained."""
+def train_model(config, rows: np.ndarray, args: TrainArgs, out_dir: Path, desc: str, position: int = 0,
+                group: Group = SOLO) -> dict:
+    """Train on rows (one batch = batch_size consecutive rows), from scratch or args.init_from; save_pretrained.
+
+    In a data-parallel group (experts.demo.data_parallel) every process runs this with the same arguments and
+    takes its share of each batch; the leader shows progress and saves."""
     import torch
     from tqdm import tqdm
     from transformers import MixtralForCausalLM
 
+    join(group)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.init_from is None:
@@ -101,17 +108,23 @@ def train_model(config, rows: np.ndarray, args: TrainArgs, out_dir: Path, desc: 
     data = torch.from_numpy(rows.astype(np.int64))
     assert len(data) >= args.steps * args.batch_size, "not enough rows for the requested steps"
     ema, start, losses = None, time.perf_counter(), []
-    bar = tqdm(range(args.steps), desc=desc, unit="step", dynamic_ncols=True, mininterval=2.0, position=position)
+    bar = tqdm(range(args.steps), desc=desc, unit="step", dynamic_ncols=True, mininterval=2.0, position=position,
+               disable=not group.leader)
     for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
-        batch = data[step * args.batch_size:(step + 1) * args.batch_size]
+        for param_group in opt.param_groups:
+            param_group["lr"] = lr_at(step, args)
+        batch = local_rows(data[step * args.batch_size:(step + 1) * args.batch_size], group)
         out = model(input_ids=batch, labels=batch, output_router_logits=True)
-        out.loss.backward()
+        lm = out.loss - config.router_aux_loss_coef * out.aux_loss
+        if group.world == 1:
+            out.loss.backward()
+        else:                          # the balancing term over the group's whole batch, not this process's rows
+            (lm + config.router_aux_loss_coef * group_balancing_loss(
+                out.router_logits, config.num_local_experts, config.num_experts_per_tok, group)).backward()
+        lm_loss = average(model.parameters(), lm.item(), group)
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        lm_loss = (out.loss - config.router_aux_loss_coef * out.aux_loss).item()
         losses.append(lm_loss)
         ema = lm_loss if ema is None else 0.95 * ema + 0.05 * lm_loss
         tok_s = (step + 1) * args.tokens_per_step / (time.perf_counter() - start)
@@ -119,10 +132,13 @@ def train_model(config, rows: np.ndarray, args: TrainArgs, out_dir: Path, desc: 
     bar.close()
     seconds = time.perf_counter() - start
     model.eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir))
+    if group.leader:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(out_dir))
+    leave(group)
     return {"steps": args.steps, "tokens": args.steps * args.tokens_per_step, "seconds": round(seconds, 1),
             "tokens_per_s": round(args.steps * args.tokens_per_step / seconds), "threads": args.threads,
+            "processes": group.world,
             "final_loss": round(float(np.mean(losses[-max(1, args.steps // 20):])), 4)}
 
 
@@ -141,7 +157,7 @@ def _exit_with_parent(poll_s: float = 5.0) -> None:
 Job = tuple[str, np.ndarray, TrainArgs, Path]  # (model name, rows, args, output directory)
 
 
-def train_jobs(config_dict: dict, jobs: list[Job], position: int = 0) -> dict[str, dict]:
+def train_jobs(config_dict: dict, jobs: list[Job], position: int = 0, group: Group = SOLO) -> dict[str, dict]:
     """Worker-process entry point: train the jobs one after another; returns {name: stats}."""
     from transformers import MixtralConfig
 
@@ -149,6 +165,7 @@ def train_jobs(config_dict: dict, jobs: list[Job], position: int = 0) -> dict[st
     config = MixtralConfig.from_dict(config_dict)
     stats = {}
     for name, rows, args, out_dir in jobs:
-        stats[name] = train_model(config, rows, args, out_dir, desc=name, position=position)
-        print(f"[build-demo] {name}: {stats[name]}", flush=True)
+        stats[name] = train_model(config, rows, args, out_dir, desc=name, position=position, group=group)
+        if group.leader:
+            print(f"[build-demo] {name}: {stats[name]}", flush=True)
     return stats

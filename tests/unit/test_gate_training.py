@@ -99,6 +99,18 @@ def test_scored_corpus_roundtrips_through_disk(tmp_path):
     assert torch.equal(back.ids, corpus.ids) and torch.equal(back.targets, corpus.targets)
 
 
+def test_documents_of_a_scored_corpus_keep_their_rows_and_are_renumbered():
+    corpus = synthetic_corpus(n_docs=6)
+    part = corpus.documents([4, 1])
+    assert part.n_docs == 2 and part.sequences == [corpus.sequences[4], corpus.sequences[1]]
+    for new, old in enumerate([4, 1]):
+        assert torch.equal(part.ids[part.doc_rows(new)], corpus.ids[corpus.doc_rows(old)])
+        assert torch.equal(part.context[part.doc_rows(new)], corpus.context[corpus.doc_rows(old)])
+        assert (part.doc[part.doc_rows(new)] == new).all()
+    assert len(part.targets) == part.doc_offsets[-1] == len(part.doc)
+    assert corpus.documents([]).n_docs == 0
+
+
 def test_registry_versions_promotion_and_restore(tmp_path):
     reg = GateRegistry(tmp_path)
     args = GateArgs(V, E, 8, 8)
