@@ -3,6 +3,7 @@
 (a) fresh request per step: the whole prefix, max_tokens=1, prefix caching on (only here, for comparison);
 (b) streaming-input session: the library's VLLMExpert (one resumable request per session, one chunk per step).
 Both feed the same predetermined tokens and must return the same top-k; the script checks that.
+(c) the reference, in process: vLLM decoding each stream on its own (max_tokens = steps, same top-k logprobs).
 --via-serve measures (b) through Ray Serve (ServeExpertClient -> ExpertServer), i.e. with the per-step RPC.
 
     .venv/bin/python scripts/measure_expert_stepping.py --model artifacts/demo/experts/code [--via-serve]
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import random
 import statistics
 import time
@@ -80,6 +82,25 @@ async def run_fresh(stepper: FreshRequestStepper, prompts, feeds):
     return outs, times
 
 
+async def run_plain_decode(engine, prompts, steps: int, top_k: int) -> list[float]:
+    """(c) the reference: vLLM decoding on its own (one request per stream, max_tokens=steps, same top-k
+    logprobs), inter-token times pooled over the streams: what one engine step costs without sessions."""
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+    params = SamplingParams(max_tokens=steps + 1, temperature=0.0, logprobs=top_k, detokenize=False,
+                            ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+
+    async def one(i: int, prompt) -> list[float]:
+        arrivals = []
+        async for _ in engine.generate(TokensPrompt(prompt_token_ids=list(prompt)), params,
+                                       f"plain{i}-{time.monotonic_ns()}"):
+            arrivals.append(time.perf_counter())
+        return [b - a for a, b in itertools.pairwise(arrivals)]
+
+    return [d for ds in await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))) for d in ds]
+
+
 def max_diff(a, b) -> tuple[float, int]:
     """Largest |logprob| gap over shared top-k ids, and how many positions' top-1 ids differ."""
     worst, top1 = 0.0, 0
@@ -92,6 +113,7 @@ def max_diff(a, b) -> tuple[float, int]:
 
 
 def report(name: str, streams: int, times: list[float]) -> None:
+    """times: one per step of all streams, or inter-token times of every stream pooled (the same rate)."""
     ms = statistics.median(times) * 1e3
     tps = streams * len(times) / sum(times)
     print(f"{name:<22} streams={streams:>3}  median {ms:7.2f} ms/step  mean {1e3 * statistics.mean(times):7.2f}"
@@ -144,8 +166,10 @@ async def measure(args) -> None:
             for _ in range(2 if args.warmup else 1):  # first round warms both paths up; keep the last
                 s_out, s_times = await run_streaming(expert, prompts, feeds, args.top_k)
                 f_out, f_times = await run_fresh(stepper, prompts, feeds)
+                p_times = await run_plain_decode(expert.engine, prompts, len(feeds[0]), args.top_k)
             report("(a) fresh request", streams, f_times)
             report("(b) streaming session", streams, s_times)
+            report("(c) plain vLLM decode", streams, p_times)
             worst, top1 = max_diff(s_out, f_out)
             print(f"    agreement (a) vs (b): max |dlogprob| {worst:.2e}, top-1 differs at {top1} positions")
     finally:
