@@ -70,6 +70,17 @@ def adaptive_sweep(gate: Gate, corpus: ScoredCorpus, vocab_size: int, space: str
     return out
 
 
+def pair_shares(logits: torch.Tensor, names: list[str]) -> dict[str, float]:
+    """Share of positions whose top-2 experts are each unordered pair ("code+math"), most frequent first.
+
+    Where engines share a core (the CPU demo pins two per core), a pair on one core steps one after the other."""
+    top = logits.topk(2, dim=-1).indices.sort(dim=-1).values                  # [N, 2]
+    pairs, counts = top.unique(dim=0, return_counts=True)
+    total = max(int(counts.sum()), 1)
+    order = counts.argsort(descending=True, stable=True)
+    return {f"{names[int(pairs[i, 0])]}+{names[int(pairs[i, 1])]}": int(counts[i]) / total for i in order}
+
+
 def ppl(logprobs: torch.Tensor) -> float:
     return math.exp(-float(logprobs.mean()))
 
@@ -108,6 +119,8 @@ def evaluate(
         gap = math.log(best) - math.log(result["oracle"])
         summary["gap_recovered"] = (math.log(best) - math.log(result["gate_top2"])) / gap if gap > 0 else 0.0
         summary["gate_top1_share"] = share
+        if len(corpus.expert_names) >= 2:
+            summary["gate_top2_pairs"] = pair_shares(logits, corpus.expert_names)
         if adaptive is not None:
             sweep = adaptive_sweep(gate, corpus, vocab_size, space, thresholds=adaptive)
             summary["adaptive"] = sweep
@@ -127,6 +140,8 @@ def format_table(summary: dict) -> str:
     if "gap_recovered" in summary:
         lines += ["", f"gate_top2 recovers {100 * summary['gap_recovered']:.1f}% of the best-expert → oracle gap",
                   "gate top-1 share: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in summary["gate_top1_share"].items())]
+    if "gate_top2_pairs" in summary:
+        lines.append("gate top-2 pairs: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in summary["gate_top2_pairs"].items()))
     if "gate_top2_vs_generalist" in summary:
         lines.append(f"gate_top2 ÷ generalist: {summary['gate_top2_vs_generalist']:.3f}")
     for row in summary.get("adaptive", []):

@@ -111,6 +111,13 @@ def test_documents_of_a_scored_corpus_keep_their_rows_and_are_renumbered():
     assert corpus.documents([]).n_docs == 0
 
 
+def test_pair_shares_count_unordered_top2_pairs():
+    from gating.evaluate import pair_shares
+
+    logits = torch.tensor([[3.0, 2.0, 0.0], [2.0, 3.0, 0.0], [0.0, 2.0, 3.0], [9.0, 0.0, 1.0]])
+    assert pair_shares(logits, NAMES) == {"a+b": 0.5, "a+c": 0.25, "b+c": 0.25}
+
+
 def test_registry_versions_promotion_and_restore(tmp_path):
     reg = GateRegistry(tmp_path)
     args = GateArgs(V, E, 8, 8)
