@@ -35,7 +35,7 @@ def gate_logits_for(gate: Gate, corpus: ScoredCorpus, docs: list[int] | None = N
     out = []
     for i in range(0, len(docs), batch):
         part = docs[i:i + batch]
-        rows = torch.cat([torch.arange(corpus.doc_offsets[d], corpus.doc_offsets[d + 1]) for d in part])
+        rows = corpus.rows(part)
         lengths = [corpus.doc_offsets[d + 1] - corpus.doc_offsets[d] for d in part]
         sig = corpus_signals(corpus.ids[rows], corpus.lps[rows], corpus.targets[rows], gate.args.vocab_size)
         logits = rollout(gate, pad_rows(corpus.context[rows], lengths), padded_signals(sig, lengths), select)

@@ -15,10 +15,6 @@ from gating.objective import single_expert_logprob
 from gating.scores import ScoredCorpus
 
 
-def rows_of(corpus: ScoredCorpus, docs: list[int]) -> torch.Tensor:
-    return torch.cat([torch.arange(corpus.doc_offsets[d], corpus.doc_offsets[d + 1]) for d in docs])
-
-
 def weight_per_expert(experts: torch.Tensor, weights: torch.Tensor, n_experts: int) -> torch.Tensor:
     """experts/weights [N, S] (gate_weights) -> dense [N, E] routing weights (0 for unselected experts)."""
     return torch.zeros(experts.shape[0], n_experts).scatter_add_(1, experts, weights)
@@ -36,7 +32,7 @@ def routing_stats(gate: Gate, corpus: ScoredCorpus, k: int, vocab_size: int, doc
     Both are averages over the positions of `docs` (all documents by default).
     """
     docs = docs if docs is not None else list(range(corpus.n_docs))
-    rows = rows_of(corpus, docs)
+    rows = corpus.rows(docs)
     experts, weights = gate_weights(gate_logits_for(gate, corpus, docs), k)
     dense = weight_per_expert(experts, weights, len(corpus.expert_names))          # [N, E]
     oracle = oracle_experts(corpus, vocab_size, rows)
@@ -48,6 +44,6 @@ def routing_stats(gate: Gate, corpus: ScoredCorpus, k: int, vocab_size: int, doc
 
 def oracle_share(corpus: ScoredCorpus, vocab_size: int, docs: list[int] | None = None) -> dict[str, float]:
     """Share of positions on which each expert is the oracle: where the data says the weight belongs."""
-    rows = rows_of(corpus, docs if docs is not None else list(range(corpus.n_docs)))
+    rows = corpus.rows(docs if docs is not None else list(range(corpus.n_docs)))
     counts = torch.bincount(oracle_experts(corpus, vocab_size, rows), minlength=len(corpus.expert_names))
     return {n: round(float(counts[e]) / len(rows), 4) for e, n in enumerate(corpus.expert_names)}

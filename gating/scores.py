@@ -39,11 +39,15 @@ class ScoredCorpus:
     def doc_rows(self, d: int) -> slice:
         return slice(self.doc_offsets[d], self.doc_offsets[d + 1])
 
+    def rows(self, docs: list[int]) -> torch.Tensor:
+        """Row indices of these documents, in this order -> [N] long."""
+        parts = [torch.arange(self.doc_offsets[d], self.doc_offsets[d + 1]) for d in docs]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
     def documents(self, docs: list[int]) -> ScoredCorpus:
         """The corpus of just these documents, in this order (renumbered 0..len(docs) - 1)."""
-        parts = [torch.arange(self.doc_offsets[d], self.doc_offsets[d + 1]) for d in docs]
-        rows = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-        lengths = torch.tensor([len(p) for p in parts], dtype=torch.long)
+        rows = self.rows(docs)
+        lengths = torch.tensor([self.doc_offsets[d + 1] - self.doc_offsets[d] for d in docs], dtype=torch.long)
         return ScoredCorpus(self.expert_names, self.ids[rows], self.lps[rows], self.targets[rows], self.context[rows],
                             torch.repeat_interleave(torch.arange(len(docs)), lengths),
                             [0, *torch.cumsum(lengths, 0).tolist()], [self.sequences[d] for d in docs])

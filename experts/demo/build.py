@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # from scratch (--seed-share 0 --minutes 14) the generalist beat three experts on their own domains and
     # the gated mix lost to it (1.10x); seeded, experts match or beat it in-domain and the mix wins (0.87x).
     # The budget is counted at one core's reference throughput; the seed trains data-parallel on both cores and
-    # the branches side by side on two, so 9.33 min of budget takes ≈ 6 min of training (446 s for the whole build).
+    # the branches side by side on two, so 9.33 min of budget takes ≈ 7 min of training (499 s for the whole build).
     parser.add_argument("--minutes", type=float, default=9.33,
                         help="training budget in minutes at the reference throughput (all models together)")
     parser.add_argument("--seed-share", type=float, default=0.5,
