@@ -52,7 +52,9 @@ class InprocEngine:
         self.error: BaseException | None = None
         self.steps = 0
         self.step_s = 0.0         # wall time inside vLLM's engine steps (this thread), for the speed breakdown
+        self.feeds = 0            # feed_sessions commands posted
         self._raw: set[str] = set()                      # engine thread only: requests answered raw
+        self._fed: dict[str, _FeedBatch] = {}             # engine thread only: session -> its feed_sessions call
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(args, threads, cores, ready),
                                         name="vllm-engine", daemon=True)
@@ -129,6 +131,25 @@ class InprocEngine:
         except Exception as exc:  # noqa: BLE001 - the consumer hears of it
             self._deliver({request_id: exc})
 
+    feeds_sessions = True     # feed_sessions() is available (see below)
+
+    async def feed_sessions(self, chunks: list[tuple[str, list[int]]], params: Any) -> list[Any]:
+        """Append one chunk to each of several open sessions (resumable raw requests started by generate())
+        with ONE command, and return each one's next raw output (with logprobs), or the exception that
+        ended it, in order. The session's own generate() stream is not involved: its consumer keeps waiting
+        and closes the request as before.
+
+        Why: through generate(), every session of a batched step costs an asyncio task, two async generator
+        hops, a queue each way, vLLM's input processing (validation, a deep copy of the sampling params, a
+        new Request object) and a wake-up of its consumer; at 16 to 32 sessions per step that was a third
+        of the engine's CPU (`scripts/measure_expert_stepping.py`, CPU ms per step)."""
+        self._check()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        self._commands.put(("feed", chunks, params, done, loop))
+        self.feeds += 1
+        return await done
+
     async def check_health(self) -> None:
         self._check()
 
@@ -194,6 +215,9 @@ class InprocEngine:
             with self._lock:
                 ids = list(self._streams)
             self._deliver({rid: EngineDead(f"the engine stopped: {type(exc).__name__}: {exc}") for rid in ids})
+            for rid, batch in list(self._fed.items()):
+                batch.answer(rid, EngineDead(f"the engine stopped: {type(exc).__name__}: {exc}"))
+            self._fed.clear()
 
     def _step(self, engine: Any) -> None:
         """One engine step (LLMEngine.step without its stats): raw requests get their EngineCoreOutput, the
@@ -205,10 +229,21 @@ class InprocEngine:
         if not outputs.outputs:
             return
         items = {o.request_id: o for o in outputs.outputs if o.request_id in self._raw}
+        cooked = len(items) < len(outputs.outputs)          # some requests want vLLM's RequestOutputs
         for o in items.values():
             if o.finished:
                 self._raw.discard(o.request_id)
-        if len(items) < len(outputs.outputs):
+        if self._fed:
+            for rid in [rid for rid in items if rid in self._fed]:
+                o = items[rid]
+                if o.new_logprobs is not None:
+                    self._fed.pop(rid).answer(rid, items.pop(rid))
+                elif o.finished:
+                    self._fed.pop(rid).answer(rid, EngineDead(f"the engine ended session {rid!r} ({o.finish_reason})"))
+                    items.pop(rid)
+                else:                           # a partial prefill of a long chunk: its answer comes later
+                    items.pop(rid)
+        if cooked:
             processed = engine.output_processor.process_outputs(outputs.outputs, outputs.timestamp)
             if processed.reqs_to_abort:
                 engine.engine_core.abort_requests(processed.reqs_to_abort)
@@ -223,8 +258,13 @@ class InprocEngine:
             held = sum(engine.engine_core.engine_core.scheduler.get_request_counts())
             loop.call_soon_threadsafe(lambda: answer.done() or answer.set_result(held))
             return
+        if kind == "feed":
+            self._feed_sessions(*command[1:])
+            return
         if kind == "abort":
             self._raw.discard(request_id)
+            if request_id in self._fed:
+                self._fed.pop(request_id).answer(request_id, EngineDead(f"session {request_id!r} was closed"))
             engine.output_processor.abort_requests([request_id], internal=True)
             # Directly too: the output processor passes on only the ids it tracks, and raw ones it does not.
             engine.engine_core.abort_requests([request_id])
@@ -245,6 +285,32 @@ class InprocEngine:
         except Exception as exc:  # noqa: BLE001 - a refused request fails itself, not the engine
             self._deliver({request_id: exc})
 
+    def _feed_sessions(self, chunks: list[tuple[str, list[int]]], params: Any, done: asyncio.Future,
+                       loop: asyncio.AbstractEventLoop) -> None:
+        """Queue each chunk as the next input of its session, as the scheduler's add_request does for a
+        resumable request's next StreamingInput, minus the input processor: the caller validated the tokens,
+        and the session keeps its processed sampling params while the top-k asked for is the same."""
+        from vllm.v1.request import StreamingUpdate
+
+        scheduler = self._engine.engine_core.engine_core.scheduler
+        batch = _FeedBatch([rid for rid, _ in chunks], done, loop)
+        now = time.time()
+        for rid, tokens in chunks:
+            request = scheduler.requests.get(rid)
+            if request is None or not request.resumable or rid in self._fed:
+                batch.answer(rid, EngineDead(f"session {rid!r} is not open in the engine"))
+                continue
+            same = request.sampling_params.logprobs == params.logprobs
+            update = StreamingUpdate(mm_features=None, prompt_token_ids=list(tokens), max_tokens=params.max_tokens,
+                                     arrival_time=now, sampling_params=request.sampling_params if same else params.clone())
+            try:
+                scheduler.add_request(_Chunk(rid, update))
+            except Exception as exc:  # noqa: BLE001 - a refused chunk fails its session, not the engine
+                batch.answer(rid, exc)
+                continue
+            self._fed[rid] = batch
+            self._raw.add(rid)          # each chunk's answer ends "finished" (max_tokens=1); the session goes on
+
     def _deliver(self, items: dict[str, Any]) -> None:
         """Hand outputs (or exceptions) to their consumers' event loops: one wake-up per loop per step."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
@@ -264,3 +330,40 @@ def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
     for q, item in batch:
         q.put_nowait(item)
 
+
+
+class _Chunk:
+    """What the scheduler's add_request reads from a resumable request's next input (StreamingUpdate)."""
+
+    resumable = True
+
+    def __init__(self, request_id: str, update: Any) -> None:
+        self.request_id = request_id
+        self.mm_features = update.mm_features
+        self.prompt_token_ids = update.prompt_token_ids
+        self.max_tokens = update.max_tokens
+        self.arrival_time = update.arrival_time
+        self.sampling_params = update.sampling_params
+
+
+class _FeedBatch:
+    """One feed_sessions call on the engine thread: resolves its future once every session has answered."""
+
+    def __init__(self, request_ids: list[str], done: asyncio.Future, loop: asyncio.AbstractEventLoop) -> None:
+        self._order = request_ids
+        self._answers: dict[str, Any] = {}
+        self._done, self._loop = done, loop
+
+    def answer(self, request_id: str, output: Any) -> None:
+        self._answers[request_id] = output
+        if len(self._answers) == len(self._order):
+            result = [self._answers[rid] for rid in self._order]
+            try:
+                self._loop.call_soon_threadsafe(_resolve, self._done, result)
+            except RuntimeError:          # that loop is closed: its caller is gone
+                pass
+
+
+def _resolve(done: asyncio.Future, result: list[Any]) -> None:
+    if not done.done():                   # the caller may have been cancelled meanwhile
+        done.set_result(result)

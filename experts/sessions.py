@@ -65,6 +65,11 @@ class Session:
             if self._close_requested:
                 await self.close()
 
+    @property
+    def batchable(self) -> bool:
+        """Open in an engine that takes several sessions' next chunks in one command (SessionTable.feed_many)."""
+        return self._raw and self._outputs is not None and getattr(self._engine, "feeds_sessions", False)
+
     async def close(self) -> None:
         if self.busy:  # closing a generator mid-step raises; the running feed() closes it when it returns
             self._close_requested = True
@@ -105,6 +110,31 @@ class SessionTable:
         if session is not None:
             asyncio.ensure_future(session.close())
         return session
+
+    async def feed_many(self, steps: list[tuple[Session, list[int]]], params: Any) -> list[TopK | BaseException]:
+        """Append tokens to several batchable sessions with one engine command (InprocEngine.feed_sessions);
+        per session its next top-k, or the exception that ended it. Same effect as Session.feed on each."""
+        for session, _ in steps:
+            session.busy = True
+        try:
+            outs = await self._engine.feed_sessions([(session.request_id, tokens) for session, tokens in steps],
+                                                    params)
+        finally:
+            now = time.monotonic()
+            for session, _ in steps:
+                session.busy, session.last_used = False, now
+            for session, _ in steps:
+                if session._close_requested:
+                    await session.close()
+        results: list[TopK | BaseException] = []
+        for (session, tokens), out in zip(steps, outs):
+            if isinstance(out, BaseException):
+                results.append(out)
+                continue
+            session.length += len(tokens)
+            results.append(topk_of_arrays(out.new_logprobs.logprob_token_ids[-1], out.new_logprobs.logprobs[-1],
+                                          params.logprobs))
+        return results
 
     async def close(self, session_ids: list[str]) -> None:
         """Free the sessions' engine slots and KV blocks. Unknown or already closed ids are ignored."""

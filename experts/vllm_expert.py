@@ -31,7 +31,7 @@ from experts.protocol import (
     StepOutput,
 )
 from experts.scoring import score_windows
-from experts.sessions import SessionTable
+from experts.sessions import Session, SessionTable
 from experts.vllm_engine import describe, engine_seeds_safely, start_engine, step_params, topk_of
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,15 @@ class VLLMExpert:
     async def advance(self, steps: list[SessionStep], top_k: int) -> list[StepOutput]:
         """Append 1..n tokens per session (n > 1 = catch-up after being skipped) and return the next top-k."""
         errors = self._validate_advance(steps, top_k)
-        return await self._closing_on_cancel(steps, asyncio.gather(*(
-            self._feed(step, top_k, opening=False) if err is None else _ready(_failed(step, err))
-            for step, err in zip(steps, errors)
-        )))
+        together = [i for i, (step, err) in enumerate(zip(steps, errors))
+                    if err is None and self.sessions.get(step.session_id).batchable]
+        alone = set(range(len(steps))) - set(together)
+        # Taken now: a session closed before the engine call gets an "engine" error on its row, not a crash.
+        batch = [(steps[i], self.sessions.get(steps[i].session_id)) for i in together]
+        return await self._closing_on_cancel(steps, _merged(len(steps), together, asyncio.gather(
+            self._feed_together(batch, top_k) if together else _ready([]),
+            *(self._feed(steps[i], top_k, opening=False) if errors[i] is None else _ready(_failed(steps[i], errors[i]))
+              for i in sorted(alone)))))
 
     async def close(self, session_ids: list[str]) -> None:
         await self.sessions.close(session_ids)
@@ -257,6 +262,22 @@ class VLLMExpert:
                               error_kind="engine")
         return StepOutput(step.session_id, topk=topk, length=session.length)
 
+    async def _feed_together(self, batch: list[tuple[SessionStep, Session]], top_k: int) -> list[StepOutput]:
+        """Advance open sessions with one engine command (SessionTable.feed_many); per-session failures as
+        in _feed: that session is closed and its item carries the error."""
+        results = await self.sessions.feed_many([(session, [int(t) for t in step.token_ids]) for step, session in batch],
+                                                step_params(int(top_k)))
+        outputs = []
+        for (step, session), result in zip(batch, results):
+            if isinstance(result, BaseException):
+                log.warning("expert %s: session %s failed: %r", self.config.name, step.session_id, result)
+                self.sessions.drop(step.session_id)
+                outputs.append(StepOutput(step.session_id, error=f"advance failed in the engine, session closed: "
+                                          f"{describe(result)}", error_kind="engine"))
+            else:
+                outputs.append(StepOutput(step.session_id, topk=result, length=session.length))
+        return outputs
+
     async def _score_one(self, seq: list[int], top_k: int, k_err: str | None) -> ScoreOutput:
         err = k_err or self._token_error(seq, "sequence to score")
         if err is not None:
@@ -284,6 +305,18 @@ def _failed(step: SessionStep, error: tuple[str, ErrorKind]) -> StepOutput:
     return StepOutput(step.session_id, error=error[0], error_kind=error[1])
 
 
-async def _ready(output: StepOutput) -> StepOutput:
+async def _merged(n: int, together: list[int], work) -> list[StepOutput]:
+    """Put the results of [one batched call for the rows `together`, then one call per other row] back in
+    row order."""
+    batched, *rest = await work
+    out: list[StepOutput | None] = [None] * n
+    for i, o in zip(together, batched):
+        out[i] = o
+    for i, o in zip(sorted(set(range(n)) - set(together)), rest):
+        out[i] = o
+    return out  # type: ignore[return-value]
+
+
+async def _ready(output: Any) -> Any:
     """An already-known result as an awaitable, to sit next to engine calls in one gather()."""
     return output

@@ -60,31 +60,35 @@ async def run_streaming(expert: VLLMExpert, prompts, feeds, top_k: int):
     outs, times = [[o.topk for o in first]], []
     engine = getattr(expert, "engine", None)
     steps0 = getattr(engine, "steps", None)
+    cpu0 = time.process_time()
     for t in range(len(feeds[0])):
         t0 = time.perf_counter()
         res = await expert.advance([SessionStep(i, (f[t],)) for i, f in zip(ids, feeds)], top_k)
         times.append(time.perf_counter() - t0)
         assert all(r.error is None for r in res), [r.error for r in res if r.error]
         outs.append([r.topk for r in res])
+    cpu = time.process_time() - cpu0
     if steps0 is not None:       # in-process engine: one batched advance should be one engine step
         print(f"    engine steps per advance: {(engine.steps - steps0) / len(feeds[0]):.2f}")
     await expert.close(ids)
-    return outs, times
+    return outs, times, cpu
 
 
 async def run_fresh(stepper: FreshRequestStepper, prompts, feeds):
     ids = [f"f{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
     outs, times = [await stepper.step([SessionStep(i, tuple(p)) for i, p in zip(ids, prompts)])], []
+    cpu0 = time.process_time()
     for t in range(len(feeds[0])):
         t0 = time.perf_counter()
         outs.append(await stepper.step([SessionStep(i, (f[t],)) for i, f in zip(ids, feeds)]))
         times.append(time.perf_counter() - t0)
-    return outs, times
+    return outs, times, time.process_time() - cpu0
 
 
-async def run_plain_decode(engine, prompts, steps: int, top_k: int) -> list[float]:
+async def run_plain_decode(engine, prompts, steps: int, top_k: int) -> tuple[list[float], float]:
     """(c) the reference: vLLM decoding on its own (one request per stream, max_tokens=steps, same top-k
-    logprobs), inter-token times pooled over the streams: what one engine step costs without sessions."""
+    logprobs), inter-token times pooled over the streams: what one engine step costs without sessions.
+    -> (times, CPU seconds of the whole run, prefill included)."""
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -98,7 +102,9 @@ async def run_plain_decode(engine, prompts, steps: int, top_k: int) -> list[floa
             arrivals.append(time.perf_counter())
         return [b - a for a, b in itertools.pairwise(arrivals)]
 
-    return [d for ds in await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))) for d in ds]
+    cpu0 = time.process_time()
+    times = [d for ds in await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))) for d in ds]
+    return times, time.process_time() - cpu0
 
 
 def max_diff(a, b) -> tuple[float, int]:
@@ -112,12 +118,15 @@ def max_diff(a, b) -> tuple[float, int]:
     return worst, top1
 
 
-def report(name: str, streams: int, times: list[float]) -> None:
-    """times: one per step of all streams, or inter-token times of every stream pooled (the same rate)."""
+def report(name: str, streams: int, times: list[float], cpu_s: float | None = None, steps: int = 0) -> None:
+    """times: one per step of all streams, or inter-token times of every stream pooled (the same rate).
+    cpu_s: CPU seconds of this process (every thread) over `steps` engine steps: on a busy machine the CPU a
+    step costs, not its wall time, is what the other processes lose (a second idle core hides it here)."""
     ms = statistics.median(times) * 1e3
     tps = streams * len(times) / sum(times)
+    cpu = f"  CPU {1e3 * cpu_s / steps:7.2f} ms/step" if cpu_s is not None and steps else ""
     print(f"{name:<22} streams={streams:>3}  median {ms:7.2f} ms/step  mean {1e3 * statistics.mean(times):7.2f}"
-          f" ms/step  {tps:8.1f} tokens/s")
+          f" ms/step  {tps:8.1f} tokens/s{cpu}")
 
 
 def probe_config(args) -> ExpertConfig:
@@ -146,7 +155,7 @@ async def measure_via_serve(args) -> None:
         for streams in args.streams:
             prompts, feeds = workload(rng, vocab, streams, args)
             for _ in range(2 if args.warmup else 1):
-                _, times = await run_streaming(client, prompts, feeds, args.top_k)
+                _, times, _ = await run_streaming(client, prompts, feeds, args.top_k)
             report("(b) via Ray Serve", streams, times)
     finally:
         serve.shutdown()
@@ -164,14 +173,22 @@ async def measure(args) -> None:
         for streams in args.streams:
             prompts, feeds = workload(rng, info.vocab_size, streams, args)
             for _ in range(2 if args.warmup else 1):  # first round warms both paths up; keep the last
-                s_out, s_times = await run_streaming(expert, prompts, feeds, args.top_k)
-                f_out, f_times = await run_fresh(stepper, prompts, feeds)
-                p_times = await run_plain_decode(expert.engine, prompts, len(feeds[0]), args.top_k)
-            report("(a) fresh request", streams, f_times)
-            report("(b) streaming session", streams, s_times)
-            report("(c) plain vLLM decode", streams, p_times)
-            worst, top1 = max_diff(s_out, f_out)
-            print(f"    agreement (a) vs (b): max |dlogprob| {worst:.2e}, top-1 differs at {top1} positions")
+                if "b" in args.variants:
+                    s_out, s_times, s_cpu = await run_streaming(expert, prompts, feeds, args.top_k)
+                if "a" in args.variants:
+                    f_out, f_times, f_cpu = await run_fresh(stepper, prompts, feeds)
+                if "c" in args.variants:
+                    p_times, p_cpu = await run_plain_decode(expert.engine, prompts, len(feeds[0]), args.top_k)
+            n = len(feeds[0])
+            if "a" in args.variants:
+                report("(a) fresh request", streams, f_times, f_cpu, n)
+            if "b" in args.variants:
+                report("(b) streaming session", streams, s_times, s_cpu, n)
+            if "c" in args.variants:
+                report("(c) plain vLLM decode", streams, p_times, p_cpu, n + 1)
+            if "a" in args.variants and "b" in args.variants:
+                worst, top1 = max_diff(s_out, f_out)
+                print(f"    agreement (a) vs (b): max |dlogprob| {worst:.2e}, top-1 differs at {top1} positions")
     finally:
         stepper.engine = None
         expert.shutdown()
@@ -190,6 +207,8 @@ def main() -> None:
     p.add_argument("--engine-process", default="auto", choices=["auto", "inproc", "separate"],
                    help="vLLM's engine in this process or in its own (ExpertConfig.engine_process)")
     p.add_argument("--via-serve", action="store_true", help="measure (b) through a Ray Serve deployment instead")
+    p.add_argument("--variants", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"],
+                   help="which of (a) fresh request, (b) streaming session, (c) plain decode to run")
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
     asyncio.run(measure(p.parse_args()))
 

@@ -90,3 +90,75 @@ async def test_concurrent_sessions_from_many_tasks_all_get_answers(expert) -> No
 
     await asyncio.wait_for(asyncio.gather(*(one(sid, i) for i, sid in enumerate(ids))), 120)
     assert await expert.engine.requests_held() == 0
+
+
+async def test_a_batched_advance_is_one_engine_command_with_the_same_numbers_as_one_feed_per_session(expert):
+    """VLLMExpert.advance hands every open session's next chunk to the engine in one command
+    (InprocEngine.feed_sessions). Same contexts stepped the old way, one Session.feed each: the same top-k,
+    to the last digit, catch-up chunks of several tokens included."""
+    from experts.vllm_engine import step_params
+
+    prompts = [(5 + i, 6, 7, 8 + i) for i in range(6)]
+    feeds = [[(11,), (12, 13, 14), (15,)] for _ in prompts]
+    batched, single = [f"b{i}" for i in range(6)], [f"s{i}" for i in range(6)]
+    for ids in (batched, single):
+        opened = await expert.open([SessionStep(sid, p) for sid, p in zip(ids, prompts)], 6)
+        assert all(o.error is None for o in opened), opened
+    engine = expert.engine
+    for t in range(3):
+        commands = engine.feeds
+        got = await expert.advance([SessionStep(sid, f[t]) for sid, f in zip(batched, feeds)], 6)
+        assert engine.feeds == commands + 1                      # one command for the whole batch
+        want = [await expert.sessions.get(sid).feed(list(f[t]), step_params(6)) for sid, f in zip(single, feeds)]
+        assert [o.error for o in got] == [None] * 6, got
+        assert [o.topk for o in got] == want
+        assert [o.length for o in got] == [expert.sessions.get(sid).length for sid in single]
+    await expert.close(batched + single)
+    assert await engine.requests_held() == 0
+
+
+async def test_a_batched_advance_keeps_row_order_and_fails_only_the_bad_rows(expert):
+    (ok,) = await expert.open([SessionStep("order-ok", (5, 6, 7))], 4)
+    assert ok.error is None
+    out = await expert.advance([SessionStep("order-unknown", (8,)), SessionStep("order-ok", (8,)),
+                                SessionStep("order-ok2", (9,))], 4)
+    assert [o.session_id for o in out] == ["order-unknown", "order-ok", "order-ok2"]
+    assert out[0].error_kind == "input" and out[2].error_kind == "input"
+    assert out[1].error is None and len(out[1].topk.token_ids) == 4
+    await expert.close(["order-ok"])
+    assert await expert.engine.requests_held() == 0
+
+
+async def test_a_cancelled_batched_advance_closes_its_sessions_and_the_engine_serves_on(expert):
+    """The caller gives up while the engine steps (a client that went away, a timed-out call): the sessions of
+    that call are closed in the engine and the next call is answered."""
+    ids = [f"cancel-{i}" for i in range(8)]
+    opened = await expert.open([SessionStep(sid, (5 + i, 6, 7)) for i, sid in enumerate(ids)], 4)
+    assert all(o.error is None for o in opened)
+    posted = expert.engine.feeds
+    task = asyncio.ensure_future(expert.advance([SessionStep(sid, (9,)) for sid in ids], 4))
+    while expert.engine.feeds == posted:                            # until the command is with the engine
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert all(expert.sessions.get(sid) is None for sid in ids)
+    assert await expert.engine.requests_held() == 0                 # counted after the aborts the close posted
+    (again,) = await expert.open([SessionStep("after-cancel", (5, 6))], 4)
+    (stepped,) = await expert.advance([SessionStep("after-cancel", (7,))], 4)
+    assert again.error is None and stepped.error is None
+    await expert.close(["after-cancel"])
+
+
+async def test_a_session_closed_while_its_batched_advance_waits_never_fails_the_call(expert):
+    ids = ["race-a", "race-b"]
+    opened = await expert.open([SessionStep(sid, (5, 6, 7)) for sid in ids], 4)
+    assert all(o.error is None for o in opened)
+    task = asyncio.ensure_future(expert.advance([SessionStep(sid, (8,)) for sid in ids], 4))
+    await asyncio.sleep(0)                                   # advance validated both rows; its engine call waits
+    await expert.close(["race-a"])
+    a, b = await task                                        # no exception: the call itself stands
+    assert a.error is None or a.error_kind == "engine", a    # its answer, or its session's end; never a crash
+    assert b.error is None and len(b.topk.token_ids) == 4, b
+    await expert.close(["race-b"])
+    assert await expert.engine.requests_held() == 0
