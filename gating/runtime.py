@@ -86,16 +86,17 @@ class GateRuntime:
     def _observed_tensors(observed: list[dict[int, TopK]], e: int):
         """-> mask [B, E] bool, ids [B, E, K] (-1 padded), lps [B, E, K] (very negative padded)."""
         k = max((len(t.token_ids) for row in observed for t in row.values()), default=1)
-        mask = torch.zeros(len(observed), e, dtype=torch.bool)
-        ids = torch.full((len(observed), e, k), -1, dtype=torch.long)
-        lps = torch.full((len(observed), e, k), -1e4)
+        mask = [[False] * e for _ in observed]
+        ids = [[[-1] * k for _ in range(e)] for _ in observed]
+        lps = [[[-1e4] * k for _ in range(e)] for _ in observed]
         for b, row in enumerate(observed):
             for j, topk in row.items():
                 n = len(topk.token_ids)
-                mask[b, j] = True
-                ids[b, j, :n] = torch.tensor(topk.token_ids, dtype=torch.long)
-                lps[b, j, :n] = torch.tensor(topk.logprobs, dtype=torch.float32)
-        return mask, ids, lps
+                mask[b][j] = True
+                ids[b][j][:n], lps[b][j][:n] = topk.token_ids, topk.logprobs
+        return (torch.tensor(mask, dtype=torch.bool).reshape(len(observed), e),
+                torch.tensor(ids, dtype=torch.long).reshape(len(observed), e, k),
+                torch.tensor(lps, dtype=torch.float32).reshape(len(observed), e, k))
 
     @torch.inference_mode()
     def sequence_logits(self, tokens: list[int], all_ids: torch.Tensor | None = None,

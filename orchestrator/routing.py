@@ -35,12 +35,12 @@ def route_gated(logits: torch.Tensor, ks: list[int], available: torch.Tensor) ->
     routes: list[Route | None] = [None] * b
     for k in sorted(set(ks)):
         rows = [i for i, ki in enumerate(ks) if ki == k]
-        wanted = logits[rows].topk(min(k, e), dim=-1).indices                 # [R, k] ignoring availability
+        wanted = logits[rows].topk(min(k, e), dim=-1).indices.tolist()        # [R, k] ignoring availability
         top, chosen = masked[rows].topk(min(k, n_available), dim=-1)         # [R, k']
-        weights = torch.softmax(top, dim=-1)
+        weights, chosen, h = torch.softmax(top, dim=-1).tolist(), chosen.tolist(), entropy[rows].tolist()
         for r, i in enumerate(rows):
-            degraded = set(wanted[r].tolist()) != set(chosen[r].tolist())
-            routes[i] = Route(tuple(chosen[r].tolist()), tuple(weights[r].tolist()), float(entropy[i]), degraded)
+            degraded = set(wanted[r]) != set(chosen[r])
+            routes[i] = Route(tuple(chosen[r]), tuple(weights[r]), h[r], degraded)
     return routes
 
 

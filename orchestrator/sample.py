@@ -39,27 +39,35 @@ def nucleus_mask(probs: torch.Tensor, top_p: torch.Tensor | float) -> torch.Tens
 def sample_rows(cand_ids: torch.Tensor, cand_logprobs: torch.Tensor, temperature: Sequence[float],
                 top_p: Sequence[float], rngs: Sequence[torch.Generator]) -> list[int]:
     """cand_ids [B, C] long, cand_logprobs [B, C] (-inf for excluded slots) -> one token id per row."""
-    b = cand_ids.shape[0]
-    temps = torch.tensor(temperature, dtype=torch.float64)                        # [B]
-    greedy = temps == 0
+    b, c = cand_ids.shape
+    greedy = [t == 0 for t in temperature]
     lp = cand_logprobs.double()
-    # Greedy: the best logprob; among equals, the smallest id.
-    best = lp.max(-1, keepdim=True).values                                        # [B, 1]
-    big = torch.iinfo(torch.long).max
-    greedy_ids = torch.where(lp == best, cand_ids, torch.full_like(cand_ids, big)).min(-1).values  # [B]
-    # Sampled: softmax(lp / T), nucleus, then inverse CDF with one uniform draw from each row's RNG.
-    probs = torch.softmax(lp / temps.clamp_min(1e-6)[:, None], dim=-1)             # [B, C]
-    probs = torch.where(nucleus_mask(probs, torch.tensor(top_p, dtype=torch.float64)), probs, 0.0)
-    cdf = probs.cumsum(-1)                                                        # [B, C]
-    out = []
-    for i in range(b):
-        if bool(greedy[i]):
-            out.append(int(greedy_ids[i]))
-            continue
-        u = torch.rand((), generator=rngs[i], dtype=torch.float64) * cdf[i, -1]
-        j = min(int(torch.searchsorted(cdf[i], u.reshape(1), right=True)), cdf.shape[1] - 1)
-        out.append(int(cand_ids[i, j]))
-    return out
+    out: list[int | None] = [None] * b
+    if any(greedy):
+        # Greedy: the best logprob; among equals, the smallest id.
+        best = lp.max(-1, keepdim=True).values                                    # [B, 1]
+        big = torch.iinfo(torch.long).max
+        greedy_ids = torch.where(lp == best, cand_ids, torch.full_like(cand_ids, big)).min(-1).values.tolist()
+        for i in range(b):
+            if greedy[i]:
+                out[i] = greedy_ids[i]
+    sampled = [i for i in range(b) if not greedy[i]]
+    if sampled:
+        # softmax(lp / T), nucleus (only where a row asks for it), then inverse CDF with one uniform draw from
+        # each row's own RNG; one batched search for all rows.
+        temps = torch.tensor(temperature, dtype=torch.float64)                    # [B]
+        probs = torch.softmax(lp / temps.clamp_min(1e-6)[:, None], dim=-1)        # [B, C]
+        if any(p < 1.0 for p in top_p):
+            probs = torch.where(nucleus_mask(probs, torch.tensor(top_p, dtype=torch.float64)), probs, 0.0)
+        cdf = probs.cumsum(-1)                                                    # [B, C]
+        u = torch.zeros(b, 1, dtype=torch.float64)
+        for i in sampled:
+            u[i, 0] = torch.rand((), generator=rngs[i], dtype=torch.float64)
+        picks = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(c - 1)[:, 0]   # [B]
+        ids = cand_ids.gather(1, picks[:, None])[:, 0].tolist()
+        for i in sampled:
+            out[i] = ids[i]
+    return out  # type: ignore[return-value]
 
 
 def sample_token(cand_ids: torch.Tensor, cand_logprobs: torch.Tensor, temperature: float, top_p: float,
