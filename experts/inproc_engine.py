@@ -331,7 +331,6 @@ def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
         q.put_nowait(item)
 
 
-
 class _Chunk:
     """What the scheduler's add_request reads from a resumable request's next input (StreamingUpdate)."""
 
