@@ -235,14 +235,12 @@ class InprocEngine:
                 self._raw.discard(o.request_id)
         if self._fed:
             for rid in [rid for rid in items if rid in self._fed]:
-                o = items[rid]
+                o = items.pop(rid)              # a fed session's outputs go to its call, not its generate() stream
                 if o.new_logprobs is not None:
-                    self._fed.pop(rid).answer(rid, items.pop(rid))
+                    self._fed.pop(rid).answer(rid, o)
                 elif o.finished:
                     self._fed.pop(rid).answer(rid, EngineDead(f"the engine ended session {rid!r} ({o.finish_reason})"))
-                    items.pop(rid)
-                else:                           # a partial prefill of a long chunk: its answer comes later
-                    items.pop(rid)
+                # else a partial prefill of a long chunk: its answer comes with a later step
         if cooked:
             processed = engine.output_processor.process_outputs(outputs.outputs, outputs.timestamp)
             if processed.reqs_to_abort:

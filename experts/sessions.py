@@ -56,14 +56,17 @@ class Session:
                 out = await anext(self._outputs)
             self.length += len(tokens)
             if self._raw:
-                return topk_of_arrays(out.new_logprobs.logprob_token_ids[-1], out.new_logprobs.logprobs[-1],
-                                      params.logprobs)
+                return raw_topk(out, params.logprobs)
             return topk_of(out.outputs[0].logprobs[-1], params.logprobs)
         finally:
-            self.busy = False
-            self.last_used = time.monotonic()
-            if self._close_requested:
-                await self.close()
+            await self._settle()
+
+    async def _settle(self) -> None:
+        """After a step: free again, and closed now if a close came in while it ran."""
+        self.busy = False
+        self.last_used = time.monotonic()
+        if self._close_requested:
+            await self.close()
 
     @property
     def batchable(self) -> bool:
@@ -120,20 +123,15 @@ class SessionTable:
             outs = await self._engine.feed_sessions([(session.request_id, tokens) for session, tokens in steps],
                                                     params)
         finally:
-            now = time.monotonic()
             for session, _ in steps:
-                session.busy, session.last_used = False, now
-            for session, _ in steps:
-                if session._close_requested:
-                    await session.close()
+                await session._settle()
         results: list[TopK | BaseException] = []
         for (session, tokens), out in zip(steps, outs):
             if isinstance(out, BaseException):
                 results.append(out)
                 continue
             session.length += len(tokens)
-            results.append(topk_of_arrays(out.new_logprobs.logprob_token_ids[-1], out.new_logprobs.logprobs[-1],
-                                          params.logprobs))
+            results.append(raw_topk(out, params.logprobs))
         return results
 
     async def close(self, session_ids: list[str]) -> None:
@@ -148,3 +146,8 @@ class SessionTable:
         if idle:
             log.warning("closing %d idle sessions", len(idle))
             await self.close(idle)
+
+
+def raw_topk(out: Any, k: int) -> TopK:
+    """The top-k of the last position of a raw engine output (InprocEngine's EngineCoreOutput)."""
+    return topk_of_arrays(out.new_logprobs.logprob_token_ids[-1], out.new_logprobs.logprobs[-1], k)

@@ -82,15 +82,14 @@ class VLLMExpert:
     async def advance(self, steps: list[SessionStep], top_k: int) -> list[StepOutput]:
         """Append 1..n tokens per session (n > 1 = catch-up after being skipped) and return the next top-k."""
         errors = self._validate_advance(steps, top_k)
-        together = [i for i, (step, err) in enumerate(zip(steps, errors))
-                    if err is None and self.sessions.get(step.session_id).batchable]
-        alone = set(range(len(steps))) - set(together)
-        # Taken now: a session closed before the engine call gets an "engine" error on its row, not a crash.
-        batch = [(steps[i], self.sessions.get(steps[i].session_id)) for i in together]
-        return await self._closing_on_cancel(steps, _merged(len(steps), together, asyncio.gather(
-            self._feed_together(batch, top_k) if together else _ready([]),
+        # Sessions taken now: one closed before the engine call gets an "engine" error on its row, not a crash.
+        sessions = [self.sessions.get(step.session_id) if err is None else None for step, err in zip(steps, errors)]
+        together = [i for i, session in enumerate(sessions) if session is not None and session.batchable]
+        alone = [i for i in range(len(steps)) if i not in set(together)]
+        return await self._closing_on_cancel(steps, _merged(together, alone, asyncio.gather(
+            self._feed_together([(steps[i], sessions[i]) for i in together], top_k) if together else _ready([]),
             *(self._feed(steps[i], top_k, opening=False) if errors[i] is None else _ready(_failed(steps[i], errors[i]))
-              for i in sorted(alone)))))
+              for i in alone))))
 
     async def close(self, session_ids: list[str]) -> None:
         await self.sessions.close(session_ids)
@@ -305,14 +304,12 @@ def _failed(step: SessionStep, error: tuple[str, ErrorKind]) -> StepOutput:
     return StepOutput(step.session_id, error=error[0], error_kind=error[1])
 
 
-async def _merged(n: int, together: list[int], work) -> list[StepOutput]:
-    """Put the results of [one batched call for the rows `together`, then one call per other row] back in
-    row order."""
+async def _merged(together: list[int], alone: list[int], work) -> list[StepOutput]:
+    """Put the results of [one batched call for the rows `together`, then one call per row of `alone`] back
+    in row order."""
     batched, *rest = await work
-    out: list[StepOutput | None] = [None] * n
-    for i, o in zip(together, batched):
-        out[i] = o
-    for i, o in zip(sorted(set(range(n)) - set(together)), rest):
+    out: list[StepOutput | None] = [None] * (len(together) + len(alone))
+    for i, o in zip(together + alone, [*batched, *rest]):
         out[i] = o
     return out  # type: ignore[return-value]
 
