@@ -93,6 +93,7 @@ class GenerateRequest:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     top_logprobs: int = 0
+    top_k: int = 0                   # 0: all tokens
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,8 @@ def generation_params(req: GenerateRequest) -> Any:
     """A native generation: vLLM samples. logprobs=N returns the top N plus the sampled token (N=0: only it)."""
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-    return SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+    return SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                          seed=req.seed,
                           stop_token_ids=list(req.stop_token_ids), ignore_eos=req.ignore_eos,
                           logprobs=req.top_logprobs, detokenize=False, output_kind=RequestOutputKind.DELTA)
 

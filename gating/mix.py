@@ -144,29 +144,3 @@ def gate_weights(gate_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
         raise ValueError(f"top_k must be in [1, {gate_logits.shape[-1]}], got {k}")
     top, experts = gate_logits.topk(k, dim=-1)
     return experts, torch.softmax(top, dim=-1)
-
-
-TAIL_SLOT = -1   # id of the extra sampling slot that stands for every token outside the candidates
-
-
-def with_tail_slot(mixed: Mixed, vocab_size: int, temperature: torch.Tensor | float = 1.0):
-    """Candidates plus one slot for all the tokens outside them, so that sampling draws from the same
-    distribution whose logprobs are reported (the tail is not truncated away).
-
-    -> ids [B, C+1] (the last is TAIL_SLOT), lps [B, C+1]. Sampling does softmax(lps / T); the slot's value is
-    T·log(n_tail) + tail_logprob, so after /T it carries the n_tail tail tokens' total weight exactly. When the
-    slot is drawn, `draw_outside` picks the token (every tail token is equally likely under the mix)."""
-    t = torch.as_tensor(temperature, dtype=mixed.tail_logprob.dtype).expand_as(mixed.tail_logprob)
-    n_tail = (vocab_size - mixed.first.sum(-1)).to(mixed.tail_logprob.dtype)                   # [B]
-    slot = torch.where(n_tail > 0, t.clamp_min(1e-6) * n_tail.clamp_min(1).log() + mixed.tail_logprob,
-                       torch.full_like(t, float("-inf")))
-    ids = torch.cat([mixed.cand_ids, torch.full_like(mixed.cand_ids[:, :1], TAIL_SLOT)], 1)
-    return ids, torch.cat([mixed.cand_logprobs, slot[:, None]], 1)
-
-
-def draw_outside(cand_ids: torch.Tensor, vocab_size: int, rng: torch.Generator) -> int:
-    """A token id drawn uniformly from those not among cand_ids [C] (one row's candidates)."""
-    taken = torch.zeros(vocab_size, dtype=torch.bool)
-    taken[cand_ids[cand_ids >= 0]] = True
-    free = (~taken).nonzero()[:, 0]
-    return int(free[torch.randint(len(free), (), generator=rng)])

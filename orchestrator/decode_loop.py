@@ -7,7 +7,7 @@ One round, in numbered phases, each one batched operation over all rows where it
              that no replica answers for is marked down, its rows keep the experts that did answer, and a row
              left with none is routed again among the rest (degraded routing)
   3) mix     per (experts answering, space) one batched mix of their top-k               (gating/mix.py)
-  4) sample  every row from its own request's RNG                                        (orchestrator/sample.py)
+  4) sample  every row from its own request's RNG, from the whole mix (tail included)    (orchestrator/sample.py)
   5) feed    append each token, emit TokenEvents, one batched gate step, retire finished rows
 
 New sequences take their first round (prefill: sessions opened with the whole prompt) as a separate batch
@@ -30,7 +30,7 @@ from gating.mix import logprob_of, mix
 from orchestrator.expert_health import ExpertHealth
 from orchestrator.profile import PhaseClock
 from orchestrator.routing import Route, renormalise, route_fixed, route_gated, route_uniform
-from orchestrator.sample import sample_rows, top_alternatives
+from orchestrator.sample import sample_mixed, top_alternatives
 from orchestrator.sequence import Sequence
 from orchestrator.types import AtCapacity, ExpertsUnavailable, GateDecision, TokenEvent
 
@@ -272,8 +272,8 @@ class DecodeLoop:
             mixed = mix(ids, lps, weights, self.vocab_size, space)
         with self.clock.phase("sample"):
             params = [seqs[i].params for i in rows]
-            chosen = sample_rows(mixed.cand_ids, mixed.cand_logprobs, [p.temperature for p in params],
-                                 [p.top_p for p in params], [seqs[i].rng for i in rows])
+            chosen = sample_mixed(mixed, self.vocab_size, [p.temperature for p in params], [p.top_p for p in params],
+                                  [seqs[i].rng for i in rows], [p.top_k for p in params])
             lp = logprob_of(mixed, torch.tensor(chosen, dtype=torch.long)).tolist()
             for r, i in enumerate(rows):
                 tokens[i] = (chosen[r], lp[r], top_alternatives(mixed, r, params[r].top_logprobs))

@@ -29,7 +29,8 @@ async def native_events(expert: Expert, name: str, req: GenerationRequest) -> As
         before = len(produced)
         remaining = p.max_tokens - len(produced)
         greq = GenerateRequest(f"{req.request_id}.{attempt}", tuple(req.prompt_ids) + tuple(produced), remaining,
-                               p.temperature, p.top_p, p.seed, p.stop_token_ids, p.ignore_eos, p.top_logprobs)
+                               p.temperature, p.top_p, p.seed, p.stop_token_ids, p.ignore_eos, p.top_logprobs,
+                               p.top_k)
         lost = None
         async for d in expert.generate(greq):
             if d.error is not None:

@@ -272,6 +272,7 @@ class GatewayCore:
         params = GenerationParams(
             max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k if req.top_k and 0 < req.top_k < self.engine.vocab_size else 0,     # 0: all tokens
             seed=None if req.seed is None else req.seed % 2**63, ignore_eos=req.ignore_eos,
             top_logprobs=top_logprobs)
         if req.experts_per_token is not None and req.model != ENSEMBLE:

@@ -13,6 +13,7 @@ class GenerationParams:
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0                 # sample among the top_k most likely tokens only (0: all)
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
@@ -22,6 +23,7 @@ class GenerationParams:
         assert self.max_tokens >= 0, "max_tokens must be >= 0"
         assert self.temperature >= 0.0, "temperature must be >= 0"
         assert 0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"
+        assert self.top_k >= 0, "top_k must be >= 0 (0: all tokens)"
         assert 0 <= self.top_logprobs <= 20, "top_logprobs must be in [0, 20]"
 
 

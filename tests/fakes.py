@@ -85,7 +85,8 @@ class DeterministicExpert:
             if request.temperature == 0:
                 token = int(lp.argmax())
             else:
-                token = int(torch.multinomial(torch.softmax(lp / request.temperature, 0), 1, generator=g))
+                kept = lp if not request.top_k else lp.masked_fill(lp < lp.topk(request.top_k).values[-1], float("-inf"))
+                token = int(torch.multinomial(torch.softmax(kept / request.temperature, 0), 1, generator=g))
             ctx.append(token)
             stop = token in request.stop_token_ids or (token == self.eos and not request.ignore_eos)
             finish = "stop" if stop else ("length" if n + 1 == request.max_tokens else None)

@@ -101,6 +101,42 @@ async def test_catch_up_is_exact_every_step_equals_the_mix_of_the_full_context(e
         assert sum(errors["bfloat16"]) / len(errors["bfloat16"]) < 0.15, errors["bfloat16"]
 
 
+async def test_sampled_tokens_leave_the_candidates_as_often_as_the_reported_mix_says(engine, expert_clients,
+                                                                                  tokenize) -> None:
+    """Sampled tokens and reported logprobs come from one distribution, the whole mix: at temperature 1 the
+    tokens outside every selected expert's top-k (the tail) are drawn as often as the mix gives them mass
+    (recomputed from teacher-forced scores of the finished text), not never."""
+    from gating.mix import mix
+    from orchestrator.sample import draw_weights, tail_of
+
+    names = list(expert_clients)
+    space = engine._space("ensemble", engine._gate)
+    expected, drawn, n, cooler = 0.0, 0, 0, 0.0
+    for r, text in enumerate(["def parse(path):\n", "The history of the", "Q: A train travels 60 km",
+                              '{"name": "', "import os\nimport sys\n\n", "In this chapter we"]):
+        prompt = tokenize(text)
+        events = await run(engine, request(f"tail-{r}", prompt, max_tokens=40, temperature=1.0, seed=r,
+                                           ignore_eos=True))
+        full = list(prompt) + [e.token_id for e in events]
+        scores = {name: (await expert_clients[name].score([full], K))[0] for name in names}
+        for ev in events:
+            pos = len(prompt) + ev.index - 1                      # row predicting this event's token
+            chosen = list(ev.routing.experts)
+            ids = torch.tensor([[scores[name].topk_ids[pos] for name in chosen]])
+            lps = torch.tensor([[scores[name].topk_logprobs[pos] for name in chosen]], dtype=torch.float32)
+            mixed = mix(ids, lps, torch.tensor([ev.routing.weights]), engine.vocab_size, space)
+            expected += 1.0 - float(torch.where(mixed.first, mixed.cand_logprobs.exp(), 0.0).sum())
+            drawn += ev.token_id not in set(ids.flatten().tolist())
+            n += 1
+            cooler += float(draw_weights(mixed.cand_logprobs, torch.tensor([0.8]), None,
+                                         tail_of(mixed, engine.vocab_size))[1][0])
+    print(f"temperature 1: {drawn} of {n} sampled tokens from the tail, the mix's tail mass {expected:.1f}; "
+          f"at temperature 0.8 the same steps' tail would weigh {cooler:.1f}")
+    assert expected > 10, "the demo experts' top-20 leave mass outside the candidates"
+    sd = (expected * (1 - expected / n)) ** 0.5
+    assert abs(drawn - expected) < 4 * sd + 3, (drawn, expected, n)      # bf16 scores: a little slack
+
+
 async def test_the_demo_gate_beats_every_single_expert_on_unseen_mixed_documents(expert_clients, demo_gate,
                                                                                 tokenize) -> None:
     from gating.evaluate import evaluate

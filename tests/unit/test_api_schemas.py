@@ -21,6 +21,8 @@ def error_of(schema, body: dict) -> api.OpenAIError:
     ({"model": "ensemble", "prompt": "x", "temperature": -0.5}, "temperature"),
     ({"model": "ensemble", "prompt": "x", "temperature": "hot"}, "temperature"),
     ({"model": "ensemble", "prompt": "x", "top_p": 0}, "top_p"),
+    ({"model": "ensemble", "prompt": "x", "top_k": -2}, "top_k"),
+    ({"model": "ensemble", "prompt": "x", "top_k": 2.5}, "top_k"),
     ({"model": "ensemble", "prompt": "x", "max_tokens": -1}, "max_tokens"),
     ({"model": "ensemble", "prompt": "x", "logprobs": 21}, "logprobs"),
     ({"model": "ensemble", "prompt": "x", "stop": [""]}, "stop"),

@@ -29,8 +29,9 @@ async def collect(engine, req):
     return [ev async for ev in engine.generate(req)]
 
 
-def req(rid="r", prompt=(0, 5, 6, 7), **params):
-    return GenerationRequest(rid, tuple(prompt), GenerationParams(**{"max_tokens": 12, "ignore_eos": True, **params}))
+def req(rid="r", prompt=(0, 5, 6, 7), model="ensemble", **params):
+    return GenerationRequest(rid, tuple(prompt), GenerationParams(**{"max_tokens": 12, "ignore_eos": True, **params}),
+                             model)
 
 
 async def started(**kw):
@@ -77,6 +78,44 @@ async def test_each_token_is_sampled_from_the_routed_mix_of_the_full_context(spa
         context.append(ev.token_id)
     switched = {ev.routing.experts for ev in events}
     assert len(switched) > 1, "test needs routing changes to exercise catch-up"
+
+
+async def test_sampled_tokens_come_from_the_reported_mix_tail_included():
+    """At temperature 1 a token outside every selected expert's top-k is drawn as often as the mix says (its
+    tail mass), and its reported logprob is the mix's: sampled tokens and logprobs share one distribution."""
+    engine, experts = await started()
+    expected_tail, drawn_tail, n = 0.0, 0, 0
+    for r in range(6):
+        prompt = [0, 20 + r, 30 + r]
+        events = await collect(engine, req(f"t{r}", prompt=prompt, temperature=1.0, seed=r, max_tokens=40))
+        context = list(prompt)
+        for ev in events:
+            idx = [NAMES.index(name) for name in ev.routing.experts]
+            tops = [topk_of(context_logprobs(experts[NAMES[i]].seed, context, V), 8) for i in idx]
+            mixed = mix(torch.tensor([[t.token_ids for t in tops]]), torch.tensor([[t.logprobs for t in tops]]),
+                        torch.tensor([ev.routing.weights]), V, "logits")
+            union = set(mixed.cand_ids[0].tolist())
+            expected_tail += 1.0 - float(torch.where(mixed.first, mixed.cand_logprobs.exp(), 0.0).sum())
+            drawn_tail += ev.token_id not in union
+            n += 1
+            assert ev.logprob == pytest.approx(float(logprob_of(mixed, torch.tensor([ev.token_id]))[0]), abs=1e-5)
+            context.append(ev.token_id)
+    sd = max(expected_tail * (1 - expected_tail / n), 1.0) ** 0.5
+    assert expected_tail > 5, "the experts' top-8 must leave mass outside the candidates for this test"
+    assert abs(drawn_tail - expected_tail) < 4 * sd, (drawn_tail, expected_tail, n)
+
+
+@pytest.mark.parametrize("model", ["ensemble", "code"])
+async def test_top_k_one_samples_the_best_token_like_greedy(model):
+    """top_k reaches the sampler of the mix and the single-expert fast path: top_k=1 at temperature 1 is greedy."""
+    engine, _ = await started()
+    greedy = [e.token_id for e in await collect(engine, req("g", temperature=0.0, model=model))]
+    for seed in range(3):
+        events = await collect(engine, req(f"k{seed}", temperature=1.0, top_k=1, seed=seed, model=model))
+        assert [e.token_id for e in events] == greedy
+    sampled = {tuple(e.token_id for e in await collect(engine, req(f"s{s}", temperature=1.0, seed=s, model=model)))
+               for s in range(3)}
+    assert sampled != {tuple(greedy)}                  # without top_k the same seeds do sample
 
 
 async def test_sessions_are_closed_after_the_request():

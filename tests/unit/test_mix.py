@@ -154,25 +154,3 @@ def test_gate_weights_follow_mixtral_rule():
         gate_weights(torch.zeros(1, 4), 5)
     _, w1 = gate_weights(torch.zeros(1, 4), 1)
     assert w1.tolist() == [[1.0]]
-
-
-def test_tail_slot_makes_sampling_match_the_reported_distribution():
-    from gating.mix import TAIL_SLOT, draw_outside, with_tail_slot
-
-    ids, lps = two_experts()
-    mixed = mix(ids, lps, torch.tensor([[0.5, 0.5]]), V, "probs")
-    slot_ids, slot_lps = with_tail_slot(mixed, V)
-    assert int(slot_ids[0, -1]) == TAIL_SLOT
-    assert float(torch.logsumexp(slot_lps[0], 0)) == pytest.approx(0.0, abs=1e-5)     # nothing truncated
-    rng = torch.Generator().manual_seed(0)
-    counts = torch.zeros(V)
-    probs = torch.softmax(slot_lps[0], 0)
-    for _ in range(4000):
-        j = int(torch.multinomial(probs, 1, generator=rng))
-        tok = int(slot_ids[0, j]) if j < slot_ids.shape[1] - 1 else draw_outside(mixed.cand_ids[0], V, rng)
-        counts[tok] += 1
-    assert float((counts / counts.sum() - full_distribution(mixed)).abs().max()) < 0.03
-    # temperature: the slot carries n_tail · exp(tail/T), as the tokens would one by one
-    _, cold = with_tail_slot(mixed, V, 0.5)
-    n_tail = V - int(mixed.first.sum())
-    assert float(cold[0, -1] / 0.5) == pytest.approx(math.log(n_tail) + float(mixed.tail_logprob[0]) / 0.5, rel=1e-5)

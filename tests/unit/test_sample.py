@@ -1,8 +1,9 @@
 """Pure-function tests of orchestrator.sample."""
 
+import pytest
 import torch
 
-from orchestrator.sample import make_rng, nucleus_mask, sample_token
+from orchestrator.sample import draw_weights, make_rng, nucleus_mask, sample_mixed, sample_token, tail_of
 
 IDS = torch.tensor([7, 3, 9, 5])
 LPS = torch.log(torch.tensor([0.1, 0.5, 0.3, 0.1]))
@@ -44,3 +45,106 @@ def test_excluded_candidates_are_never_sampled():
     lps = torch.tensor([float("-inf"), -0.1, float("-inf"), -3.0])
     rng = make_rng(0)
     assert {sample_token(IDS, lps, 2.0, 1.0, rng) for _ in range(300)} <= {3, 5}
+
+
+# The whole mix: candidates plus a tail of equally likely tokens (gating.mix), and what is reported.
+
+def _mixed(seed: int = 0, space: str = "probs"):
+    from gating.mix import mix
+
+    g = torch.Generator().manual_seed(seed)
+    lps = [torch.log_softmax(torch.randn(V_MIX, generator=g) * 1.5, 0).topk(K_MIX) for _ in range(2)]
+    ids = torch.stack([t.indices for t in lps])[None]
+    values = torch.stack([t.values for t in lps])[None]
+    return mix(ids, values, torch.tensor([[0.6, 0.4]]), V_MIX, space)
+
+
+V_MIX, K_MIX = 48, 6
+
+
+def _full(mixed) -> torch.Tensor:
+    """The mix as a dense [V] vector of logprobs."""
+    lp = torch.full((V_MIX,), float(mixed.tail_logprob[0]), dtype=torch.float64)
+    for c, v, first in zip(mixed.cand_ids[0], mixed.cand_logprobs[0], mixed.first[0]):
+        if first:
+            lp[c] = float(v)
+    return lp
+
+
+def _reference(full_lp: torch.Tensor, temperature: float, top_p: float, top_k: int = 0) -> torch.Tensor:
+    """What sampling the full vocabulary would do: softmax(lp / T), top-k, then the nucleus over all V tokens."""
+    p = torch.softmax(full_lp / temperature, 0)
+    if top_k:
+        order = torch.argsort(p, descending=True, stable=True)
+        p = torch.zeros_like(p).index_copy(0, order[:top_k], p[order[:top_k]])
+        p = p / p.sum()
+    if top_p < 1.0:
+        p = torch.where(nucleus_mask(p, top_p), p, 0.0)
+    return p / p.sum()
+
+
+@pytest.mark.parametrize(("temperature", "top_p", "top_k"), [
+    (1.0, 1.0, 0), (0.7, 1.0, 0), (1.3, 1.0, 0), (1.0, 0.5, 0), (1.0, 0.97, 0), (0.8, 0.99, 0),
+    (1.0, 1.0, 5), (1.0, 1.0, 15), (1.0, 1.0, 30), (0.9, 0.95, 20), (1.0, 0.5, 40)])
+def test_draw_weights_are_the_full_vocabulary_distribution(temperature, top_p, top_k):
+    """Candidates and tail weigh exactly what the same tokens weigh when sampling the whole vocabulary, for
+    any temperature, top-k and nucleus (reaching into the tail, they keep as much of it as they need)."""
+    mixed = _mixed()
+    assert 5 < int(mixed.first.sum()) < 15        # top_k 5 ends inside the candidates, 15 and more in the tail
+    cand, tail = draw_weights(mixed.cand_logprobs, torch.tensor([temperature]), torch.tensor([top_p]),
+                              tail_of(mixed, V_MIX), torch.tensor([top_k]))
+    ref = _reference(_full(mixed), temperature, top_p, top_k)
+    in_union = torch.zeros(V_MIX, dtype=torch.bool)
+    in_union[mixed.cand_ids[0]] = True
+    mine = torch.zeros(V_MIX, dtype=torch.float64)
+    mine.index_add_(0, mixed.cand_ids[0], cand[0])
+    total = cand.sum() + tail.sum()
+    assert torch.allclose(mine[in_union] / total, ref[in_union], atol=1e-7)   # the mix is float32
+    assert float(tail[0] / total) == pytest.approx(float(ref[~in_union].sum()), abs=1e-7)
+    if top_p == 1.0 and top_k == 0:
+        assert float(tail[0]) > 0.05            # this mix leaves real mass outside the candidates
+    if 0 < top_k <= int(mixed.first.sum()):
+        assert float(tail[0]) == 0.0 and int((cand[0] > 0).sum()) == top_k
+
+
+def test_sampling_the_mix_draws_tail_tokens_as_often_as_their_reported_mass():
+    """Sampled tokens and reported logprobs come from one distribution: over many draws each token's frequency
+    is exp(its reported logprob), tail tokens included (they are drawn outside the candidates, uniformly)."""
+    mixed = _mixed(1)
+    rng = make_rng(0)
+    n = 20000
+    counts = torch.zeros(V_MIX)
+    for _ in range(n // 100):
+        rows = [sample_mixed(mixed, V_MIX, [1.0], [1.0], [rng])[0] for _ in range(100)]
+        counts += torch.bincount(torch.tensor(rows), minlength=V_MIX)
+    expected = _full(mixed).exp()
+    in_union = torch.zeros(V_MIX, dtype=torch.bool)
+    in_union[mixed.cand_ids[0]] = True
+    assert float((counts / n - expected).abs().max()) < 0.012
+    tail_share = float(counts[~in_union].sum() / n)
+    assert tail_share == pytest.approx(float(expected[~in_union].sum()), abs=0.012)
+    assert int((counts[~in_union] > 0).sum()) == int((~in_union).sum())     # every tail token gets drawn
+
+
+def test_the_nucleus_and_greedy_never_leave_the_candidates_when_they_suffice():
+    mixed = _mixed(2)
+    rng = make_rng(3)
+    cand_mass = float(torch.where(mixed.first, mixed.cand_logprobs.exp(), 0.0).sum())
+    in_union = set(mixed.cand_ids[0].tolist())
+    assert {sample_mixed(mixed, V_MIX, [1.0], [cand_mass * 0.9], [rng])[0] for _ in range(500)} <= in_union
+    greedy = sample_mixed(mixed, V_MIX, [0.0], [1.0], [rng])[0]
+    assert greedy == int(mixed.cand_ids[0][mixed.cand_logprobs[0].argmax()])
+
+
+def test_a_top_k_within_the_candidates_samples_only_the_k_best():
+    mixed = _mixed(5)
+    best = set(mixed.cand_ids[0][mixed.cand_logprobs[0].topk(3).indices].tolist())
+    rng = make_rng(1)
+    assert {sample_mixed(mixed, V_MIX, [1.0], [1.0], [rng], [3])[0] for _ in range(300)} == best
+
+
+def test_seeded_draws_from_the_mix_repeat():
+    mixed = _mixed(4)
+    a = [sample_mixed(mixed, V_MIX, [1.0], [1.0], [r])[0] for r in [make_rng(9)] for _ in range(200)]
+    b = [sample_mixed(mixed, V_MIX, [1.0], [1.0], [r])[0] for r in [make_rng(9)] for _ in range(200)]
+    assert a == b
