@@ -66,10 +66,10 @@ def _step_through(gate: Gate, tokens: torch.Tensor, sig: Signals, select: Select
             observed = selected & (prompt <= j)[:, None]              # row j-1 produced token j
             step_sig = Signals(sig.logprob[:, j - 1], sig.listed[:, j - 1], sig.mass[:, j - 1])
             feats, memory = step_features(memory, observed, step_sig)
-        logits, hidden = gate(tokens[:, j:j + 1], hidden, feats[:, None])     # [B, 1, E]
+        logits, hidden = gate.step(tokens[:, j], hidden, feats)               # [B, E], [B, H]
         feats_out.append(feats)
-        logits_out.append(logits[:, 0])
-        selected = select(logits[:, 0])
+        logits_out.append(logits)
+        selected = select(logits)
     return torch.stack(feats_out, 1), torch.stack(logits_out, 1)
 
 

@@ -68,18 +68,18 @@ class GateRuntime:
         `observed[b]` is what the experts that produced row b's token said (expert index -> its top-k at
         that position): signals a gate may use for free, since those experts were called anyway. The GRU
         gate reads only token ids and ignores it."""
-        hidden = torch.cat([s.hidden for s in states], dim=1)           # [1, B, H]
-        x = torch.tensor(tokens, dtype=torch.long)[:, None]             # [B, 1]
+        hidden = torch.cat([s.hidden for s in states], dim=1)[0]        # [B, H]
+        x = torch.tensor(tokens, dtype=torch.long)                      # [B]
         if not self.gate.uses_observations:
-            logits, hidden = self.gate(x, hidden)                      # [B, 1, E], [1, B, H]
-            return [GateState(hidden[:, i:i + 1].clone(), logits[i, 0], s.fed + 1) for i, s in enumerate(states)]
+            logits, hidden = self.gate.step(x, hidden)                 # [B, E], [B, H]
+            return [GateState(hidden[None, i:i + 1].clone(), logits[i], s.fed + 1) for i, s in enumerate(states)]
         e = len(self.expert_names)
         memory = Memory.cat([s.memory or Memory.initial(1, e) for s in states])
         mask, ids, lps = self._observed_tensors(observed or [{} for _ in states], e)
-        sig = signals(ids, lps, x[:, 0], self.gate.args.vocab_size)
+        sig = signals(ids, lps, x, self.gate.args.vocab_size)
         feats, memory = step_features(memory, mask, sig)               # [B, E*F]
-        logits, hidden = self.gate(x, hidden, feats[:, None])           # [B, 1, E], [1, B, H]
-        return [GateState(hidden[:, i:i + 1].clone(), logits[i, 0], s.fed + 1, memory.rows(slice(i, i + 1)))
+        logits, hidden = self.gate.step(x, hidden, feats)              # [B, E], [B, H]
+        return [GateState(hidden[None, i:i + 1].clone(), logits[i], s.fed + 1, memory.rows(slice(i, i + 1)))
                 for i, s in enumerate(states)]
 
     @staticmethod

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from experts.protocol import TopK
@@ -107,3 +108,21 @@ def test_adaptive_echo_routes_like_the_adaptive_evaluation():
         rows = corpus.doc_rows(d)
         echo = rt.sequence_logits(corpus.sequences[d], corpus.ids[rows], corpus.lps[rows], threshold=0.7)
         assert torch.allclose(echo[:-1], offline[rows], atol=1e-5)
+
+
+@pytest.mark.parametrize("features", ["tokens", "observed"])
+def test_a_gate_step_is_bit_identical_to_the_sequence_forward(features):
+    """Gate.step (serving, and the rollout of training) must give exactly what forward gives for the same position."""
+    torch.manual_seed(0)
+    gate = Gate(GateArgs(V, E, 8, 16, features=features)).eval()
+    b, t = 5, 7
+    tokens = torch.randint(0, V, (b, t))
+    feats = torch.randn(b, t, gate.args.feature_dim) if features == "observed" else None
+    with torch.no_grad():
+        logits, _ = gate(tokens, None, feats)                                    # [B, T, E]
+        state = None
+        for j in range(t):
+            step_logits, state = gate.step(tokens[:, j], state, None if feats is None else feats[:, j])
+            assert torch.equal(step_logits, logits[:, j]), j
+        _, last = gate(tokens, None, feats)
+        assert torch.equal(state, last[0])
