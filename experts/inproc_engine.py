@@ -76,11 +76,14 @@ class InprocEngine:
             os.sched_setaffinity(threading.get_native_id(), cores & os.sched_getaffinity(0) or os.sched_getaffinity(0))
         if threads:
             torch.set_num_threads(threads)        # before the engine: vLLM's CPU worker disables it afterwards
+        from experts.thread_priority import idle_helper_threads
         from experts.vllm_engine import _environment
 
         # vLLM reads this while the engine is built: engine core and executor in this process.
         with _environment({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}):
-            return LLMEngine.from_engine_args(EngineArgs(**args))
+            engine = LLMEngine.from_engine_args(EngineArgs(**args))
+        idle_helper_threads()                 # gloo's polling threads (one process: nothing to send) never preempt
+        return engine
 
     # ---- AsyncLLM's interface -------------------------------------------------------------------------
 

@@ -36,6 +36,17 @@ async def test_the_engine_runs_in_this_process(expert) -> None:
     await expert.check_health()
 
 
+async def test_the_engines_gloo_polling_threads_run_only_on_idle_cores(expert) -> None:
+    """vLLM's gloo groups start polling threads even for one process; they must not preempt the engine thread."""
+    import os
+
+    from experts.thread_priority import scheduling_policies
+
+    policies = scheduling_policies()
+    assert policies, "no gloo_tcp_loop thread in this process: vLLM changed, revisit experts/thread_priority.py"
+    assert set(policies) == {os.SCHED_IDLE}, policies
+
+
 async def test_closed_sessions_and_ended_generations_leave_no_request_in_the_engine(expert) -> None:
     engine = expert.engine
     assert await engine.requests_held() == 0
