@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import openai
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -51,6 +52,22 @@ def test_chat_non_streaming_and_streaming(live_gateway) -> None:
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == r.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+
+
+@pytest.mark.parametrize("model", ["ensemble", "code"])
+def test_top_k_reaches_the_mix_and_vllms_own_sampler(live_gateway, model) -> None:
+    """top_k=1 at temperature 1 is greedy, through the mix's sampler (`ensemble`) and through vLLM's own
+    (one expert's native path); a top_k the API refuses is a 400 that names it."""
+    client = live_gateway.openai()
+    params = {"model": model, "prompt": PROMPT, "max_tokens": 10}
+    greedy = client.completions.create(temperature=0, extra_body={"ignore_eos": True}, **params).choices[0].text
+    for seed in (1, 2):
+        text = client.completions.create(temperature=1.0, seed=seed, extra_body={"ignore_eos": True, "top_k": 1},
+                                         **params).choices[0].text
+        assert text == greedy, (seed, text, greedy)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(extra_body={"top_k": -2}, **params)
+    assert bad.value.body["param"] == "top_k"
 
 
 @pytest.mark.parametrize("expert", ["code", "prose", "math", "json"])
