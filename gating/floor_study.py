@@ -3,8 +3,8 @@
 Scores a JSONL split with every expert's full next-token distribution (transformers on CPU, fp32: no engine),
 routes with a gate checkpoint exactly as served (top-k of its logits, Mixtral weights), and reports the
 perplexity of: the exact mix, the served mix (gating.mix over each expert's top-k with its floor) for several
-k, and the same with exact values for the candidate union. It also measures the sampling truncation: the
-mixed mass outside the candidate union, which the sampler never draws.
+k, and the same with exact values for the candidate union. It also measures the mass the mix puts
+outside the candidate union (the tail, which the sampler draws as one slot: orchestrator/sample.py).
 
     python -m gating.floor_study --demo artifacts/demo --data artifacts/demo/data/eval/independent.jsonl
     python -m gating.floor_study --dense --ks 20 --interps 0.75     # + the dense references (README "Quality")
