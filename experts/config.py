@@ -57,8 +57,9 @@ class ExpertConfig(BaseModel):
     # rest; on 2 cores every engine lands on core 0), "nobind", or core ids such as "1" or "0-3". In-process
     # engines are pinned to these cores with one thread each; separate ones get VLLM_CPU_OMP_THREADS_BIND.
     cpu_threads_bind: str = "auto"
-    # CPU, in-process engines only: compute threads of the engine. Unset: one per bound core (torch's default
-    # when unbound). With "nobind" and 1, the OS places each engine's single thread where a core is free.
+    # CPU: compute threads of the engine. Unset: one per bound core (torch's default when unbound). With
+    # "nobind" and 1, the OS places each engine's single thread where a core is free. Also OMP_NUM_THREADS, so
+    # a separate vLLM process (engine_process "separate", the bench's baseline server) gets as many.
     cpu_threads: int | None = Field(None, ge=1)
     # Where vLLM's engine runs. "separate": AsyncLLM, with vLLM's EngineCore (and on CPU its Worker) in their
     # own processes, the usual layout on GPUs. "inproc": vLLM's engine inside the replica's process, stepped
@@ -238,6 +239,8 @@ class ExpertConfig(BaseModel):
         if self.on_gpu:
             return {}
         env = {"VLLM_CPU_OMP_THREADS_BIND": self.cpu_threads_bind}
+        if self.cpu_threads:
+            env["OMP_NUM_THREADS"] = str(self.cpu_threads)
         if self.kv_cache_space_gib == int(self.kv_cache_space_gib):
             env["VLLM_CPU_KVCACHE_SPACE"] = str(int(self.kv_cache_space_gib))
         return env

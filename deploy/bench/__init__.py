@@ -52,6 +52,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="scheduling niceness of vLLM's server. Default: the niceness Ray gives its workers, which "
                         "is what our replicas run at (RAY_worker_niceness, 15 unless set), so the load generator "
                         "and Ray's own daemons compete with both sides alike (default: %(default)s)")
+    p.add_argument("--baseline-cpu-bind", default="0",
+                   help="CPU only: the cores vLLM's server computes on, one thread each ('expert': the expert's own "
+                        "cpu_threads_bind and cpu_threads). Default: one core, vLLM alone's fastest placement "
+                        "measured on the 2-core machine (unpinned it was slower), whatever placement ours uses "
+                        "(default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -143,14 +148,16 @@ def run(args) -> int:
         vllm_url, vllm_mem = None, None
         if "vllm" in names:
             _progress(f"starting vLLM's OpenAI server on expert {expert.name} ...")
-            base = stack.enter_context(vllm_server(expert, args.logs / "vllm.log", nice=args.baseline_nice))
+            base = stack.enter_context(vllm_server(expert, args.logs / "vllm.log", nice=args.baseline_nice,
+                                                   cpu_bind=None if args.baseline_cpu_bind == "expert"
+                                                   else args.baseline_cpu_bind))
             vllm_url, vllm_mem = base.base_url, stack.enter_context(PeakRSS(base.pid))
         rows, breakdown = asyncio.run(measure(targets(names, vllm_url, ours_url, expert.name), prompts, args, ours_url))
         for name, mem in (("ensemble", ours_mem), ("vllm", vllm_mem)):
             if mem is not None:
                 memory[name] = round(max(mem.peak, mem.sample()) / 2**30, 2)
     result = {"expert": expert.name, "max_tokens": args.max_tokens, "temperature": args.temperature,
-              "baseline_nice": args.baseline_nice,
+              "baseline_nice": args.baseline_nice, "baseline_cpu_bind": args.baseline_cpu_bind,
               "rows": rows, "ratios": report.ratios(rows), "phases_us_per_token": breakdown,
               "peak_rss_gib": memory, "seconds": round(time.time() - t0, 1)}
     if args.plot:

@@ -53,10 +53,14 @@ def vllm_command(expert: ExpertConfig, port: int) -> list[str]:
 
 @contextlib.contextmanager
 def vllm_server(expert: ExpertConfig, log: Path, startup_timeout_s: float = 600,
-                nice: int = 0) -> Iterator[RunningServer]:
-    """`nice`: the server's scheduling niceness (its engine processes inherit it)."""
+                nice: int = 0, cpu_bind: str | None = None) -> Iterator[RunningServer]:
+    """`nice`: the server's scheduling niceness (its engine processes inherit it). `cpu_bind` (CPU only): the
+    cores its engine computes on, one thread each, instead of the expert's own placement."""
     port = free_port()
     env = {**os.environ, **expert.env_vars(), "VLLM_LOGGING_LEVEL": "WARNING"}
+    if cpu_bind is not None and not expert.on_gpu:
+        env.pop("OMP_NUM_THREADS", None)                # vLLM gives a bound engine one thread per bound core
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind
     with _process_group(vllm_command(expert, port), env, log, nice=nice) as proc:
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url, proc, startup_timeout_s, log)

@@ -55,6 +55,9 @@ def test_fractional_kv_space_goes_through_the_engine_argument_only():
 
 def test_cpu_threads_bind_reaches_the_engine_environment():
     assert cfg(cpu_threads_bind="1").env_vars()["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    assert "OMP_NUM_THREADS" not in cfg(cpu_threads_bind="1").env_vars()
+    unpinned = cfg(cpu_threads_bind="nobind", cpu_threads=1).env_vars()      # a separate vLLM process: one thread
+    assert unpinned["VLLM_CPU_OMP_THREADS_BIND"] == "nobind" and unpinned["OMP_NUM_THREADS"] == "1"
     assert cfg(num_gpus=1).env_vars() == {}
 
 
