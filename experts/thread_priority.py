@@ -18,21 +18,31 @@ log = logging.getLogger(__name__)
 IDLE_THREAD_NAMES = ("gloo_tcp_loop",)
 
 
+def threads_named(names: tuple[str, ...]) -> list[int]:
+    """Thread ids of this process whose name (comm) is one of `names` ([] where /proc is missing)."""
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    out = []
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().strip() in names:
+                    out.append(int(tid))
+        except OSError:                    # the thread ended meanwhile
+            continue
+    return out
+
+
 def idle_helper_threads(names: tuple[str, ...] = IDLE_THREAD_NAMES) -> int:
     """Give this process's threads with one of these names SCHED_IDLE; -> how many (0 where unsupported)."""
     if not hasattr(os, "SCHED_IDLE"):
         return 0
     done = 0
-    try:
-        tids = os.listdir("/proc/self/task")
-    except OSError:
-        return 0
-    for tid in tids:
+    for tid in threads_named(names):
         try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                if f.read().strip() not in names:
-                    continue
-            os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
             done += 1
         except OSError as exc:             # the thread ended meanwhile, or the policy is refused: harmless
             log.debug("thread %s keeps its scheduling policy: %s", tid, exc)
@@ -42,11 +52,9 @@ def idle_helper_threads(names: tuple[str, ...] = IDLE_THREAD_NAMES) -> int:
 def scheduling_policies(names: tuple[str, ...] = IDLE_THREAD_NAMES) -> list[int]:
     """The scheduling policy of each of this process's threads with one of these names (for tests)."""
     out = []
-    for tid in os.listdir("/proc/self/task"):
+    for tid in threads_named(names):
         try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                if f.read().strip() in names:
-                    out.append(os.sched_getscheduler(int(tid)))
+            out.append(os.sched_getscheduler(tid))
         except OSError:
             continue
     return out

@@ -89,8 +89,7 @@ def generation_params(req: GenerateRequest) -> Any:
     from vllm.sampling_params import RequestOutputKind, SamplingParams
 
     return SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                          seed=req.seed,
-                          stop_token_ids=list(req.stop_token_ids), ignore_eos=req.ignore_eos,
+                          seed=req.seed, stop_token_ids=list(req.stop_token_ids), ignore_eos=req.ignore_eos,
                           logprobs=req.top_logprobs, detokenize=False, output_kind=RequestOutputKind.DELTA)
 
 

@@ -85,7 +85,8 @@ class VLLMExpert:
         # Sessions taken now: one closed before the engine call gets an "engine" error on its row, not a crash.
         sessions = [self.sessions.get(step.session_id) if err is None else None for step, err in zip(steps, errors)]
         together = [i for i, session in enumerate(sessions) if session is not None and session.batchable]
-        alone = [i for i in range(len(steps)) if i not in set(together)]
+        batched = set(together)
+        alone = [i for i in range(len(steps)) if i not in batched]
         return await self._closing_on_cancel(steps, _merged(together, alone, asyncio.gather(
             self._feed_together([(steps[i], sessions[i]) for i in together], top_k) if together else _ready([]),
             *(self._feed(steps[i], top_k, opening=False) if errors[i] is None else _ready(_failed(steps[i], errors[i]))

@@ -65,12 +65,16 @@ class Gate(nn.Module):
 
         logits[:, t] route the prediction of token t+1 (they have seen tokens 0..t).
         """
-        x = self.embed(tokens)                                         # [B, T, D]
+        h, state = self.rnn(self._inputs(tokens, features), state)    # [B, T, H]
+        return self.head(self.drop(h)), state
+
+    def _inputs(self, tokens: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """tokens [...] long, features [..., F] -> GRU inputs [..., D (+ F for observed gates)]."""
+        x = self.embed(tokens)
         if self.uses_observations:
             assert features is not None, "an observed-features gate needs its features (gating.rollout)"
-            x = torch.cat([x, features], -1)                          # [B, T, D + F]
-        h, state = self.rnn(x, state)                                 # [B, T, H]
-        return self.head(self.drop(h)), state
+            x = torch.cat([x, features], -1)
+        return x
 
     def step(self, tokens: torch.Tensor, state: torch.Tensor | None = None,
              features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,10 +82,7 @@ class Gate(nn.Module):
         (expert logits [B, E], new state [B, H]). The same numbers as `forward` over one position (the same
         GRU cell, measured bit-identical), without nn.GRU's per-call overhead (63 against 145 µs at B = 16):
         serving and the step-by-step rollout of training call it once per token."""
-        x = self.embed(tokens)                                         # [B, D]
-        if self.uses_observations:
-            assert features is not None, "an observed-features gate needs its features (gating.rollout)"
-            x = torch.cat([x, features], -1)                          # [B, D + F]
+        x = self._inputs(tokens, features)                             # [B, D + F]
         if state is None:
             state = x.new_zeros(x.shape[0], self.args.hidden_dim)
         rnn = self.rnn

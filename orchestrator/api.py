@@ -182,9 +182,10 @@ class _SamplingRequest(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(
-        None, ge=-1, le=2**31 - 1, description="vLLM's extension: sample among the top_k most likely tokens only (-1, 0 or "
-                                 "absent: all). Model `ensemble`: a top_k within the candidates (each selected "
-                                 "expert's top 20) leaves out the mix's tail")
+        None, ge=-1, le=2**31 - 1,
+        description="vLLM's extension: sample among the top_k most likely tokens only (-1, 0 or absent: all). "
+                    "Model `ensemble`: a top_k within the candidates (each selected expert's top 20) leaves out "
+                    "the mix's tail")
     n: int | None = Field(None, json_schema_extra={"minimum": 1, "maximum": 1})
     stream: bool = False
     stream_options: StreamOptions | None = None

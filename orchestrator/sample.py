@@ -5,9 +5,9 @@ tail, every other token at one equal logprob (gating.mix). Sampling draws from t
 one whose logprobs are reported: the tail is one more slot weighing as much as all its tokens together, and a
 draw that lands there picks one of them uniformly. Nothing is truncated away unless the request asks for it:
 temperature, top_k and top_p act on the whole distribution, as they would on the full vocabulary (a top_k
-within the candidates leaves the tail out). temperature == 0 is
-greedy; ties break toward the smaller token id. A batch of rows is sampled at once; each row draws from its
-own request's generator, so a seed gives the same text whatever else is running.
+within the candidates leaves the tail out). temperature == 0 is greedy; ties break toward the smaller token
+id. A batch of rows is sampled at once; each row draws from its own request's generator, so a seed gives the
+same text whatever else is running.
 
 Shape legend: B = rows (sequences), C = candidate slots, V = vocabulary.
 """
@@ -119,9 +119,8 @@ def sample_rows(cand_ids: torch.Tensor, cand_logprobs: torch.Tensor, temperature
         u = torch.zeros(b, 1, dtype=torch.float64)
         for i in sampled:
             u[i, 0] = torch.rand((), generator=rngs[i], dtype=torch.float64)
-        picks = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(c)[:, 0]   # [B], c = the tail
-        if tail is None:
-            picks = picks.clamp_max(c - 1)
+        last = c if tail is not None else c - 1                                   # slot c: the tail
+        picks = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(last)[:, 0]   # [B]
         ids = cand_ids.gather(1, picks.clamp_max(c - 1)[:, None])[:, 0].tolist()
         in_tail = (picks == c).tolist()
         for i in sampled:
