@@ -1,8 +1,11 @@
 """The Expert protocol over every replica of one expert deployment, from outside it (a Serve handle).
 
-Sessions are pinned: an `open` goes wherever Serve's router sends it (by load), and every later step of that
-session carries `replica=`, which experts/replica_router.py routes to the replica holding its KV cache. A
-batch of advances is split by replica: one call per replica, all at once. Native generations are
+Sessions are pinned: every step after a session's `open` carries `replica=`, which experts/replica_router.py
+routes to the replica holding its KV cache (or goes over that replica's data plane). An `open` goes to the
+replica this client holds the fewest sessions on among those it has a live data-plane connection to, over
+that connection, except one open every `rediscover_s` (and any open while it knows no replica): that one goes
+wherever Serve's router sends it, by load, which is how replicas added later come into use. A batch of
+advances is split by replica: one call per replica, all at once. Native generations are
 multiplexed: per replica one `poll` in flight carries the new tokens of every stream this client runs there.
 
 Failures are per item, never exceptions: a call that times out or reaches a dead replica fails its steps
@@ -39,6 +42,7 @@ from experts.replica_router import PIN
 
 log = logging.getLogger(__name__)
 NO_DIRECT_S = 60.0      # after a failed direct connection, a replica's calls go through Serve this long
+REDISCOVER_S = 5.0      # at least this often, new sessions are placed by Serve's router (it sees every replica)
 
 
 class ServeExpertClient:
@@ -66,6 +70,8 @@ class ServeExpertClient:
         self._conns: dict[str, DataPlaneConnection] = {}                  # replica -> direct connection
         self._connecting: dict[str, asyncio.Lock] = {}
         self._no_direct: dict[str, float] = {}                            # replica -> loop time to retry direct
+        self.rediscover_s = REDISCOVER_S
+        self._routed_open_at = float("-inf")                              # loop time of the last Serve-placed open
 
     def __repr__(self) -> str:
         return f"ServeExpertClient({self.name!r})"
@@ -90,8 +96,9 @@ class ServeExpertClient:
         if limit is None:
             return await answer
         try:
-            return await asyncio.wait_for(answer, limit)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(limit):     # no task of its own (wait_for's): the call is written now
+                return await answer
+        except TimeoutError:
             if cancel is not None:
                 cancel()
             raise TimeoutError(f"expert {self.name}: {method} took longer than {limit:.1f} s") from None
@@ -130,23 +137,37 @@ class ServeExpertClient:
         return await self._call("info", bounded=False)
 
     async def open(self, steps: list[SessionStep], top_k: int) -> list[StepOutput]:
-        """New sessions: Serve picks the replica (by load); the reply pins them there."""
+        """New sessions, on the replica `_placement` picks; the reply pins them there."""
         if not steps:
             return []
-        outputs = await self._step_call("open", steps, top_k, replica=None)
+        outputs = await self._step_call("open", steps, top_k, replica=self._placement())
         for out in outputs:
             if out.error is None:
                 self._pins[out.session_id] = out.replica
         return outputs
+
+    def _placement(self) -> str | None:
+        """Where new sessions go: the replica with the fewest of this client's sessions among those reachable
+        over a live data-plane connection (a Serve-routed call costs several ms more, each time), or None
+        (Serve's router picks by load) when none is, or when the last Serve-placed open is `rediscover_s` old.
+        A replica that lost its connection or left sessions abandoned after a timeout is not picked."""
+        now = asyncio.get_running_loop().time()
+        live = [r for r, conn in self._conns.items()
+                if not conn.lost and r not in self.abandoned and self._no_direct.get(r, 0.0) <= now]
+        if not live or now - self._routed_open_at >= self.rediscover_s:
+            self._routed_open_at = now
+            return None
+        held = self.pinned_replicas()
+        return min(live, key=lambda r: held.get(r, 0))
 
     async def advance(self, steps: list[SessionStep], top_k: int) -> list[StepOutput]:
         """One pinned call per replica, concurrently; outputs in the order of `steps`."""
         groups: dict[str | None, list[int]] = {}
         for i, step in enumerate(steps):
             groups.setdefault(self._pins.get(step.session_id), []).append(i)
-        results = await asyncio.gather(*(
-            self._step_call("advance", [steps[i] for i in idx], top_k, replica=replica)
-            for replica, idx in groups.items()))
+        calls = [self._step_call("advance", [steps[i] for i in idx], top_k, replica=replica)
+                 for replica, idx in groups.items()]
+        results = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)   # one: inline
         outputs: list[StepOutput | None] = [None] * len(steps)
         for idx, outs in zip(groups.values(), results):
             for i, out in zip(idx, outs):

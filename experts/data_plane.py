@@ -4,7 +4,8 @@ Why: on the 2-core dev machine a Ray Serve handle call costs ≈ 4 ms round trip
 nothing (`scripts/measure_call_overhead.py`: 4.7 ms), about a whole session step of the engine, while the same
 call over a plain asyncio socket costs ≈ 0.2 ms. Serve stays the control plane: it places replicas, routes
 new sessions and generations by load, checks health and hands out each replica's endpoint. The per-token
-calls pinned to a known replica (`advance`, `poll`, `close`) then go straight to it over this channel.
+calls pinned to a known replica (`advance`, `poll`, `close`, and `open` when the caller picks the replica,
+experts/client.py) then go straight to it over this channel.
 
 Wire format: frames of a 4-byte little-endian length and a msgpack body (msgspec, typed on both ends; no
 pickle, so a stranger reaching the port cannot run code). A connection starts with one frame holding the
@@ -39,6 +40,7 @@ MAX_FRAME = 64 << 20
 
 # method -> (type of its positional args, type of its result), for both ends.
 METHODS: dict[str, tuple[Any, Any]] = {
+    "open": (tuple[list[SessionStep], int], StepReply),
     "advance": (tuple[list[SessionStep], int], StepReply),
     "poll": (tuple[str, list[str], float], PollReply),
     "close": (tuple[list[str]], None),

@@ -78,8 +78,8 @@ class ExpertServer:
         if self._data_plane is None:
             import ray
 
-            self._data_plane = DataPlaneServer({"advance": self.advance, "poll": self.poll, "close": self.close},
-                                               ray.util.get_node_ip_address())
+            self._data_plane = DataPlaneServer({"open": self.open, "advance": self.advance, "poll": self.poll,
+                                                "close": self.close}, ray.util.get_node_ip_address())
         return await self._data_plane.start()
 
     async def cut_data_plane(self, replica: str | None = None) -> int:

@@ -3,7 +3,9 @@
 `ensemble bench` reads `ensemble_phase_seconds_total{phase=...}` around a run and divides by the tokens
 generated, so the next optimisation is chosen from numbers. Phases of one decode round (orchestrator/
 decode_loop.py): round (all of it), gate, expert (waiting for the experts), rpc (that wait minus the
-replicas' own time), mix, sample, emit. Per stream (orchestrator/service.py): detokenize, sse, log.
+replicas' own time), mix, sample, emit; an admission round (new sequences' prefill, beside the main rounds)
+counts the same phases as admit_<phase> and its total as admit. Per stream (orchestrator/service.py):
+detokenize, sse, log.
 """
 
 from __future__ import annotations

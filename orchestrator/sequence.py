@@ -1,6 +1,8 @@
 """One lockstep request's decoding state, owned by the decode loop: its tokens, gate state, expert sessions.
 
-The request's own coroutine (EnsembleEngine.generate) reads TokenEvents from `events`; the loop writes them.
+The request's own coroutine (EnsembleEngine.generate) reads TokenEvents from `events`; the loop writes them:
+`emit` records a token at once and holds its event until the loop's `deliver` (the loop delivers a round's
+events once the next round's expert calls are on their way, so that the readers' work overlaps the experts').
 Either side may end it: the loop when it finishes or fails, the reader when its client goes away (`cancel`).
 """
 
@@ -32,6 +34,7 @@ class Sequence:
     produced: int = 0
     done: bool = False                     # finished, failed or cancelled: the loop retires it
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    held: list[TokenEvent] = field(default_factory=list)       # emitted, not yet delivered to the reader
     _ids: itertools.count = field(default_factory=itertools.count)
 
     def session_of(self, expert: int) -> str:
@@ -46,14 +49,21 @@ class Sequence:
         return self.sessions.pop(expert, None)
 
     def emit(self, event: TokenEvent) -> None:
+        """Record the token now; its event reaches the reader at the next `deliver`."""
         self.produced += 1
-        self.events.put_nowait(event)
+        self.held.append(event)
         if event.finish_reason is not None:
             self.done = True
+
+    def deliver(self) -> None:
+        for event in self.held:
+            self.events.put_nowait(event)
+        self.held.clear()
 
     def fail(self, error: Exception) -> None:
         if not self.done:
             self.done = True
+            self.deliver()                      # the tokens made before the failure come first
             self.events.put_nowait(error)
 
     def cancel(self) -> None:

@@ -202,12 +202,24 @@ def test_cutting_a_replicas_data_plane_sockets_fails_no_stream_and_leaks_nothing
     native = [{"model": "code", "prompt": p, "max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0.8}
               for p in PROMPTS[:2]]
     cuts: list[int] = []
-    runs = run_streams(gw.base_url, bodies(4) + native,
-                       fault=lambda: cuts.append(handle.cut_data_plane.remote(replica=victim.replica_id).result()))
+
+    def cut_until_a_step_is_caught() -> None:
+        """A cut that lands between two rounds finds no step on the wire (the gateway just reconnects): cut
+        again, each time the real fault, until one has caught a step (it is re-opened within a round)."""
+        for _ in range(10):
+            cuts.append(handle.cut_data_plane.remote(replica=victim.replica_id).result())
+            try:
+                wait_for("a step re-opened after the cut", timeout_s=0.5, poll_s=0.05,
+                         predicate=lambda: metric(gw, "ensemble_session_migrations_total") > migrations_before)
+                return
+            except AssertionError:
+                continue
+
+    runs = run_streams(gw.base_url, bodies(4) + native, fault=cut_until_a_step_is_caught)
 
     assert cuts[0] >= 1, "the gateway had no direct connection to cut"
     assert_no_stream_failed(runs)
-    assert metric(gw, "ensemble_session_migrations_total") > migrations_before, "no step was in flight?"
+    assert metric(gw, "ensemble_session_migrations_total") > migrations_before, f"no step in flight in {len(cuts)} cuts"
     after = replica_stats(gw.app_name, ["code"])["code"][victim.replica_id]
     assert after.data_plane_calls > before.data_plane_calls, "per-token calls did not use the data plane"
     assert after.data_plane_connections > before.data_plane_connections, "the gateway never reconnected"

@@ -19,6 +19,7 @@ class Replica:
         self.release = asyncio.Event()
         self.closed: list[str] = []
         self.polls_cancelled = 0
+        self.opened: list[str] = []
 
     async def advance(self, steps: list[SessionStep], top_k: int) -> StepReply:
         if steps and steps[0].session_id == "boom":
@@ -26,6 +27,10 @@ class Replica:
         outs = tuple(StepOutput(s.session_id, TopK((5, 6)[:top_k], (-0.5, -1.5)[:top_k]), length=len(s.token_ids),
                                 replica="r1") for s in steps)
         return StepReply("r1", outs, 0.001)
+
+    async def open(self, steps: list[SessionStep], top_k: int) -> StepReply:
+        self.opened += [s.session_id for s in steps]
+        return await self.advance(steps, top_k)
 
     async def poll(self, caller: str, aborts: list[str], wait_s: float) -> PollReply:
         try:
@@ -43,7 +48,8 @@ class Replica:
 @pytest.fixture
 async def served():
     replica = Replica()
-    server = DataPlaneServer({"advance": replica.advance, "poll": replica.poll, "close": replica.close}, "127.0.0.1")
+    server = DataPlaneServer({"open": replica.open, "advance": replica.advance, "poll": replica.poll,
+                              "close": replica.close}, "127.0.0.1")
     endpoint = await server.start()
     yield replica, server, endpoint
     await server.close()
@@ -140,6 +146,32 @@ async def test_client_sends_pinned_steps_over_the_data_plane_and_reconnects_afte
     [out] = await client.advance([SessionStep("s1", (4,))], 2)
     assert out.error is None                                 # reconnected through a fresh endpoint
     assert handle.through_serve == ["open", "endpoint", "endpoint"] and server.connections_accepted == 2
+    await client.aclose()
+
+
+async def test_client_opens_sessions_over_the_data_plane_once_it_knows_a_replica(served) -> None:
+    """New sessions go to a replica this client reaches directly; one open every rediscover_s, any open while
+    it knows none, and any after its replica's connection was lost, is placed by Serve's router instead."""
+    replica, server, endpoint = served
+    handle = DirectReplica(endpoint, replica)
+    client = ServeExpertClient(handle, "code", call_timeout_s=5)
+    client.rediscover_s = 3600.0
+    await client.open([SessionStep("s1", (1, 2))], 2)                   # knows no replica yet: Serve places it
+    await client.advance([SessionStep("s1", (3,))], 2)                  # connects
+    assert handle.through_serve == ["open", "endpoint"]
+    for i in range(2, 5):
+        [out] = await client.open([SessionStep(f"s{i}", (1, 2))], 2)
+        assert out.error is None and out.replica == "r1"
+    assert handle.through_serve == ["open", "endpoint"] and replica.opened == ["s2", "s3", "s4"]
+    assert client.pinned_replicas() == {"r1": 4}
+    client.rediscover_s = 0.0                                           # time to let Serve place one again
+    await client.open([SessionStep("s5", (1, 2))], 2)
+    assert handle.through_serve == ["open", "endpoint", "open"]
+    client.rediscover_s = 3600.0
+    server.cut()
+    await asyncio.wait_for(client._conns["r1"]._task, 5)
+    await client.open([SessionStep("s6", (1, 2))], 2)                   # its connection is lost: Serve again
+    assert handle.through_serve == ["open", "endpoint", "open", "open"] and "s6" not in replica.opened
     await client.aclose()
 
 

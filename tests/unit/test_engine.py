@@ -140,6 +140,56 @@ async def test_concurrent_streams_share_round_trips():
     assert calls < steps / 4, f"{calls} round trips for {steps} steps: steps are not being batched"
 
 
+async def test_an_admission_rounds_wait_is_kept_apart_from_the_running_rounds_phases(monkeypatch):
+    """A new request's prefill runs beside the main rounds; its expert wait must not count as per-token time.
+    A fake clock: a prefill of the prompt takes 100 s of it, every other call none. One request at a time, so
+    that no main round is running while the clock jumps."""
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += 1e-6
+        return now[0]
+
+    monkeypatch.setattr("orchestrator.decode_loop.time.perf_counter", clock)
+    monkeypatch.setattr("orchestrator.profile.time.perf_counter", clock)
+    engine, experts = await started()
+    for e in experts.values():
+        opening = e.open
+
+        async def slow_open(steps, top_k, _open=opening):
+            if any(len(s.token_ids) == 2 for s in steps):          # the prompt alone: admission
+                now[0] += 100.0
+            return await _open(steps, top_k)
+
+        e.open = slow_open
+    for i in range(3):
+        assert len(await collect(engine, req(f"a{i}", prompt=(0, i + 2), max_tokens=6))) == 6
+    seconds = engine.clock.seconds
+    assert seconds["admit_expert"] >= 100.0 and seconds["admit"] >= 100.0
+    assert seconds["expert"] < 1.0 and seconds["rpc"] < 1.0 and seconds["round"] < 1.0, seconds
+
+
+async def test_the_experts_are_asked_for_the_next_token_before_the_reader_handles_the_last_one():
+    """The readers' work (detokenise, SSE) must overlap the experts' step, not delay the call that starts it:
+    each round's expert calls are written before the reader of the previous round's token runs."""
+    engine, experts = await started()
+    prompt = (0, 5, 6, 7)
+    seen: list = []
+    asked: list[tuple[int, int]] = []          # (tokens generated that this advance carries, events read by then)
+    for e in experts.values():
+        async def advance(steps, top_k, _advance=e.advance, _e=e):
+            for st in steps:
+                asked.append((len(_e.sessions[st.session_id]) + len(st.token_ids) - len(prompt), len(seen)))
+            return await _advance(steps, top_k)
+
+        e.advance = advance
+    async for ev in engine.generate(req(prompt=prompt, max_tokens=10)):
+        seen.append(ev)
+    later = [(made, read) for made, read in asked if made >= 2]   # the first token is delivered at admission
+    assert len(seen) == 10 and len(later) >= 8
+    assert all(read == made - 1 for made, read in later), later
+
+
 async def test_single_expert_model_uses_only_that_expert():
     engine, experts = await started()
     events = await collect(engine, GenerationRequest("m", (0, 4), GenerationParams(max_tokens=5), model="math"))
