@@ -15,7 +15,8 @@ from tests.serve_fakes import FakeHandle
 
 
 class Replica:
-    def __init__(self) -> None:
+    def __init__(self, name: str = "r1") -> None:
+        self.name = name
         self.release = asyncio.Event()
         self.closed: list[str] = []
         self.polls_cancelled = 0
@@ -25,8 +26,8 @@ class Replica:
         if steps and steps[0].session_id == "boom":
             raise ValueError("bad step")
         outs = tuple(StepOutput(s.session_id, TopK((5, 6)[:top_k], (-0.5, -1.5)[:top_k]), length=len(s.token_ids),
-                                replica="r1") for s in steps)
-        return StepReply("r1", outs, 0.001)
+                                replica=self.name) for s in steps)
+        return StepReply(self.name, outs, 0.001)
 
     async def open(self, steps: list[SessionStep], top_k: int) -> StepReply:
         self.opened += [s.session_id for s in steps]
@@ -173,6 +174,53 @@ async def test_client_opens_sessions_over_the_data_plane_once_it_knows_a_replica
     await client.open([SessionStep("s6", (1, 2))], 2)                   # its connection is lost: Serve again
     assert handle.through_serve == ["open", "endpoint", "open", "open"] and "s6" not in replica.opened
     await client.aclose()
+
+
+class TwoReplicas(FakeHandle):
+    """A fake Serve handle over two replicas with real data planes; its router places opens in turn."""
+
+    def __init__(self, served: dict[str, tuple[Replica, Endpoint]]) -> None:
+        self.served = served
+        self.turn = 0
+        self.routed_opens = 0
+
+    async def _endpoint(self, replica=None):
+        return self.served[replica][1]
+
+    async def _open(self, steps, top_k, replica=None):
+        self.routed_opens += 1
+        name = sorted(self.served)[self.turn % 2]
+        self.turn += 1
+        return await self.served[name][0].advance(steps, top_k)
+
+
+async def test_client_places_new_sessions_on_the_known_replica_holding_fewest() -> None:
+    replicas = {name: Replica(name) for name in ("ra", "rb")}
+    servers = {name: DataPlaneServer({"open": r.open, "advance": r.advance, "poll": r.poll, "close": r.close},
+                                     "127.0.0.1") for name, r in replicas.items()}
+    handle = TwoReplicas({name: (replicas[name], await servers[name].start()) for name in replicas})
+    client = ServeExpertClient(handle, "code", call_timeout_s=5)
+    client.rediscover_s = 0.0
+    for sid in ("a", "b"):                                   # Serve places one on each; the advances connect
+        [opened] = await client.open([SessionStep(sid, (1, 2))], 2)
+        assert opened.error is None
+        await client.advance([SessionStep(sid, (3,))], 2)
+    assert client.pinned_replicas() == {"ra": 1, "rb": 1} and handle.routed_opens == 2
+    client.rediscover_s = 3600.0
+    await client.open([SessionStep("c", (1, 2)), SessionStep("d", (1, 2))], 2)       # one call: one replica
+    for sid in ("e", "f", "g", "h"):
+        await client.open([SessionStep(sid, (1, 2))], 2)
+    assert handle.routed_opens == 2                          # all six over the data planes
+    assert client.pinned_replicas() == {"ra": 4, "rb": 4}, client.pinned_replicas()
+    assert sorted(replicas["ra"].opened + replicas["rb"].opened) == ["c", "d", "e", "f", "g", "h"]
+    await client.close(["c", "d", "e"])                      # c and d were opened together, e elsewhere
+    held = client.pinned_replicas()
+    assert sorted(held.values()) == [2, 3]
+    await client.open([SessionStep("i", (1, 2))], 2)
+    assert replicas[min(held, key=held.get)].opened[-1] == "i"
+    await client.aclose()
+    for server in servers.values():
+        await server.close()
 
 
 async def test_client_uses_serve_when_the_replica_has_no_data_plane() -> None:
