@@ -24,6 +24,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from experts import running_replicas
 from experts.data_plane import METHODS as DATA_PLANE_METHODS
 from experts.data_plane import DataPlaneConnection, DataPlaneLost, Endpoint
 from experts.protocol import (
@@ -52,6 +53,8 @@ class ServeExpertClient:
                  poll_wait_s: float = 1.0, stall_s: float = 120.0) -> None:
         self._handle = handle
         self.name = name
+        deployment = getattr(handle, "deployment_id", None)
+        self._deployment = (deployment.app_name, deployment.name) if deployment is not None else None
         self.call_timeout_s = call_timeout_s          # None: wait as long as the replica takes
         self.poll_wait_s = poll_wait_s
         # A native generation that receives nothing at all for this long is treated as lost (the caller then
@@ -150,10 +153,13 @@ class ServeExpertClient:
         """Where new sessions go: the replica with the fewest of this client's sessions among those reachable
         over a live data-plane connection (a Serve-routed call costs several ms more, each time), or None
         (Serve's router picks by load) when none is, or when the last Serve-placed open is `rediscover_s` old.
-        A replica that lost its connection or left sessions abandoned after a timeout is not picked."""
+        A replica that lost its connection, left sessions abandoned after a timeout, or that Serve no longer
+        routes to (it is being stopped) is not picked."""
         now = asyncio.get_running_loop().time()
+        running = running_replicas.running(*self._deployment) if self._deployment is not None else None
         live = [r for r, conn in self._conns.items()
-                if not conn.lost and r not in self.abandoned and self._no_direct.get(r, 0.0) <= now]
+                if not conn.lost and r not in self.abandoned and self._no_direct.get(r, 0.0) <= now
+                and (running is None or r in running)]
         if not live or now - self._routed_open_at >= self.rediscover_s:
             self._routed_open_at = now
             return None
@@ -229,6 +235,12 @@ class ServeExpertClient:
 
     async def num_open_sessions(self) -> int:
         return await self._call("num_open_sessions")
+
+    def routable_replicas(self) -> int | None:
+        """Replicas Serve routes this expert's calls to now, as this process's router last heard (None: not
+        heard yet). New sessions are placed only on those (for /metrics)."""
+        running = running_replicas.running(*self._deployment) if self._deployment is not None else None
+        return None if running is None else len(running)
 
     def pinned_replicas(self) -> dict[str, int]:
         """Open sessions of this client per replica (for /metrics)."""

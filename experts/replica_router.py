@@ -14,6 +14,8 @@ from __future__ import annotations
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import PendingRequest, RunningReplica
 
+from experts import running_replicas
+
 PIN = "replica"      # the keyword argument that pins a call
 
 
@@ -22,6 +24,12 @@ class ReplicaGone(RuntimeError):
 
 
 class SessionAffinityRouter(PowerOfTwoChoicesRequestRouter):
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        """Serve's replica set changed: also tell this process's expert clients (new-session placement)."""
+        super().update_replicas(replicas)
+        running_replicas.publish(self._deployment_id.app_name, self._deployment_id.name,
+                                 frozenset(r.replica_id.unique_id for r in replicas))
+
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         pinned = pending_request.kwargs.get(PIN) if pending_request is not None else None

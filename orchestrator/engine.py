@@ -119,6 +119,12 @@ class EnsembleEngine:
         return {name: e.pinned_replicas() for name, e in zip(self.expert_names, self._experts)
                 if hasattr(e, "pinned_replicas")}
 
+    def routable_replicas(self) -> dict[str, int]:
+        """expert -> replicas Serve routes to now, as this gateway's routers know (for /metrics)."""
+        counts = {name: e.routable_replicas() for name, e in zip(self.expert_names, self._experts)
+                  if hasattr(e, "routable_replicas")}
+        return {name: n for name, n in counts.items() if n is not None}
+
     # ---- generation ------------------------------------------------------------------------------------
 
     def validate(self, req: GenerationRequest) -> None:

@@ -127,6 +127,12 @@ class _EngineCollector:
             for replica, n in sorted(replicas.items()):
                 sessions.add_metric([expert, replica], n)
         yield sessions
+        routable = GaugeMetricFamily("ensemble_expert_routable_replicas", "replicas of each expert that Serve "
+                                     "routes to now, as this gateway replica's routers know; new decode sessions "
+                                     "are placed only on those", labels=["expert"])
+        for expert, n in sorted(self.engine.routable_replicas().items()):
+            routable.add_metric([expert], n)
+        yield routable
         yield CounterMetricFamily("ensemble_session_migrations", "sessions re-opened on another replica of their "
                                   "expert (replaying the tokens so far) after theirs died or timed out",
                                   value=self.engine.migrations)

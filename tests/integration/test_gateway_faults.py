@@ -125,6 +125,9 @@ def two_code_replicas(healthy_after):
         {"name": "expert-code", "num_replicas": 2}]})
     deploy(DeployConfig.model_validate({**gw.deploy_config.model_dump(), "applications": [scaled.model_dump()]}))
     wait_for("two code replicas", lambda: len(replicas(gw.app_name, "expert-code")) == 2)
+    # The gateway's routers hear of the new replica: new sessions may now be placed on it.
+    wait_for("the gateway to route to both", lambda: metric(gw, 'ensemble_expert_routable_replicas{expert="code"}') == 2,
+             timeout_s=60)
     yield gw
     deploy(gw.deploy_config)
     wait_for("one code replica", lambda: len(replicas(gw.app_name, "expert-code")) == 1)

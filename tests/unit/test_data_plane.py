@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from ray.serve._private.common import DeploymentID
 
 from experts.client import ServeExpertClient
 from experts.data_plane import DataPlaneConnection, DataPlaneLost, DataPlaneServer, Endpoint, RemoteError
 from experts.protocol import GenerateDelta, PollReply, SessionStep, StepOutput, StepReply, TopK
+from experts.running_replicas import RUNNING
 from tests.serve_fakes import FakeHandle
 
 
@@ -179,6 +181,8 @@ async def test_client_opens_sessions_over_the_data_plane_once_it_knows_a_replica
 class TwoReplicas(FakeHandle):
     """A fake Serve handle over two replicas with real data planes; its router places opens in turn."""
 
+    deployment_id = DeploymentID(name="expert-code", app_name="two-replicas-test")
+
     def __init__(self, served: dict[str, tuple[Replica, Endpoint]]) -> None:
         self.served = served
         self.turn = 0
@@ -218,6 +222,14 @@ async def test_client_places_new_sessions_on_the_known_replica_holding_fewest() 
     assert sorted(held.values()) == [2, 3]
     await client.open([SessionStep("i", (1, 2))], 2)
     assert replicas[min(held, key=held.get)].opened[-1] == "i"
+    RUNNING[("two-replicas-test", "expert-code")] = frozenset({"rb"})   # Serve is stopping "ra"
+    try:
+        await client.open([SessionStep("j", (1, 2)), SessionStep("k", (1, 2))], 2)
+        await client.open([SessionStep("l", (1, 2))], 2)
+        assert "j" in replicas["rb"].opened and "l" in replicas["rb"].opened
+        assert handle.routed_opens == 2
+    finally:
+        RUNNING.pop(("two-replicas-test", "expert-code"))
     await client.aclose()
     for server in servers.values():
         await server.close()

@@ -16,6 +16,7 @@ from ray.serve._private.test_utils import FakeRunningReplica
 from ray.serve.request_router import PendingRequest
 
 from experts.replica_router import PIN, ReplicaGone, SessionAffinityRouter
+from experts.running_replicas import RUNNING
 
 LOOP_DEADLINE_S = 20.0
 
@@ -108,5 +109,15 @@ def test_a_pinned_replica_that_disappears_while_a_call_waits_for_it_fails_that_c
         with pytest.raises(ReplicaGone):
             await asyncio.wait_for(waiting, 5)
         await routing_done(router)
+
+    run_on_own_loop(case)
+
+
+def test_the_replicas_serve_routes_to_are_published_for_new_session_placement() -> None:
+    async def case() -> None:
+        router, replicas = router_with("a", "b")
+        assert RUNNING[("app", "expert-code")] == {"a", "b"}
+        router.update_replicas([replicas["a"]])            # Serve stops routing to "b" (scale-down, death)
+        assert RUNNING[("app", "expert-code")] == {"a"}
 
     run_on_own_loop(case)
