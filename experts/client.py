@@ -156,7 +156,7 @@ class ServeExpertClient:
         A replica that lost its connection, left sessions abandoned after a timeout, or that Serve no longer
         routes to (it is being stopped) is not picked."""
         now = asyncio.get_running_loop().time()
-        running = running_replicas.running(*self._deployment) if self._deployment is not None else None
+        running = self._running()
         live = [r for r, conn in self._conns.items()
                 if not conn.lost and r not in self.abandoned and self._no_direct.get(r, 0.0) <= now
                 and (running is None or r in running)]
@@ -239,8 +239,11 @@ class ServeExpertClient:
     def routable_replicas(self) -> int | None:
         """Replicas Serve routes this expert's calls to now, as this process's router last heard (None: not
         heard yet). New sessions are placed only on those (for /metrics)."""
-        running = running_replicas.running(*self._deployment) if self._deployment is not None else None
+        running = self._running()
         return None if running is None else len(running)
+
+    def _running(self) -> frozenset[str] | None:
+        return running_replicas.running(*self._deployment) if self._deployment is not None else None
 
     def pinned_replicas(self) -> dict[str, int]:
         """Open sessions of this client per replica (for /metrics)."""

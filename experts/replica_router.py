@@ -4,9 +4,11 @@ A call made with the keyword `replica=<unique id>` is routed to that replica and
 (dead, or removed by Serve), the call fails at once with ReplicaGone instead of waiting for it forever, so
 the orchestrator can re-open the session elsewhere (migration), and its routing task ends (it must never
 spin: Serve's routing loop runs on the caller's event loop, which also runs the decode loop and the HTTP
-server; tests/unit/test_replica_router.py). Calls without `replica=` (new sessions,
-generations, scoring) use Serve's default power-of-two-choices by load. Configured per expert deployment
-through `request_router_config` (experts/config.py: serve_options).
+server; tests/unit/test_replica_router.py). Calls without `replica=` (generations, scoring, and the new
+sessions the client lets Serve place) use Serve's default power-of-two-choices by load. Each replica-set
+update Serve makes is also published to experts/running_replicas.py, where the client looks before it places
+new sessions itself. Configured per expert deployment through `request_router_config` (experts/config.py:
+serve_options).
 """
 
 from __future__ import annotations

@@ -131,7 +131,6 @@ class DecodeLoop:
         t_round = time.perf_counter()
         seqs = [s for s in seqs if not s.done]
         if not seqs:
-            self._deliver()
             return
         phase = _phase_names(label)
         # 1) route
@@ -139,8 +138,7 @@ class DecodeLoop:
             routes = self._route(seqs, range(len(seqs)))
         # 2) step the chosen experts (migration and degraded routing inside)
         t_step = time.perf_counter()
-        answers, routes, server_s = await self._step(seqs, routes)
-        self._deliver()                                # (done in there once the calls are written)
+        answers, routes, server_s = await self._step(seqs, routes)      # delivers the last round's events
         waited = time.perf_counter() - t_step
         self.clock.add(phase["expert"], waited)
         self.clock.add(phase["rpc"], max(0.0, waited - server_s))
