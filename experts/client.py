@@ -6,7 +6,8 @@ replica this client holds the fewest sessions on among those it has a live data-
 that connection, except one open every `rediscover_s` (and any open while it knows no replica): that one goes
 wherever Serve's router sends it, by load, which is how replicas added later come into use. A batch of
 advances is split by replica: one call per replica, all at once. Native generations are
-multiplexed: per replica one `poll` in flight carries the new tokens of every stream this client runs there.
+multiplexed: the replica pushes the new tokens of every stream this client runs there, one message per
+engine step, over a `watch` on its data plane (or, without one, one `poll` in flight carries them).
 
 Failures are per item, never exceptions: a call that times out or reaches a dead replica fails its steps
 with error_kind "unavailable" and forgets their pins, so the caller can re-open them elsewhere. Sessions
@@ -17,6 +18,7 @@ there in the background once it answers again (until it is gone, or its idle rea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -65,6 +67,8 @@ class ServeExpertClient:
         self._streams: dict[str, tuple[str | None, asyncio.Queue]] = {}   # generation id -> (replica, deltas)
         self._aborts: dict[str, list[str]] = {}                           # replica -> generation ids
         self._pollers: dict[str, asyncio.Task] = {}
+        self._wakes: dict[str, asyncio.Event] = {}                        # replica -> its poller has work
+        self._watched: dict[str, DataPlaneConnection] = {}                # replica -> connection pushing deltas
         # Sessions given up on after a timeout, by replica (None: an open whose replica is unknown); a task per
         # replica retries their close until it answers or is gone.
         self.abandoned: dict[str | None, set[str]] = {}
@@ -294,11 +298,15 @@ class ServeExpertClient:
         finished = False
         try:
             while True:
-                try:
-                    delta = await asyncio.wait_for(queue.get(), self.stall_s)
-                except asyncio.TimeoutError:       # nothing at all for stall_s: treat the replica as lost
-                    delta = GenerateDelta(rid, error=f"expert {self.name}: no token for {self.stall_s:.0f} s on "
-                                          f"replica {reply.replica}", error_kind="unavailable")
+                if queue.empty():
+                    try:
+                        async with asyncio.timeout(self.stall_s):     # a timer, not a task per token
+                            delta = await queue.get()
+                    except TimeoutError:     # nothing at all for stall_s: treat the replica as lost
+                        delta = GenerateDelta(rid, error=f"expert {self.name}: no token for {self.stall_s:.0f} s "
+                                              f"on replica {reply.replica}", error_kind="unavailable")
+                else:
+                    delta = queue.get_nowait()
                 finished = delta.final
                 yield delta
                 if finished:
@@ -308,6 +316,7 @@ class ServeExpertClient:
             if not finished:                    # the consumer stopped early: abort it on the replica
                 self._aborts.setdefault(reply.replica, []).append(rid)
                 self._ensure_poller(reply.replica)
+                self._wake(reply.replica)
 
     def _ensure_poller(self, replica: str) -> None:
         task = self._pollers.get(replica)
@@ -315,17 +324,31 @@ class ServeExpertClient:
             self._pollers[replica] = asyncio.get_running_loop().create_task(
                 self._poll_loop(replica), name=f"poll:{self.name}:{replica}")
 
+    def _wake(self, replica: str) -> None:
+        event = self._wakes.get(replica)
+        if event is not None:
+            event.set()
+
     async def _poll_loop(self, replica: str) -> None:
-        """While this client has streams (or aborts) on `replica`: one poll in flight, deltas to their queues."""
+        """While this client has streams (or aborts) on `replica`, get their deltas to their queues.
+
+        Over the replica's data plane the deltas are pushed (`watch`, once per connection); this loop then
+        only sends a `poll` with no wait every `poll_wait_s`, which keeps this caller's lease on the replica
+        and notices a hung one (the call times out), and at once when there are aborts to carry. Without a
+        data plane one long `poll` is in flight at a time and carries the deltas itself."""
         aborting = False
+        wake = self._wakes.setdefault(replica, asyncio.Event())
         while True:
+            wake.clear()
             aborts = self._aborts.pop(replica, [])
             active = [rid for rid, (r, _) in self._streams.items() if r == replica]
             if not active and not aborts:
                 break
             timeout = self.poll_wait_s + (self.call_timeout_s or 60.0)
             try:
-                reply: PollReply = await self._call("poll", self.caller, aborts, self.poll_wait_s if active else 0.0,
+                pushed = await self._watch(replica) if active else self._watched.get(replica)
+                wait_s = self.poll_wait_s if active and pushed is None else 0.0
+                reply: PollReply = await self._call("poll", self.caller, aborts, wait_s,
                                                     replica=replica, timeout_s=timeout)
             except Exception as exc:  # noqa: BLE001 - the replica is gone: every stream on it ends here
                 why = f"expert {self.name} unavailable ({type(exc).__name__}: {exc})"
@@ -340,11 +363,42 @@ class ServeExpertClient:
                     continue
                 break
             aborting = False
-            for delta in reply.deltas:
-                entry = self._streams.get(delta.request_id)
-                if entry is not None:
-                    entry[1].put_nowait(delta)
+            self._deliver(reply)
+            if pushed is not None and not wake.is_set():     # deltas come pushed: wait for work or a heartbeat
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_wait_s):
+                        await wake.wait()
         self._pollers.pop(replica, None)
+
+    async def _watch(self, replica: str) -> DataPlaneConnection | None:
+        """The data-plane connection that pushes `replica`'s deltas to this client (a watch started on it
+        now if not yet), or None when its calls go through Serve. Raises DataPlaneLost when the connection
+        that was pushing went: deltas may have gone with it."""
+        watched = self._watched.get(replica)
+        if watched is not None:
+            if not watched.lost:
+                return watched
+            del self._watched[replica]
+            raise DataPlaneLost(f"{watched.name}: the connection pushing its deltas was lost")
+        conn = await self._direct(replica)
+        if conn is None:
+            return None
+
+        def ended(exc: Exception) -> None:      # the connection went, or the replica ended the watch
+            if self._watched.get(replica) is conn and (
+                    not conn.lost or not any(r == replica for r, _ in self._streams.values())):
+                del self._watched[replica]      # nothing was lost: the replica's outbox keeps the next deltas
+            self._wake(replica)
+
+        conn.watch("watch", self.caller, on_item=self._deliver, on_end=ended)
+        self._watched[replica] = conn
+        return conn
+
+    def _deliver(self, reply: PollReply) -> None:
+        for delta in reply.deltas:
+            entry = self._streams.get(delta.request_id)
+            if entry is not None:
+                entry[1].put_nowait(delta)
 
     async def aclose(self) -> None:
         for conn in self._conns.values():

@@ -13,6 +13,9 @@ replica's token, which only the Serve control plane hands out (`ExpertServer.end
   request  = [call_id, method, [args...]]
   reply    = [call_id, error or None, result]
 Calls on one connection run concurrently on the replica (a long `poll` does not hold up an `advance`).
+A streaming call (`watch`) is answered by any number of replies under its call id, each an item, until the
+connection goes (an error reply ends it early): the replica pushes the deltas of a caller's generations as
+they come, with no request per token.
 A lost connection fails every call in flight with `DataPlaneLost`; the caller treats those like a replica
 that stopped answering (experts/client.py), and the next call reconnects through a fresh endpoint.
 """
@@ -44,7 +47,10 @@ METHODS: dict[str, tuple[Any, Any]] = {
     "advance": (tuple[list[SessionStep], int], StepReply),
     "poll": (tuple[str, list[str], float], PollReply),
     "close": (tuple[list[str]], None),
+    "watch": (tuple[str], PollReply),
 }
+# Streaming methods: the handler also gets `emit` (one reply frame per call) and returns when the stream ends.
+STREAMS = frozenset({"watch"})
 
 
 @dataclass(frozen=True)
@@ -134,12 +140,12 @@ class DataPlaneServer:
             return
         self.connections_accepted += 1
         self._writers.add(writer)
-        polls: set[asyncio.Task] = set()
+        polls: set[asyncio.Task] = set()       # polls and watches: calls that wait on the caller's deltas
         try:
             while True:
                 call_id, method, raw = _request_head.decode(await read_frame(reader))
                 task = asyncio.get_running_loop().create_task(self._call(writer, call_id, method, raw))
-                if method == "poll":
+                if method == "poll" or method in STREAMS:
                     polls.add(task)
                     task.add_done_callback(polls.discard)
         except (asyncio.IncompleteReadError, ConnectionError, ValueError, msgspec.DecodeError):
@@ -147,17 +153,27 @@ class DataPlaneServer:
         finally:
             self._writers.discard(writer)
             writer.transport.abort()
-            # A poll still waiting would take deltas out of its caller's outbox and drop them with this
-            # connection, among them the first tokens of the generations the caller restarts after the loss.
+            # A poll still waiting (or a watch) would take deltas out of its caller's outbox and drop them with
+            # this connection, among them the first tokens of the generations the caller restarts after the loss.
             for task in polls:
                 task.cancel()
 
     async def _call(self, writer: asyncio.StreamWriter, call_id: int, method: str, raw: msgspec.Raw) -> None:
         try:
             handler = self._handlers[method]
-            result = await handler(*_args[method].decode(raw))
-            self.calls_served += 1
-            reply = _encoder.encode((call_id, None, result))
+            if method in STREAMS:
+                self.calls_served += 1
+
+                def emit(item: Any) -> None:
+                    if not writer.is_closing():
+                        writer.write(frame(_encoder.encode((call_id, None, item))))
+
+                await handler(*_args[method].decode(raw), emit=emit)
+                reply = _encoder.encode((call_id, f"{method} ended", None))   # the caller hears it is over
+            else:
+                result = await handler(*_args[method].decode(raw))
+                self.calls_served += 1
+                reply = _encoder.encode((call_id, None, result))
         except Exception as exc:                  # a failed call is answered; the connection lives on
             log.exception("data plane: call %s failed", call_id)
             reply = _encoder.encode((call_id, f"{type(exc).__name__}: {exc}", None))
@@ -175,6 +191,8 @@ class DataPlaneConnection:
         self._writer = writer
         self.name = name
         self._pending: dict[int, tuple[str, asyncio.Future]] = {}
+        # streaming calls: call id -> (method, on_item, on_end)
+        self._watches: dict[int, tuple[str, Callable[[Any], None], Callable[[Exception], None]]] = {}
         self._next_id = 0
         self._lost: str | None = None
         self._task = asyncio.get_running_loop().create_task(self._read(), name=f"data-plane:{name}")
@@ -202,6 +220,18 @@ class DataPlaneConnection:
         finally:
             self._pending.pop(call_id, None)
 
+    def watch(self, method: str, *args: Any, on_item: Callable[[Any], None],
+              on_end: Callable[[Exception], None]) -> None:
+        """Start a streaming call: `on_item` gets each reply as it is read, `on_end` why the stream ended (the
+        replica ended it: RemoteError; the connection went: DataPlaneLost). Both run on the reading task."""
+        assert method in STREAMS, method
+        if self._lost is not None:
+            raise DataPlaneLost(f"{self.name}: {self._lost}")
+        call_id = self._next_id
+        self._next_id += 1
+        self._watches[call_id] = (method, on_item, on_end)
+        self._writer.write(frame(_encoder.encode((call_id, method, args))))
+
     def close(self) -> None:
         self._fail("closed by the caller")
         self._writer.transport.abort()
@@ -211,6 +241,14 @@ class DataPlaneConnection:
         try:
             while True:
                 call_id, error, raw = _reply_head.decode(await read_frame(self._reader))
+                watch = self._watches.get(call_id)
+                if watch is not None:
+                    if error is not None:
+                        del self._watches[call_id]
+                        watch[2](RemoteError(error))
+                    else:
+                        watch[1](_results[watch[0]].decode(raw))
+                    continue
                 entry = self._pending.get(call_id)
                 if entry is None:                # its caller timed out or was cancelled
                     continue
@@ -233,3 +271,6 @@ class DataPlaneConnection:
         for _, future in self._pending.values():
             if not future.done():
                 future.set_exception(DataPlaneLost(f"{self.name}: {why}"))
+        watches, self._watches = self._watches, {}
+        for _, _, on_end in watches.values():
+            on_end(DataPlaneLost(f"{self.name}: {self._lost}"))

@@ -1,9 +1,12 @@
 """Native generations inside one engine: vLLM decodes a request on its own; deltas wait in the caller's outbox.
 
-The single-expert fast path. A caller (one gateway replica) `start`s requests, then `poll`s: one call
-returns every delta of all its generations since its previous poll, so one round trip per engine step
-carries the tokens of every stream, whatever the concurrency. A caller that stops polling for `lease_s`
-(its process died) has its generations aborted, so the engine never decodes for nobody.
+The single-expert fast path. A caller (one gateway replica) `start`s requests, then receives their deltas
+one of two ways. Over a replica's data plane it `watch`es: a sink is attached, and the deltas of all its
+generations produced in one turn of the event loop (one engine step) leave as one pushed message, with no
+request per token. Without one it `poll`s: one call returns every delta since its previous poll. Either
+way one message per engine step carries the tokens of every stream, whatever the concurrency. A caller
+that stops polling for `lease_s` (its process died or hangs; a watching caller polls with no wait as a
+heartbeat) has its generations aborted, so the engine never decodes for nobody.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from experts.protocol import GenerateDelta, GenerateRequest
@@ -32,6 +36,8 @@ class Generations:
         self._ids = itertools.count()
         self._aborted: set[str] = set()                             # ids their caller aborted (no delta owed)
         self._polls: dict[str, asyncio.Task | None] = {}            # caller -> its poll in flight
+        self._sinks: dict[str, Sink] = {}                           # caller -> where its deltas are pushed
+        self._pushing: dict[str, list[GenerateDelta]] = {}          # caller -> deltas of this loop turn
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -69,6 +75,25 @@ class Generations:
                 await asyncio.wait_for(ready.wait(), wait_s)
         return self._outbox.pop(caller, [])
 
+    async def watch(self, caller: str, sink: Callable[[list[GenerateDelta]], None]) -> None:
+        """Push the caller's deltas to `sink` (its outbox first) until cancelled (the caller's connection went)
+        or another watch of the same caller replaces this one; then they wait in the outbox again."""
+        replaced = asyncio.Event()
+        previous = self._sinks.get(caller)
+        if previous is not None:
+            previous.replaced.set()
+        entry = self._sinks[caller] = Sink(sink, replaced)
+        self._last_poll[caller] = time.monotonic()
+        held = self._outbox.pop(caller, [])
+        if held:
+            sink(held)
+        try:
+            await replaced.wait()
+        finally:
+            if self._sinks.get(caller) is entry:
+                del self._sinks[caller]
+                self._flush(caller)                     # a turn's deltas not pushed yet: to the outbox
+
     def forget(self, caller: str) -> None:
         """Drop what is kept for a caller that owns no generation and will not poll again."""
         if not self._active(caller):
@@ -79,8 +104,25 @@ class Generations:
         return any(owner == caller for owner, _ in self._tasks.values())
 
     def _push(self, caller: str, delta: GenerateDelta) -> None:
+        if caller in self._sinks:
+            batch = self._pushing.setdefault(caller, [])
+            batch.append(delta)
+            if len(batch) == 1:       # the other generations' deltas of this engine step arrive in this turn
+                asyncio.get_running_loop().call_soon(self._flush, caller)
+            return
         self._outbox.setdefault(caller, []).append(delta)
         self._ready.setdefault(caller, asyncio.Event()).set()
+
+    def _flush(self, caller: str) -> None:
+        batch = self._pushing.pop(caller, None)
+        if not batch:
+            return
+        entry = self._sinks.get(caller)
+        if entry is not None:
+            entry.push(batch)
+        else:
+            self._outbox.setdefault(caller, []).extend(batch)
+            self._ready.setdefault(caller, asyncio.Event()).set()
 
     async def _drive(self, caller: str, req: GenerateRequest) -> None:
         from vllm.inputs import TokensPrompt
@@ -137,6 +179,14 @@ class Generations:
     def abort_all(self) -> None:
         for _, task in self._tasks.values():
             task.cancel()
+
+
+class Sink:
+    """A watching caller's push function, and the event that ends its watch when another replaces it."""
+
+    def __init__(self, push: Callable[[list[GenerateDelta]], None], replaced: asyncio.Event) -> None:
+        self.push = push
+        self.replaced = replaced
 
 
 def _alternatives(position: PositionLogprobs, n: int) -> tuple[tuple[int, float], ...]:

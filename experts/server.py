@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from experts.config import ExpertConfig
@@ -70,6 +71,10 @@ class ExpertServer:
     async def poll(self, caller: str, aborts: list[str], wait_s: float, replica: str | None = None) -> PollReply:
         return PollReply(self.replica, tuple(await self._expert.poll(caller, aborts, wait_s)))
 
+    async def _watch(self, caller: str, emit: Callable[[PollReply], None]) -> None:
+        """Data plane only: push `caller`'s deltas as they come until its connection goes."""
+        await self._expert.generations.watch(caller, lambda deltas: emit(PollReply(self.replica, tuple(deltas))))
+
     async def endpoint(self, replica: str | None = None) -> Endpoint | None:
         """This replica's data plane (started on first ask, on the loop that serves every call), or None when
         the expert is configured to take every call through Serve."""
@@ -79,7 +84,7 @@ class ExpertServer:
             import ray
 
             self._data_plane = DataPlaneServer({"open": self.open, "advance": self.advance, "poll": self.poll,
-                                                "close": self.close}, ray.util.get_node_ip_address())
+                                                "close": self.close, "watch": self._watch}, ray.util.get_node_ip_address())
         return await self._data_plane.start()
 
     async def cut_data_plane(self, replica: str | None = None) -> int:
