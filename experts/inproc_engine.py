@@ -76,13 +76,14 @@ class InprocEngine:
             os.sched_setaffinity(threading.get_native_id(), cores & os.sched_getaffinity(0) or os.sched_getaffinity(0))
         if threads:
             torch.set_num_threads(threads)        # before the engine: vLLM's CPU worker disables it afterwards
-        from experts.thread_priority import idle_helper_threads
+        from experts.thread_priority import idle_helper_threads, lower_this_thread
         from experts.vllm_engine import _environment
 
         # vLLM reads this while the engine is built: engine core and executor in this process.
         with _environment({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}):
             engine = LLMEngine.from_engine_args(EngineArgs(**args))
         idle_helper_threads()                 # gloo's polling threads (one process: nothing to send) never preempt
+        lower_this_thread()                   # the threads that relay this one's results preempt it
         return engine
 
     # ---- AsyncLLM's interface -------------------------------------------------------------------------
@@ -184,6 +185,11 @@ class InprocEngine:
             raise EngineDead(f"the engine stopped: {type(self.error).__name__}: {self.error}") from self.error
         if not self._thread.is_alive():
             raise EngineDead("the engine thread is not running")
+
+    @property
+    def thread_id(self) -> int | None:
+        """The engine thread's OS thread id (for diagnostics and tests)."""
+        return self._thread.native_id
 
     def _run(self, args: dict[str, Any], threads: int | None, cores: set[int] | None,
              ready: threading.Event) -> None:

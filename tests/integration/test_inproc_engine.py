@@ -47,6 +47,19 @@ async def test_the_engines_gloo_polling_threads_run_only_on_idle_cores(expert) -
     assert set(policies) == {os.SCHED_IDLE}, policies
 
 
+async def test_the_engine_thread_runs_below_the_threads_that_relay_its_results(expert) -> None:
+    """The replica's event loop (here: this test's thread, same process) must preempt the engine thread."""
+    import os
+    import threading
+
+    from experts.thread_priority import ENGINE_NICE_INCREMENT, MAX_NICE
+
+    loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    engine_nice = os.getpriority(os.PRIO_PROCESS, expert.engine.thread_id)
+    assert engine_nice == min(MAX_NICE, loop_nice + ENGINE_NICE_INCREMENT), (engine_nice, loop_nice)
+    assert engine_nice > loop_nice or loop_nice == MAX_NICE
+
+
 async def test_closed_sessions_and_ended_generations_leave_no_request_in_the_engine(expert) -> None:
     engine = expert.engine
     assert await engine.requests_held() == 0
