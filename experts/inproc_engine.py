@@ -72,18 +72,21 @@ class InprocEngine:
         from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        if cores:
-            os.sched_setaffinity(threading.get_native_id(), cores & os.sched_getaffinity(0) or os.sched_getaffinity(0))
-        if threads:
-            torch.set_num_threads(threads)        # before the engine: vLLM's CPU worker disables it afterwards
         from experts.thread_priority import idle_helper_threads, lower_this_thread
         from experts.vllm_engine import _environment
+
+        # Before the engine, so that the compute threads it starts inherit both: its cores, and a priority
+        # below the threads that relay its results.
+        if cores:
+            os.sched_setaffinity(threading.get_native_id(), cores & os.sched_getaffinity(0) or os.sched_getaffinity(0))
+        lower_this_thread()
+        if threads:
+            torch.set_num_threads(threads)        # before the engine: vLLM's CPU worker disables it afterwards
 
         # vLLM reads this while the engine is built: engine core and executor in this process.
         with _environment({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}):
             engine = LLMEngine.from_engine_args(EngineArgs(**args))
         idle_helper_threads()                 # gloo's polling threads (one process: nothing to send) never preempt
-        lower_this_thread()                   # the threads that relay this one's results preempt it
         return engine
 
     # ---- AsyncLLM's interface -------------------------------------------------------------------------
