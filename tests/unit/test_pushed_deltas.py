@@ -62,6 +62,10 @@ class PushingReplica(FakeHandle):
 
 @pytest.fixture
 async def replica(monkeypatch):
+    # Generations._drive imports this on its first run, on the event loop: cold, it takes ≈ 5 s, which would
+    # count against the per-token timeouts below (a replica has it imported long before: its engine uses it).
+    import vllm.inputs  # noqa: F401
+
     monkeypatch.setattr("experts.generations.generation_params", lambda req: None)
     engine = GatedEngine()
     replica = PushingReplica(Generations(engine))
