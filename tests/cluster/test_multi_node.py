@@ -184,6 +184,39 @@ def _flush_every_gateway() -> None:
         assert handle.flush_log.remote(replica=r.replica_id).result(timeout_s=60)
 
 
+class RequestFailed(Exception):
+    """An HTTP error from the gateway, with the error body it sent (what the service said went wrong)."""
+
+
+async def _raise_for_status(r: httpx.Response) -> None:
+    if r.status_code >= 400:
+        await r.aread()
+        raise RequestFailed(f"{r.request.method} {r.request.url.path}: {r.status_code} {r.text[:500]}")
+
+
+def _kinds(errors: list[Exception]) -> dict[str, int]:
+    """Failed requests by what went wrong (the error text without its request ids)."""
+    from collections import Counter
+
+    return dict(Counter(re.sub(r"(chat)?cmpl-[0-9a-f]+", "<id>", repr(e))[:300] for e in errors).most_common(8))
+
+
+def _failure_context(service) -> str:
+    """What a failed request test prints besides the error: /health now, and the last warnings and errors of
+    every replica (gateways and experts), from the nodes' Serve logs: CI keeps only pytest's output."""
+    try:
+        health = httpx.get(f"{service['base_url']}/health", timeout=30).text
+    except httpx.HTTPError as exc:
+        health = repr(exc)
+    lines = [f"/health: {health[:2000]}"]
+    for log in sorted(service["cluster"].root.glob("*/session_latest/logs/serve/replica_*.log")):
+        text = log.read_text(errors="replace").splitlines()
+        tail = [line for line in text if line.startswith(("WARNING", "ERROR")) or "Traceback" in line][-12:]
+        if tail:
+            lines += [f"{log.parts[-5]}/{log.name}:"] + [f"  {line[:400]}" for line in tail]
+    return "\n".join(lines)
+
+
 async def _one(client: httpx.AsyncClient, i: int, *, stream: bool, chat: bool, prompt: str,
                max_tokens: int = 8, temperature: float = 0.8) -> dict:
     body: dict = {"model": "ensemble", "max_tokens": max_tokens, "temperature": temperature, "stream": stream}
@@ -194,13 +227,13 @@ async def _one(client: httpx.AsyncClient, i: int, *, stream: bool, chat: bool, p
     path = "/v1/chat/completions" if chat else "/v1/completions"
     if not stream:
         r = await client.post(path, json=body)
-        r.raise_for_status()
+        await _raise_for_status(r)
         data = r.json()
         text = data["choices"][0]["message"]["content"] if chat else data["choices"][0]["text"]
         return {"id": data["id"], "text": text, "fingerprint": data["system_fingerprint"]}
     ids, parts, fingerprint = set(), [], None
     async with client.stream("POST", path, json=body) as r:
-        r.raise_for_status()
+        await _raise_for_status(r)
         done = False
         async for line in r.aiter_lines():
             if not line.startswith("data: "):
@@ -293,7 +326,7 @@ def test_200_requests_through_both_gateway_replicas_logged_once(service) -> None
     print(f"\nHAProxy sessions per gateway replica: {spread}")
     assert len(spread) >= 2, f"requests did not reach both gateway replicas: {spread}"
     errors = [r for r in results if isinstance(r, Exception)]
-    assert not errors, f"{len(errors)} of {N_REQUESTS} failed; first: {errors[0]!r}"
+    assert not errors, f"{len(errors)} of {N_REQUESTS} failed: {_kinds(errors)}\n{_failure_context(service)}"
     ids = [r["id"] for r in results]
     assert len(set(ids)) == N_REQUESTS
     service["results"].update(ids=ids, rps=round(N_REQUESTS / elapsed, 2))
@@ -454,6 +487,7 @@ def test_stopping_the_worker_node_leaves_the_head_serving(service) -> None:
     specs = [{"stream": i % 2 == 0, "chat": i % 4 == 1, "prompt": PROMPTS[i % len(PROMPTS)]} for i in range(40)]
     results = asyncio.run(_send_all(service["base_url"], specs, concurrency=8))
     errors = [r for r in results if isinstance(r, Exception)]
-    assert not errors, f"{len(errors)} of {len(specs)} failed after the worker stopped; first: {errors[0]!r}"
+    assert not errors, (f"{len(errors)} of {len(specs)} failed after the worker stopped: {_kinds(errors)}\n"
+                        f"{_failure_context(service)}")
     print(f"\nworker stopped: head serves with {len(_replicas('gateway'))} gateway and "
           f"{len(_replicas('expert-code'))} code replica(s), {len(specs)} requests, 0 errors")
