@@ -11,7 +11,6 @@ It speaks token ids only (text lives in orchestrator/stream.py). Two paths:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -36,6 +35,7 @@ class EnsembleEngine:
     def __init__(
         self, experts: dict[str, Expert], gate: GateRuntime | None, *,
         top_k: int = 2, mix_space: str = "logits", logprobs_k: int = 20, probe_interval_s: float = 1.0,
+        probe_timeout_s: float = 10.0,
     ) -> None:
         if not experts:
             raise ValueError("the engine needs at least one expert")
@@ -47,6 +47,9 @@ class EnsembleEngine:
             raise ValueError(f"top_k must be in [1, {len(self._experts)}], got {top_k}")
         self.top_k, self.mix_space, self.logprobs_k = top_k, mix_space, logprobs_k
         self.health = ExpertHealth(self.expert_names, probe_interval_s=probe_interval_s)
+        # As long as a step may take before it marks an expert down (the gateway passes its expert timeout): a
+        # replica that answers slower than this is down; one that answers within it serves steps, so is up.
+        self.probe_timeout_s = probe_timeout_s
         self.clock = PhaseClock()
         self._gate: GateRuntime | None = None
         self._loop: DecodeLoop | None = None
@@ -189,14 +192,29 @@ class EnsembleEngine:
         return gate.mix_space if gate is not None and model == ENSEMBLE else self.mix_space
 
     async def _probe_down_experts(self) -> None:
-        """Bring a down expert back as soon as a replica of it answers again."""
-        while True:
-            await asyncio.sleep(self.health.probe_interval_s)
-            for e in self.health.down():
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._experts[e].info(), timeout=max(1.0, self.health.probe_interval_s))
-                    self.health.answered(e)
-                    log.warning("expert %s answers again", self.expert_names[e])
+        """Bring a down expert back as soon as a replica of it answers again. Each down expert has one probe
+        in flight at a time, bounded by probe_timeout_s, on its own: a hung one holds back no other's return."""
+        probes: dict[int, asyncio.Task] = {}
+        try:
+            while True:
+                await asyncio.sleep(self.health.probe_interval_s)
+                for e in self.health.down():
+                    if e not in probes or probes[e].done():
+                        probes[e] = asyncio.create_task(self._probe(e), name=f"probe:{self.expert_names[e]}")
+        finally:
+            for task in probes.values():
+                task.cancel()
+            await asyncio.gather(*probes.values(), return_exceptions=True)
+
+    async def _probe(self, e: int) -> None:
+        try:
+            async with asyncio.timeout(self.probe_timeout_s):
+                await self._experts[e].info()
+        except Exception as exc:  # noqa: BLE001 - still down; the next round probes again
+            log.debug("expert %s still down: %r", self.expert_names[e], exc)
+            return
+        self.health.answered(e)
+        log.warning("expert %s answers again", self.expert_names[e])
 
     # ---- teacher-forced scoring (echo) -----------------------------------------------------------------
 

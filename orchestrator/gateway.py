@@ -305,7 +305,7 @@ class Gateway:
         clients = {name: ServeExpertClient(handle, name, call_timeout_s=settings.expert_timeout_s)
                    for name, handle in experts.items()}
         engine = EnsembleEngine(clients, None, top_k=settings.top_k, mix_space=settings.mix_space or "logits",
-                                logprobs_k=settings.logprobs_k)
+                                logprobs_k=settings.logprobs_k, probe_timeout_s=settings.expert_timeout_s)
         await engine.start()
         codec = await asyncio.to_thread(TextCodec.from_pretrained, engine.infos[0].model_path)
         # One store for every replica (ENSEMBLE_STORE_URL in this replica's environment wins over the config).
