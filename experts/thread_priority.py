@@ -7,10 +7,10 @@ engine thread or the gateway's event loop. With a world size of one nothing is e
 they get Linux's SCHED_IDLE policy: they still run, but only on a core that has nothing else to do, and their
 wake-ups no longer preempt anyone (README "Speed": top-2 ITL at c=1 and throughput at c=32, A/B).
 
-The in-process engine thread itself, and the compute threads it starts, run ENGINE_NICE_INCREMENT niceness levels
-below their process (Ray's workers run at 15, so 19). It is the one thread that computes for long stretches; the threads that relay its results
-(the replica's event loop, the gateway's) run for short bursts, and on shared cores each burst is on the
-critical path of a token. With the engine below them, a relay thread that wakes takes a core at once
+The in-process engine thread itself, and the compute threads it starts, run ENGINE_NICE_INCREMENT niceness
+levels below their process (Ray's workers run at 15, so 19). It is the one thread that computes for long
+stretches; the threads that relay its results (the replica's event loop, the gateway's) run for short bursts,
+and on shared cores each burst is on the critical path of a token. With the engine below them, a relay thread that wakes takes a core at once
 instead of waiting for an engine's time slice (README "Speed": six A/B pairs).
 """
 

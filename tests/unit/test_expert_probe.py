@@ -11,7 +11,8 @@ NAMES = ["code", "prose"]
 
 
 class ProbedExpert(DeterministicExpert):
-    """`info` answers at once until `slow()` or `hang()`: then after `delay_s`, or never."""
+    """`info` answers at once while `delay_s` is 0; otherwise it is a probe: answered after `delay_s`, or never
+    (None)."""
 
     def __init__(self, name: str, seed: int) -> None:
         super().__init__(name, seed)
