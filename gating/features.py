@@ -46,9 +46,6 @@ class Memory(NamedTuple):
     def initial(b: int, e: int) -> Memory:
         return Memory(torch.zeros(b, e), torch.zeros(b, e), torch.zeros(b, e))
 
-    def rows(self, index) -> Memory:
-        return Memory(*(x[index] for x in self))
-
     @staticmethod
     def cat(parts: list[Memory]) -> Memory:
         return Memory(*(torch.cat(xs) for xs in zip(*parts)))

@@ -8,6 +8,7 @@ Shape legend: B = sequences, E = experts, H = gate hidden size, K = top-k, N = s
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -72,31 +73,37 @@ class GateRuntime:
         x = torch.tensor(tokens, dtype=torch.long)                      # [B]
         if not self.gate.uses_observations:
             logits, hidden = self.gate.step(x, hidden)                 # [B, E], [B, H]
-            return [GateState(hidden[None, i:i + 1].clone(), logits[i], s.fed + 1) for i, s in enumerate(states)]
+            return [GateState(h, lg, s.fed + 1) for h, lg, s in zip(hidden[None].split(1, 1), logits.unbind(0), states)]
         e = len(self.expert_names)
         memory = Memory.cat([s.memory or Memory.initial(1, e) for s in states])
         mask, ids, lps = self._observed_tensors(observed or [{} for _ in states], e)
         sig = signals(ids, lps, x, self.gate.args.vocab_size)
         feats, memory = step_features(memory, mask, sig)               # [B, E*F]
         logits, hidden = self.gate.step(x, hidden, feats)              # [B, E], [B, H]
-        return [GateState(hidden[None, i:i + 1].clone(), logits[i], s.fed + 1, memory.rows(slice(i, i + 1)))
-                for i, s in enumerate(states)]
+        # Per-sequence states are views into this round's tensors (a few KB): one split per tensor, not one
+        # indexing op per row and tensor.
+        memories = [Memory(*m) for m in zip(*(t.split(1) for t in memory))]
+        return [GateState(h, lg, s.fed + 1, m)
+                for h, lg, s, m in zip(hidden[None].split(1, 1), logits.unbind(0), states, memories)]
 
     @staticmethod
     def _observed_tensors(observed: list[dict[int, TopK]], e: int):
-        """-> mask [B, E] bool, ids [B, E, K] (-1 padded), lps [B, E, K] (very negative padded)."""
+        """-> mask [B, E] bool, ids [B, E, K] (-1 padded), lps [B, E, K] (very negative padded). Filled in flat
+        arrays: torch.tensor on nested lists costs ~0.35 µs per element, 1.8 ms for 32 rows of 4 × 20."""
+        b = len(observed)
         k = max((len(t.token_ids) for row in observed for t in row.values()), default=1)
-        mask = [[False] * e for _ in observed]
-        ids = [[[-1] * k for _ in range(e)] for _ in observed]
-        lps = [[[-1e4] * k for _ in range(e)] for _ in observed]
-        for b, row in enumerate(observed):
+        mask = bytearray(b * e)
+        ids = array("q", [-1]) * (b * e * k)
+        lps = array("f", [-1e4]) * (b * e * k)
+        for r, row in enumerate(observed):
             for j, topk in row.items():
-                n = len(topk.token_ids)
-                mask[b][j] = True
-                ids[b][j][:n], lps[b][j][:n] = topk.token_ids, topk.logprobs
-        return (torch.tensor(mask, dtype=torch.bool).reshape(len(observed), e),
-                torch.tensor(ids, dtype=torch.long).reshape(len(observed), e, k),
-                torch.tensor(lps, dtype=torch.float32).reshape(len(observed), e, k))
+                n, at = len(topk.token_ids), (r * e + j) * k
+                mask[r * e + j] = 1
+                ids[at:at + n] = array("q", topk.token_ids)
+                lps[at:at + n] = array("f", topk.logprobs)
+        return (torch.frombuffer(mask, dtype=torch.bool).view(b, e),
+                torch.frombuffer(ids, dtype=torch.long).view(b, e, k),
+                torch.frombuffer(lps, dtype=torch.float32).view(b, e, k))
 
     @torch.inference_mode()
     def sequence_logits(self, tokens: list[int], all_ids: torch.Tensor | None = None,

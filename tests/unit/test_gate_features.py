@@ -75,6 +75,32 @@ def test_serving_steps_reproduce_the_training_rollout():
         assert torch.allclose(torch.stack(got), want[prompt - 1:len(seq) - 1], atol=1e-5)
 
 
+def test_sequences_stepped_together_route_as_each_stepped_alone():
+    """The decode loop steps every running sequence in one batched gate step and splits the result into
+    per-sequence states: each sequence's routing must not depend on which others shared its steps."""
+    corpus = synthetic_corpus(n_docs=3, length=30)
+    gate = observed_gate(2)
+    ckpt = GateCheckpoint("gate-v1", gate.args, gate.state_dict(), NAMES, "fp", top_k=2, mix_space="probs")
+    rt = GateRuntime.from_checkpoint(ckpt)
+    docs = range(corpus.n_docs)
+    prompts = [5, 7, 9]                                              # different lengths: different memories
+    alone = [[rt.prefill(corpus.sequences[d][:prompts[d]])] for d in docs]
+    together = [rt.prefill(corpus.sequences[d][:prompts[d]]) for d in docs]
+    for step in range(12):
+        observed, tokens = [], []
+        for d in docs:
+            rows, j = corpus.doc_rows(d), prompts[d] + step
+            chosen = together[d].logits.topk(2).indices.tolist()
+            observed.append({e: TopK(tuple(corpus.ids[rows][j - 1, e].tolist()),
+                                     tuple(corpus.lps[rows][j - 1, e].tolist())) for e in chosen})
+            tokens.append(corpus.sequences[d][j])
+        together = rt.step(together, tokens, observed)
+        for d in docs:
+            alone[d].append(rt.step([alone[d][-1]], [tokens[d]], [observed[d]])[0])
+            assert torch.allclose(together[d].logits, alone[d][-1].logits, atol=1e-6), (step, d)
+            assert torch.equal(together[d].memory.skipped, alone[d][-1].memory.skipped)
+
+
 def test_echo_scoring_and_offline_evaluation_route_alike():
     corpus = synthetic_corpus(n_docs=4, length=25)
     gate = observed_gate(1)
