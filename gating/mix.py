@@ -22,7 +22,7 @@ import torch
 
 MixSpace = Literal["logits", "probs"]
 MIX_SPACES: tuple[str, ...] = ("logits", "probs")
-_MIN_LEFTOVER = 1e-6  # top-k mass can round to >= 1; keep the floor finite
+MIN_LEFTOVER = 1e-6  # top-k mass can round to >= 1; keep the floor finite
 # Guess for a token another weighted expert listed, between the floor (0) and the k-th logprob (1); measured
 # against exact full-vocabulary mixing (gating/floor_study.py, README "Quality"). 0 = the plain floor.
 # 0.75 beats 0 on both held-out splits in both spaces (logits: 509 -> 457 on the independent split).
@@ -40,7 +40,7 @@ class Mixed:
 def expert_floor(logprobs: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[..., K] top-k logprobs -> [...] floor logprob of each unlisted token."""
     k = logprobs.shape[-1]
-    leftover = (1.0 - logprobs.exp().sum(-1)).clamp_min(_MIN_LEFTOVER)
+    leftover = (1.0 - logprobs.exp().sum(-1)).clamp_min(MIN_LEFTOVER)
     return leftover.log() - math.log(max(vocab_size - k, 1))
 
 
@@ -98,10 +98,10 @@ def cross_listed_values(
     by_active = (listed & active[:, :, None]).any(1, keepdim=True)                # [B, 1, C]
     raised = by_active & ~listed & first[:, None, :]                              # [B, S, C] distinct
     n_raised = raised.sum(-1).to(logprobs.dtype)                                  # [B, S]
-    leftover = (1.0 - logprobs.exp().sum(-1)).clamp_min(_MIN_LEFTOVER)            # [B, S]
+    leftover = (1.0 - logprobs.exp().sum(-1)).clamp_min(MIN_LEFTOVER)            # [B, S]
     guess = floor + interp * (logprobs[..., -1] - floor).clamp_min(0.0)           # [B, S]
     guess = torch.minimum(guess, (0.5 * leftover / n_raised.clamp_min(1)).log())
-    rest = (leftover - n_raised * guess.exp()).clamp_min(_MIN_LEFTOVER)
+    rest = (leftover - n_raised * guess.exp()).clamp_min(MIN_LEFTOVER)
     new_floor = rest.log() - (vocab_size - k - n_raised).clamp_min(1).log()      # [B, S]
     values = torch.where(listed, own, torch.where(by_active & ~listed, guess[:, :, None], new_floor[:, :, None]))
     return values, new_floor

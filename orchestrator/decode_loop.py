@@ -6,7 +6,7 @@ One round, in numbered phases, each one batched operation over all rows where it
              or timed out has its sessions re-opened elsewhere from the token history (migration); an expert
              that no replica answers for is marked down, its rows keep the experts that did answer, and a row
              left with none is routed again among the rest (degraded routing)
-  3) mix     per (experts answering, space) one batched mix of their top-k               (gating/mix.py)
+  3) mix     every row's answering experts' top-k, in its request's space                (gating/mix_row.py)
   4) sample  every row from its own request's RNG, from the whole mix (tail included)    (orchestrator/sample.py)
   5) feed    append each token, emit TokenEvents, one batched gate step, retire finished rows
 
@@ -30,11 +30,11 @@ from collections.abc import Sequence as Seq
 import torch
 
 from experts.protocol import Expert, SessionStep, StepOutput, TopK
-from gating.mix import logprob_of, mix
+from gating.mix_row import mix_rows
 from orchestrator.expert_health import ExpertHealth
 from orchestrator.profile import PhaseClock
 from orchestrator.routing import Route, renormalise, route_fixed, route_gated, route_uniform
-from orchestrator.sample import sample_mixed, top_alternatives
+from orchestrator.sample import sample_row
 from orchestrator.sequence import Sequence
 from orchestrator.types import AtCapacity, ExpertsUnavailable, GateDecision, TokenEvent
 
@@ -142,14 +142,10 @@ class DecodeLoop:
         waited = time.perf_counter() - t_step
         self.clock.add(phase["expert"], waited)
         self.clock.add(phase["rpc"], max(0.0, waited - server_s))
-        # 3) mix and 4) sample, per group of rows with the same number of answering experts and space
+        # 3) mix and 4) sample, every row that has answers
         tokens: dict[int, tuple[int, float, tuple]] = {}
-        groups: dict[tuple[int, str], list[int]] = {}
-        for i, r in enumerate(routes):
-            if r is not None and not seqs[i].done:
-                groups.setdefault((len(r.experts), seqs[i].space), []).append(i)
-        for (_, space), rows in groups.items():
-            self._mix_and_sample(seqs, routes, answers, rows, space, tokens, phase)
+        rows = [i for i, r in enumerate(routes) if r is not None and not seqs[i].done]
+        self._mix_and_sample(seqs, routes, answers, rows, tokens, phase)
         # 5) feed back: tokens to sequences, events to readers, one gate step per gate version
         with self.clock.phase(phase["emit"]):
             self._feed_back(seqs, routes, tokens, answers)
@@ -273,24 +269,17 @@ class DecodeLoop:
             out[i] = o
         return out  # type: ignore[return-value]
 
-    @torch.inference_mode()                    # no autograd bookkeeping: ≈ 20 % of a small batch's mix time
-    def _mix_and_sample(self, seqs, routes, answers, rows: list[int], space: str, tokens: dict,
-                        phase: dict[str, str]) -> None:
-        """Phases 3 and 4 for rows with the same number of answering experts S and the same space."""
+    def _mix_and_sample(self, seqs, routes, answers, rows: list[int], tokens: dict, phase: dict[str, str]) -> None:
+        """Phases 3 and 4 for `rows`: one mix per row (gating/mix_row.py picks row by row or batched), then one
+        draw per row from its request's generator."""
         with self.clock.phase(phase["mix"]):
-            tops = [[answers[(i, e)] for e in routes[i].experts] for i in rows]
-            k = min(len(t.token_ids) for row in tops for t in row)
-            ids = torch.tensor([[t.token_ids[:k] for t in row] for row in tops], dtype=torch.long)       # [R, S, K]
-            lps = torch.tensor([[t.logprobs[:k] for t in row] for row in tops], dtype=torch.float32)     # [R, S, K]
-            weights = torch.tensor([routes[i].weights for i in rows], dtype=torch.float32)              # [R, S]
-            mixed = mix(ids, lps, weights, self.vocab_size, space)
+            tops = [[(answers[(i, e)].token_ids, answers[(i, e)].logprobs) for e in routes[i].experts] for i in rows]
+            mixes = mix_rows(tops, [routes[i].weights for i in rows], self.vocab_size, [seqs[i].space for i in rows])
         with self.clock.phase(phase["sample"]):
-            params = [seqs[i].params for i in rows]
-            chosen = sample_mixed(mixed, self.vocab_size, [p.temperature for p in params], [p.top_p for p in params],
-                                  [seqs[i].rng for i in rows], [p.top_k for p in params])
-            lp = logprob_of(mixed, torch.tensor(chosen, dtype=torch.long)).tolist()
-            for r, i in enumerate(rows):
-                tokens[i] = (chosen[r], lp[r], top_alternatives(mixed, r, params[r].top_logprobs))
+            for i, row in zip(rows, mixes):
+                p = seqs[i].params
+                token = sample_row(row, p.temperature, p.top_p, p.top_k, seqs[i].rng)
+                tokens[i] = (token, row.logprob_of(token), row.alternatives(p.top_logprobs))
 
     def _feed_back(self, seqs: list[Sequence], routes: list[Route | None], tokens: dict,
                    answers: dict[Pair, TopK]) -> None:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 from experts.protocol import Expert, ExpertInfo
 from gating.mix import MIX_SPACES, logprob_of, mix
+from gating.mix_row import RowMix
 from gating.objective import select_experts
 from gating.runtime import GateRuntime
 from gating.scores import stack_scores
@@ -23,7 +24,7 @@ from orchestrator.decode_loop import DecodeLoop
 from orchestrator.expert_health import ExpertHealth
 from orchestrator.native import native_events
 from orchestrator.profile import PhaseClock
-from orchestrator.sample import make_rng, top_alternatives
+from orchestrator.sample import make_rng
 from orchestrator.sequence import Sequence
 from orchestrator.types import ExpertsUnavailable, GenerationRequest, TokenEvent
 
@@ -247,5 +248,6 @@ class EnsembleEngine:
         mixed = mix(ids, lps, weights, self.vocab_size, self._space(model, gate))
         lp = logprob_of(mixed, targets)                                                # [N]
         return [(None, ())] + [
-            (float(lp[j]), top_alternatives(mixed, j, top_logprobs)) for j in range(len(targets))
+            (float(lp[j]), RowMix.from_mixed(mixed, j, self.vocab_size).alternatives(top_logprobs) if top_logprobs
+             else ()) for j in range(len(targets))
         ]

@@ -70,8 +70,8 @@ async def test_each_token_is_sampled_from_the_routed_mix_of_the_full_context(spa
         idx = [NAMES.index(n) for n in ev.routing.experts]
         tops = [topk_of(context_logprobs(experts[NAMES[i]].seed, context, V), 8) for i in idx]
         ids = torch.tensor([[t.token_ids for t in tops]])
-        lps = torch.tensor([[t.logprobs for t in tops]])
-        mixed = mix(ids, lps, torch.tensor([ev.routing.weights]), V, space)
+        lps = torch.tensor([[t.logprobs for t in tops]], dtype=torch.float64)     # the served mix is float64
+        mixed = mix(ids, lps, torch.tensor([ev.routing.weights], dtype=torch.float64), V, space)
         best = int(mixed.cand_ids[0][mixed.cand_logprobs[0].argmax()])
         assert ev.token_id == best
         assert ev.logprob == pytest.approx(float(logprob_of(mixed, torch.tensor([best]))[0]), abs=1e-5)
@@ -92,8 +92,9 @@ async def test_sampled_tokens_come_from_the_reported_mix_tail_included():
         for ev in events:
             idx = [NAMES.index(name) for name in ev.routing.experts]
             tops = [topk_of(context_logprobs(experts[NAMES[i]].seed, context, V), 8) for i in idx]
-            mixed = mix(torch.tensor([[t.token_ids for t in tops]]), torch.tensor([[t.logprobs for t in tops]]),
-                        torch.tensor([ev.routing.weights]), V, "logits")
+            mixed = mix(torch.tensor([[t.token_ids for t in tops]]),
+                        torch.tensor([[t.logprobs for t in tops]], dtype=torch.float64),     # the served mix's dtype
+                        torch.tensor([ev.routing.weights], dtype=torch.float64), V, "logits")
             union = set(mixed.cand_ids[0].tolist())
             expected_tail += 1.0 - float(torch.where(mixed.first, mixed.cand_logprobs.exp(), 0.0).sum())
             drawn_tail += ev.token_id not in union

@@ -1,12 +1,20 @@
 """Pure-function tests of orchestrator.sample."""
 
+import math
+
 import pytest
 import torch
 
-from orchestrator.sample import draw_weights, make_rng, nucleus_mask, sample_mixed, sample_token, tail_of
+from gating.mix_row import RowMix
+from orchestrator.sample import draw_outside, draw_weights, make_rng, nucleus, sample_row
 
-IDS = torch.tensor([7, 3, 9, 5])
-LPS = torch.log(torch.tensor([0.1, 0.5, 0.3, 0.1]))
+IDS = [7, 3, 9, 5]
+LPS = [math.log(p) for p in (0.1, 0.5, 0.3, 0.1)]
+
+
+def sample_token(ids, lps, temperature: float, top_p: float, rng) -> int:
+    """One draw from the candidates alone (no tail)."""
+    return sample_row(RowMix(tuple(ids), tuple(lps), float("-inf"), 0, max(ids) + 1), temperature, top_p, 0, rng)
 
 
 def test_temperature_zero_is_greedy():
@@ -14,9 +22,9 @@ def test_temperature_zero_is_greedy():
 
 
 def test_greedy_ties_break_toward_smaller_id():
-    lps = torch.log(torch.tensor([0.4, 0.1, 0.4, 0.1]))
+    lps = [math.log(p) for p in (0.4, 0.1, 0.4, 0.1)]
     assert sample_token(IDS, lps, 0.0, 1.0, make_rng(0)) == 7
-    assert sample_token(torch.tensor([9, 2]), torch.tensor([-1.0, -1.0]), 0.0, 1.0, make_rng(0)) == 2
+    assert sample_token([9, 2], [-1.0, -1.0], 0.0, 1.0, make_rng(0)) == 2
 
 
 def test_seed_reproducibility():
@@ -34,15 +42,16 @@ def test_frequencies_follow_the_distribution():
 
 
 def test_top_p_keeps_the_smallest_nucleus():
-    probs = torch.tensor([0.1, 0.5, 0.3, 0.1])
-    assert nucleus_mask(probs, 0.5).tolist() == [False, True, False, False]
-    assert nucleus_mask(probs, 0.6).tolist() == [False, True, True, False]
+    probs = [0.1, 0.5, 0.3, 0.1]
+    assert nucleus(probs, 0.5) == [0.0, 0.5, 0.0, 0.0]
+    assert nucleus(probs, 0.6) == [0.0, 0.5, 0.3, 0.0]
+    assert nucleus([0.25, 0.5, 0.25, 0.0], 0.7) == [0.25, 0.5, 0.0, 0.0]    # ties: the first listed first
     rng = make_rng(1)
     assert {sample_token(IDS, LPS, 1.0, 0.5, rng) for _ in range(100)} == {3}
 
 
 def test_excluded_candidates_are_never_sampled():
-    lps = torch.tensor([float("-inf"), -0.1, float("-inf"), -3.0])
+    lps = [float("-inf"), -0.1, float("-inf"), -3.0]
     rng = make_rng(0)
     assert {sample_token(IDS, lps, 2.0, 1.0, rng) for _ in range(300)} <= {3, 5}
 
@@ -56,19 +65,25 @@ def _mixed(seed: int = 0, space: str = "probs"):
     lps = [torch.log_softmax(torch.randn(V_MIX, generator=g) * 1.5, 0).topk(K_MIX) for _ in range(2)]
     ids = torch.stack([t.indices for t in lps])[None]
     values = torch.stack([t.values for t in lps])[None]
-    return mix(ids, values, torch.tensor([[0.6, 0.4]]), V_MIX, space)
+    return RowMix.from_mixed(mix(ids, values, torch.tensor([[0.6, 0.4]]), V_MIX, space), 0, V_MIX)
 
 
 V_MIX, K_MIX = 48, 6
 
 
-def _full(mixed) -> torch.Tensor:
+def _full(row: RowMix) -> torch.Tensor:
     """The mix as a dense [V] vector of logprobs."""
-    lp = torch.full((V_MIX,), float(mixed.tail_logprob[0]), dtype=torch.float64)
-    for c, v, first in zip(mixed.cand_ids[0], mixed.cand_logprobs[0], mixed.first[0]):
-        if first:
-            lp[c] = float(v)
+    lp = torch.full((V_MIX,), row.tail_logprob, dtype=torch.float64)
+    lp[list(row.ids)] = torch.tensor(row.logprobs, dtype=torch.float64)
     return lp
+
+
+def nucleus_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The reference nucleus over a dense vector: the smallest set, by descending prob, whose mass reaches top_p."""
+    order = torch.argsort(probs, descending=True, stable=True)
+    sorted_probs = probs[order]
+    keep_sorted = (sorted_probs.cumsum(0) - sorted_probs) < top_p
+    return torch.zeros_like(keep_sorted).scatter(0, order, keep_sorted) & (probs > 0)
 
 
 def _reference(full_lp: torch.Tensor, temperature: float, top_p: float, top_k: int = 0) -> torch.Tensor:
@@ -90,21 +105,20 @@ def test_draw_weights_are_the_full_vocabulary_distribution(temperature, top_p, t
     """Candidates and tail weigh exactly what the same tokens weigh when sampling the whole vocabulary, for
     any temperature, top-k and nucleus (reaching into the tail, they keep as much of it as they need)."""
     mixed = _mixed()
-    assert 5 < int(mixed.first.sum()) < 15        # top_k 5 ends inside the candidates, 15 and more in the tail
-    cand, tail = draw_weights(mixed.cand_logprobs, torch.tensor([temperature]), torch.tensor([top_p]),
-                              tail_of(mixed, V_MIX), torch.tensor([top_k]))
+    assert 5 < len(mixed.ids) < 15                # top_k 5 ends inside the candidates, 15 and more in the tail
+    cand, tail = draw_weights(mixed.logprobs, mixed.tail_logprob, mixed.tail_count, temperature, top_p, top_k)
     ref = _reference(_full(mixed), temperature, top_p, top_k)
     in_union = torch.zeros(V_MIX, dtype=torch.bool)
-    in_union[mixed.cand_ids[0]] = True
+    in_union[list(mixed.ids)] = True
     mine = torch.zeros(V_MIX, dtype=torch.float64)
-    mine.index_add_(0, mixed.cand_ids[0], cand[0])
-    total = cand.sum() + tail.sum()
+    mine[list(mixed.ids)] = torch.tensor(cand, dtype=torch.float64)
+    total = sum(cand) + tail
     assert torch.allclose(mine[in_union] / total, ref[in_union], atol=1e-7)   # the mix is float32
-    assert float(tail[0] / total) == pytest.approx(float(ref[~in_union].sum()), abs=1e-7)
+    assert tail / total == pytest.approx(float(ref[~in_union].sum()), abs=1e-7)
     if top_p == 1.0 and top_k == 0:
-        assert float(tail[0]) > 0.05            # this mix leaves real mass outside the candidates
-    if 0 < top_k <= int(mixed.first.sum()):
-        assert float(tail[0]) == 0.0 and int((cand[0] > 0).sum()) == top_k
+        assert tail > 0.05                      # this mix leaves real mass outside the candidates
+    if 0 < top_k <= len(mixed.ids):
+        assert tail == 0.0 and sum(c > 0 for c in cand) == top_k
 
 
 def test_sampling_the_mix_draws_tail_tokens_as_often_as_their_reported_mass():
@@ -115,11 +129,11 @@ def test_sampling_the_mix_draws_tail_tokens_as_often_as_their_reported_mass():
     n = 20000
     counts = torch.zeros(V_MIX)
     for _ in range(n // 100):
-        rows = [sample_mixed(mixed, V_MIX, [1.0], [1.0], [rng])[0] for _ in range(100)]
+        rows = [sample_row(mixed, 1.0, 1.0, 0, rng) for _ in range(100)]
         counts += torch.bincount(torch.tensor(rows), minlength=V_MIX)
     expected = _full(mixed).exp()
     in_union = torch.zeros(V_MIX, dtype=torch.bool)
-    in_union[mixed.cand_ids[0]] = True
+    in_union[list(mixed.ids)] = True
     assert float((counts / n - expected).abs().max()) < 0.012
     tail_share = float(counts[~in_union].sum() / n)
     assert tail_share == pytest.approx(float(expected[~in_union].sum()), abs=0.012)
@@ -129,22 +143,30 @@ def test_sampling_the_mix_draws_tail_tokens_as_often_as_their_reported_mass():
 def test_the_nucleus_and_greedy_never_leave_the_candidates_when_they_suffice():
     mixed = _mixed(2)
     rng = make_rng(3)
-    cand_mass = float(torch.where(mixed.first, mixed.cand_logprobs.exp(), 0.0).sum())
-    in_union = set(mixed.cand_ids[0].tolist())
-    assert {sample_mixed(mixed, V_MIX, [1.0], [cand_mass * 0.9], [rng])[0] for _ in range(500)} <= in_union
-    greedy = sample_mixed(mixed, V_MIX, [0.0], [1.0], [rng])[0]
-    assert greedy == int(mixed.cand_ids[0][mixed.cand_logprobs[0].argmax()])
+    cand_mass = sum(math.exp(v) for v in mixed.logprobs)
+    in_union = set(mixed.ids)
+    assert {sample_row(mixed, 1.0, cand_mass * 0.9, 0, rng) for _ in range(500)} <= in_union
+    greedy = sample_row(mixed, 0.0, 1.0, 0, rng)
+    assert greedy == mixed.ids[max(range(len(mixed.ids)), key=mixed.logprobs.__getitem__)]
 
 
 def test_a_top_k_within_the_candidates_samples_only_the_k_best():
     mixed = _mixed(5)
-    best = set(mixed.cand_ids[0][mixed.cand_logprobs[0].topk(3).indices].tolist())
+    best = {t for t, _ in mixed.alternatives(3)}
     rng = make_rng(1)
-    assert {sample_mixed(mixed, V_MIX, [1.0], [1.0], [rng], [3])[0] for _ in range(300)} == best
+    assert {sample_row(mixed, 1.0, 1.0, 3, rng) for _ in range(300)} == best
 
 
 def test_seeded_draws_from_the_mix_repeat():
     mixed = _mixed(4)
-    a = [sample_mixed(mixed, V_MIX, [1.0], [1.0], [r])[0] for r in [make_rng(9)] for _ in range(200)]
-    b = [sample_mixed(mixed, V_MIX, [1.0], [1.0], [r])[0] for r in [make_rng(9)] for _ in range(200)]
+    a = [sample_row(mixed, 1.0, 1.0, 0, r) for r in [make_rng(9)] for _ in range(200)]
+    b = [sample_row(mixed, 1.0, 1.0, 0, r) for r in [make_rng(9)] for _ in range(200)]
     assert a == b
+
+
+def test_a_tail_draw_is_uniform_over_the_tokens_outside_the_candidates():
+    taken = [0, 3, 4, 9]
+    rng = make_rng(2)
+    draws = [draw_outside(taken, 10, rng) for _ in range(3000)]
+    assert set(draws) == {1, 2, 5, 6, 7, 8}
+    assert min(draws.count(t) for t in set(draws)) > 400               # each ≈ 500
