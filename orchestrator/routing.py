@@ -24,24 +24,38 @@ class Route:
 
 
 def route_gated(logits: torch.Tensor, ks: list[int], available: torch.Tensor) -> list[Route | None]:
-    """logits [B, E], ks (experts per row), available [E] bool -> a Route per row (None: no expert left)."""
-    b, e = logits.shape
-    n_available = int(available.sum())
+    """logits [B, E], ks (experts per row), available [E] bool -> a Route per row (None: no expert left).
+
+    Row by row in Python floats: a row is E numbers (4 in the demo), and the ~12 torch ops this took cost
+    0.3 ms per token at concurrency 1 inside the gateway. Same rule as gating.mix.gate_weights (top-k of the
+    logits, softmax over them; ties: the lower expert index)."""
+    up = available.tolist()
+    n_available = sum(up)
     if n_available == 0:
-        return [None] * b
-    probs = torch.softmax(logits, dim=-1)
-    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)                 # [B]
-    masked = logits.masked_fill(~available, float("-inf"))                   # [B, E]
-    routes: list[Route | None] = [None] * b
-    for k in sorted(set(ks)):
-        rows = [i for i, ki in enumerate(ks) if ki == k]
-        wanted = logits[rows].topk(min(k, e), dim=-1).indices.tolist()        # [R, k] ignoring availability
-        top, chosen = masked[rows].topk(min(k, n_available), dim=-1)         # [R, k']
-        weights, chosen, h = torch.softmax(top, dim=-1).tolist(), chosen.tolist(), entropy[rows].tolist()
-        for r, i in enumerate(rows):
-            degraded = set(wanted[r]) != set(chosen[r])
-            routes[i] = Route(tuple(chosen[r]), tuple(weights[r]), h[r], degraded)
+        return [None] * logits.shape[0]
+    routes: list[Route | None] = []
+    for row, k in zip(logits.tolist(), ks):
+        order = sorted(range(len(row)), key=row.__getitem__, reverse=True)      # by descending logit
+        wanted = order[:k]                                                       # ignoring availability
+        chosen = [e for e in order if up[e]][:k]
+        routes.append(Route(tuple(chosen), softmax([row[e] for e in chosen]), entropy(row, row[order[0]]),
+                            degraded=set(wanted) != set(chosen)))
     return routes
+
+
+def softmax(xs: list[float]) -> tuple[float, ...]:
+    top = max(xs)
+    ex = [math.exp(x - top) for x in xs]
+    z = sum(ex)
+    return tuple(x / z for x in ex)
+
+
+def entropy(logits: list[float], top: float) -> float:
+    """Of softmax(logits), in nats (top: the largest logit): log z - Σ pᵢ·(xᵢ - top), z = Σ exp(xᵢ - top)."""
+    shifted = [x - top for x in logits]
+    ex = [math.exp(x) for x in shifted]
+    z = sum(ex)
+    return math.log(z) - sum([q * x for q, x in zip(ex, shifted)]) / z
 
 
 def route_uniform(available: torch.Tensor) -> Route | None:

@@ -1,0 +1,39 @@
+"""orchestrator.routing.route_gated (served, per row in Python floats) against gating.mix.gate_weights (the
+rule training and `ensemble eval` use), with experts down."""
+
+import math
+
+import pytest
+import torch
+
+from gating.mix import gate_weights
+from orchestrator.routing import route_gated
+
+
+@pytest.mark.parametrize("down", [(), (0,), (1, 3), (0, 1, 2)])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_routes_follow_the_gate_rule_among_the_experts_that_are_up(down, k):
+    g = torch.Generator().manual_seed(k * 10 + len(down))
+    logits = torch.randn(16, 4, generator=g) * 2
+    available = torch.tensor([e not in down for e in range(4)])
+    routes = route_gated(logits, [k] * 16, available)
+    up = int(available.sum())
+    want_experts, want_weights = gate_weights(logits.masked_fill(~available, float("-inf")), min(k, up))
+    wanted, _ = gate_weights(logits, k)
+    probs = torch.softmax(logits, -1)
+    for r, route in enumerate(routes):
+        assert route.experts == tuple(want_experts[r].tolist())
+        assert route.weights == pytest.approx(want_weights[r].tolist(), abs=1e-6)
+        assert math.fsum(route.weights) == pytest.approx(1.0, abs=1e-12)
+        assert route.entropy == pytest.approx(float(-(probs[r] * probs[r].log()).sum()), abs=1e-5)
+        assert route.degraded == (set(wanted[r].tolist()) != set(route.experts))
+    if down:
+        assert any(route.degraded for route in routes)
+
+
+def test_rows_take_their_own_k_and_no_expert_up_gives_no_route():
+    logits = torch.tensor([[0.1, 2.0, 1.0, -1.0], [3.0, 0.0, 0.5, 0.2]])
+    one, two = route_gated(logits, [1, 2], torch.ones(4, dtype=torch.bool))
+    assert one.experts == (1,) and one.weights == (1.0,)
+    assert two.experts == (0, 2) and two.weights[0] > two.weights[1]
+    assert route_gated(logits, [1, 2], torch.zeros(4, dtype=torch.bool)) == [None, None]
