@@ -10,8 +10,8 @@ wake-ups no longer preempt anyone (README "Speed": top-2 ITL at c=1 and throughp
 The in-process engine thread itself, and the compute threads it starts, run ENGINE_NICE_INCREMENT niceness
 levels below their process (Ray's workers run at 15, so 19). It is the one thread that computes for long
 stretches; the threads that relay its results (the replica's event loop, the gateway's) run for short bursts,
-and on shared cores each burst is on the critical path of a token. With the engine below them, a relay thread that wakes takes a core at once
-instead of waiting for an engine's time slice (README "Speed": six A/B pairs).
+and on shared cores each burst is on the critical path of a token. With the engine below them, a relay thread
+that wakes takes a core at once instead of waiting for an engine's time slice (README "Speed": six A/B pairs).
 """
 
 from __future__ import annotations

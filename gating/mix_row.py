@@ -52,12 +52,6 @@ class RowMix:
         best = sorted(range(len(self.ids)), key=self.logprobs.__getitem__, reverse=True)[:n]
         return tuple((self.ids[i], self.logprobs[i]) for i in best)
 
-    @classmethod
-    def from_mixed(cls, mixed: Mixed, row: int, vocab_size: int) -> RowMix:
-        """One row of a batched torch mix."""
-        return rows_of(Mixed(*(t[row:row + 1] for t in (mixed.cand_ids, mixed.cand_logprobs, mixed.first,
-                                                             mixed.tail_logprob))), vocab_size)[0]
-
 
 def rows_of(mixed: Mixed, vocab_size: int) -> list[RowMix]:
     """Every row of a batched torch mix: its distinct candidates in first-listed order, and its tail."""

@@ -17,7 +17,6 @@ from experts.protocol import TopK
 from gating.adaptive import adaptive_k, selection_mask
 from gating.checkpoint import GateCheckpoint
 from gating.features import Memory, signals, step_features, unobserved_features
-from gating.mix import gate_weights
 from gating.model import Gate
 from gating.rollout import padded_signals, rollout, top_k_rule
 
@@ -129,11 +128,3 @@ class GateRuntime:
         else:
             select = top_k_rule(k or self.top_k)
         return rollout(self.gate, x, padded_signals(sig, [n]), select)[0]
-
-    def choose(self, state: GateState, k: int | None = None) -> tuple[list[int], list[float], float]:
-        """-> (expert indices, weights, entropy of the full gate softmax in nats)."""
-        assert state.logits is not None, "gate has seen no context"
-        experts, weights = gate_weights(state.logits[None], k or self.top_k)
-        p = torch.softmax(state.logits, -1)
-        entropy = float(-(p * p.clamp_min(1e-12).log()).sum())
-        return experts[0].tolist(), weights[0].tolist(), entropy

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 
 from experts.protocol import Expert, ExpertInfo
 from gating.mix import MIX_SPACES, logprob_of, mix
-from gating.mix_row import RowMix
+from gating.mix_row import rows_of
 from gating.objective import select_experts
 from gating.runtime import GateRuntime
 from gating.scores import stack_scores
@@ -246,8 +246,7 @@ class EnsembleEngine:
             experts, weights = gate_weights(gate.sequence_logits(list(token_ids), all_ids, all_lps)[:n], self.top_k)
         ids, lps = select_experts(all_ids, all_lps, experts)                          # [N, S, K]
         mixed = mix(ids, lps, weights, self.vocab_size, self._space(model, gate))
-        lp = logprob_of(mixed, targets)                                                # [N]
-        return [(None, ())] + [
-            (float(lp[j]), RowMix.from_mixed(mixed, j, self.vocab_size).alternatives(top_logprobs) if top_logprobs
-             else ()) for j in range(len(targets))
-        ]
+        lp = logprob_of(mixed, targets).tolist()                                       # [N]
+        alternatives = ([row.alternatives(top_logprobs) for row in rows_of(mixed, self.vocab_size)] if top_logprobs
+                        else [()] * n)
+        return [(None, ())] + list(zip(lp, alternatives))

@@ -107,7 +107,7 @@ async def test_sampled_tokens_leave_the_candidates_as_often_as_the_reported_mix_
     tokens outside every selected expert's top-k (the tail) are drawn as often as the mix gives them mass
     (recomputed from teacher-forced scores of the finished text), not never."""
     from gating.mix import mix
-    from gating.mix_row import RowMix
+    from gating.mix_row import rows_of
     from orchestrator.sample import draw_weights
 
     names = list(expert_clients)
@@ -129,7 +129,7 @@ async def test_sampled_tokens_leave_the_candidates_as_often_as_the_reported_mix_
             expected += 1.0 - float(torch.where(mixed.first, mixed.cand_logprobs.exp(), 0.0).sum())
             drawn += ev.token_id not in set(ids.flatten().tolist())
             n += 1
-            row = RowMix.from_mixed(mixed, 0, engine.vocab_size)
+            row = rows_of(mixed, engine.vocab_size)[0]
             cooler += draw_weights(row.logprobs, row.tail_logprob, row.tail_count, 0.8)[1]
     print(f"temperature 1: {drawn} of {n} sampled tokens from the tail, the mix's tail mass {expected:.1f}; "
           f"at temperature 0.8 the same steps' tail would weigh {cooler:.1f}")

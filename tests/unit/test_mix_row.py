@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gating.mix import logprob_of, mix
-from gating.mix_row import RowMix, mix_row
+from gating.mix_row import mix_row, rows_of
 
 
 def random_row(seed: int, s: int, k: int, vocab: int, shared: int, peaked: bool = False):
@@ -38,7 +38,7 @@ CASES = [(seed, s, k, vocab, shared, peaked)
 @pytest.mark.parametrize(("seed", "s", "k", "vocab", "shared", "peaked"), CASES)
 def test_a_row_is_the_batched_mix(seed, s, k, vocab, shared, peaked, space, interp):
     ids, lps, weights = random_row(seed, s, k, vocab, shared, peaked)
-    ref = RowMix.from_mixed(mix(ids[None], lps[None], weights[None], vocab, space, interp=interp), 0, vocab)
+    ref = rows_of(mix(ids[None], lps[None], weights[None], vocab, space, interp=interp), vocab)[0]
     row = mix_row([(i.tolist(), v.tolist()) for i, v in zip(ids, lps)], weights.tolist(), vocab, space,
                   interp=interp)
     assert row.ids == ref.ids and row.tail_count == ref.tail_count == vocab - len(set(ids.flatten().tolist()))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from gating.mix_row import RowMix
+from gating.mix_row import RowMix, rows_of
 from orchestrator.sample import draw_outside, draw_weights, make_rng, nucleus, sample_row
 
 IDS = [7, 3, 9, 5]
@@ -65,7 +65,7 @@ def _mixed(seed: int = 0, space: str = "probs"):
     lps = [torch.log_softmax(torch.randn(V_MIX, generator=g) * 1.5, 0).topk(K_MIX) for _ in range(2)]
     ids = torch.stack([t.indices for t in lps])[None]
     values = torch.stack([t.values for t in lps])[None]
-    return RowMix.from_mixed(mix(ids, values, torch.tensor([[0.6, 0.4]]), V_MIX, space), 0, V_MIX)
+    return rows_of(mix(ids, values, torch.tensor([[0.6, 0.4]]), V_MIX, space), V_MIX)[0]
 
 
 V_MIX, K_MIX = 48, 6
