@@ -8,6 +8,8 @@ Both feed the same predetermined tokens and must return the same top-k; the scri
 
     .venv/bin/python scripts/measure_expert_stepping.py --model artifacts/demo/experts/code [--via-serve]
     .venv/bin/python scripts/measure_expert_stepping.py --streams 1 8 32 --cpu-threads-bind 1 --engine-process separate
+    .venv/bin/python scripts/measure_expert_stepping.py --streams 1 16 --variants b --cpu-threads-bind nobind \
+        --cpu-threads 1 [--no-enforce-eager]        # the served placement; compiled (README "Compiled engines")
 """
 
 from __future__ import annotations
@@ -132,7 +134,8 @@ def report(name: str, streams: int, times: list[float], cpu_s: float | None = No
 def probe_config(args) -> ExpertConfig:
     return ExpertConfig(name="probe", model_path=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                         max_num_seqs=max(64, 2 * max(args.streams)), kv_cache_space_gib=1,
-                        cpu_threads_bind=args.cpu_threads_bind, engine_process=args.engine_process)
+                        cpu_threads_bind=args.cpu_threads_bind, engine_process=args.engine_process,
+                        cpu_threads=args.cpu_threads, enforce_eager=args.enforce_eager)
 
 
 def workload(rng: random.Random, vocab: int, streams: int, args):
@@ -209,6 +212,9 @@ def main() -> None:
     p.add_argument("--via-serve", action="store_true", help="measure (b) through a Ray Serve deployment instead")
     p.add_argument("--variants", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"],
                    help="which of (a) fresh request, (b) streaming session, (c) plain decode to run")
+    p.add_argument("--cpu-threads", type=int, default=None, help="torch threads of the engine (ExpertConfig.cpu_threads)")
+    p.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false",
+                   help="let vLLM compile the model (torch.compile; minutes of start-up on CPU)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
     asyncio.run(measure(p.parse_args()))
 
