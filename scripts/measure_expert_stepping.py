@@ -214,7 +214,7 @@ def main() -> None:
                    help="which of (a) fresh request, (b) streaming session, (c) plain decode to run")
     p.add_argument("--cpu-threads", type=int, default=None, help="torch threads of the engine (ExpertConfig.cpu_threads)")
     p.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false",
-                   help="let vLLM compile the model (torch.compile; minutes of start-up on CPU)")
+                   help="let vLLM compile the model (torch.compile: ~35 s more start-up the first time for one demo expert)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
     asyncio.run(measure(p.parse_args()))
 
