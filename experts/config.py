@@ -73,10 +73,10 @@ class ExpertConfig(BaseModel):
     data_plane: Literal["auto", "on", "off"] = "auto"
     # GPU only: fraction of device memory for weights + KV cache.
     gpu_memory_utilization: float = 0.9
-    # True skips torch.compile (and CUDA graphs on GPU). On the 2-core dev CPU, a compiled demo expert's
-    # session step took 18-28 % less time, but with four engines starting at once vLLM's engine init took ~100 s the first time and
-    # ~40 s from its compile cache (~/.cache/vllm), against ~1 s eager: README "Speed", "Compiled engines".
-    # The GPU configs (deploy/cluster.yaml) set false.
+    # True skips torch.compile (and CUDA graphs on GPU). On the 2-core dev CPU, a compiled demo expert's session
+    # step took 18-28 % less time, but with four engines starting at once vLLM's engine init took ~100 s the
+    # first time and ~40 s from its compile cache (~/.cache/vllm), against ~1 s eager: README "Speed",
+    # "Compiled engines". The GPU configs (deploy/cluster.yaml) set false.
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
     # Paused decode sessions hold a scheduler slot, so this also bounds the number of open sessions.
