@@ -212,9 +212,11 @@ def main() -> None:
     p.add_argument("--via-serve", action="store_true", help="measure (b) through a Ray Serve deployment instead")
     p.add_argument("--variants", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"],
                    help="which of (a) fresh request, (b) streaming session, (c) plain decode to run")
-    p.add_argument("--cpu-threads", type=int, default=None, help="torch threads of the engine (ExpertConfig.cpu_threads)")
+    p.add_argument("--cpu-threads", type=int, default=None,
+                   help="torch threads of the engine (ExpertConfig.cpu_threads)")
     p.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false",
-                   help="let vLLM compile the model (torch.compile: ~35 s more start-up the first time for one demo expert)")
+                   help="let vLLM compile the model (torch.compile: ~35 s more start-up the first time, one demo "
+                        "expert)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
     asyncio.run(measure(p.parse_args()))
 
