@@ -72,11 +72,11 @@ class GatewayMetrics:
 
     def token(self, model: str, ev: TokenEvent, since_previous_s: float, first: bool) -> None:
         """One generated token; `since_previous_s` is from request arrival for the first token."""
-        ttft, itl, completion, degraded = self._by_model.get(model) or self._model_children(model)
+        ttft, itl, completion = self._by_model.get(model) or self._model_children(model)
         (ttft if first else itl).observe(since_previous_s)
         completion.inc()
         if ev.routing.degraded:
-            degraded.inc()
+            self.degraded_tokens.labels(model=model).inc()        # rare: its series appears on first use
         for name, w in zip(ev.routing.experts, ev.routing.weights):
             tokens, weight = self._by_expert.get(name) or self._expert_children(name)
             tokens.inc()
@@ -89,8 +89,7 @@ class GatewayMetrics:
 
     def _model_children(self, model: str) -> tuple:
         children = self._by_model[model] = (self.ttft.labels(model=model), self.itl.labels(model=model),
-                                            self.completion_tokens.labels(model=model),
-                                            self.degraded_tokens.labels(model=model))
+                                            self.completion_tokens.labels(model=model))
         return children
 
     def _expert_children(self, name: str) -> tuple:

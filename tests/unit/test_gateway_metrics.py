@@ -29,6 +29,7 @@ def test_token_counters_and_the_share_are_exported_per_label() -> None:
     assert s[("ensemble_completion_tokens_total", (("model", "ensemble"),))] == 3
     assert s[("ensemble_completion_tokens_total", (("model", "code"),))] == 1
     assert s[("ensemble_degraded_tokens_total", (("model", "ensemble"),))] == 1
+    assert ("ensemble_degraded_tokens_total", (("model", "code"),)) not in s      # no series before a degraded token
     assert s[("ensemble_expert_tokens_total", (("expert", "code"),))] == 3
     assert s[("ensemble_expert_token_weight_total", (("expert", "code"),))] == pytest.approx(2.25)
     assert s[("ensemble_time_to_first_token_seconds_count", (("model", "ensemble"),))] == 1
