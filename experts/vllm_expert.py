@@ -87,10 +87,13 @@ class VLLMExpert:
         together = [i for i, session in enumerate(sessions) if session is not None and session.batchable]
         batched = set(together)
         alone = [i for i in range(len(steps)) if i not in batched]
-        return await self._closing_on_cancel(steps, _merged(together, alone, asyncio.gather(
-            self._feed_together([(steps[i], sessions[i]) for i in together], top_k) if together else _ready([]),
-            *(self._feed(steps[i], top_k, opening=False) if errors[i] is None else _ready(_failed(steps[i], errors[i]))
-              for i in alone))))
+        batch = self._feed_together([(steps[i], sessions[i]) for i in together], top_k) if together else _ready([])
+        # Every row batched (the usual case): awaited in place, so its engine command is posted before this call
+        # yields to the event loop; a gather would first make it a task, one loop turn later.
+        work = _inline(batch) if not alone else asyncio.gather(
+            batch, *(self._feed(steps[i], top_k, opening=False) if errors[i] is None
+                     else _ready(_failed(steps[i], errors[i])) for i in alone))
+        return await self._closing_on_cancel(steps, _merged(together, alone, work))
 
     async def close(self, session_ids: list[str]) -> None:
         await self.sessions.close(session_ids)
@@ -313,6 +316,11 @@ async def _merged(together: list[int], alone: list[int], work) -> list[StepOutpu
     for i, o in zip(together + alone, [*batched, *rest]):
         out[i] = o
     return out  # type: ignore[return-value]
+
+
+async def _inline(work: Any) -> list[Any]:
+    """One awaitable, as gather() would give it (a one-item list), but awaited in place: no task of its own."""
+    return [await work]
 
 
 async def _ready(output: Any) -> Any:

@@ -12,7 +12,9 @@ One round, in numbered phases, each one batched operation over all rows where it
 
 A round's TokenEvents reach their readers (detokenise, SSE) once the next round's expert calls are written:
 the readers' work then overlaps the experts' step instead of delaying it (they would otherwise run first:
-asyncio runs ready tasks in order, and the readers woke first).
+asyncio runs ready tasks in order, and the readers woke first). So every call of a round (an expert's opens
+and its advances are two calls) is a task of one gather, and the readers are woken a loop turn after those
+tasks start, late enough for a call that fans out to several replicas to be written too.
 
 New sequences take their first round (prefill: sessions opened with the whole prompt) as a separate batch
 beside the main round, so a long prompt delays only its own first token.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from collections.abc import Sequence as Seq
 
 import torch
@@ -219,13 +222,19 @@ class DecodeLoop:
             by_expert: dict[int, list[int]] = {}
             for i, e in pairs:
                 by_expert.setdefault(e, []).append(i)
-            calls = asyncio.gather(*(self._call(e, [seqs[i] for i in rows]) for e, rows in by_expert.items()))
-            self._deliver()                    # the readers of the last round's tokens run while the experts step
-            results = await calls
+            calls = [(e, rows, call) for e, group in by_expert.items() for rows, call in self._calls(e, group, seqs)]
+            pending = asyncio.gather(*(call for _, _, call in calls))
+            # The readers of the last round's tokens run while the experts step: after the calls' first steps,
+            # which write their requests (see the module docstring).
+            asyncio.get_running_loop().call_soon(self._deliver)
+            results = await pending
+            outputs: dict[int, list[tuple[int, StepOutput]]] = {}
+            for (e, rows, _), outs in zip(calls, results):
+                outputs.setdefault(e, []).extend(zip(rows, outs))
             lost: list[Pair] = []
-            for (e, rows), outs in zip(by_expert.items(), results):
+            for e, answered in outputs.items():
                 failures = []
-                for i, out in zip(rows, outs):
+                for i, out in answered:
                     s = seqs[i]
                     server_s = max(server_s, out.server_s)
                     if out.error is None and out.topk is not None:
@@ -241,9 +250,9 @@ class DecodeLoop:
                     else:
                         capacity[i] = capacity.get(i, False) or kind == "capacity"
                         failures.append(out.error or kind)
-                if any((i, e) in answers for i in rows):
+                if any((i, e) in answers for i, _ in answered):
                     self.health.answered(e)
-                elif failures and all(kind_of(o) in MIGRATABLE for o in outs if o.error):
+                elif failures and all(kind_of(o) in MIGRATABLE for _, o in answered if o.error):
                     self.health.failed(e, failures[0])
             if not lost:
                 break
@@ -252,22 +261,22 @@ class DecodeLoop:
             pairs = lost
         return answers, capacity, server_s
 
-    async def _call(self, e: int, group: list[Sequence]) -> list[StepOutput]:
-        """One expert, one round: open the sessions it lacks (whole context), advance the rest (catch-up)."""
-        opens = [i for i, s in enumerate(group) if e not in s.synced]
-        advances = [i for i, s in enumerate(group) if e in s.synced]
+    def _calls(self, e: int, rows: list[int], seqs: list[Sequence]) -> list[tuple[list[int], Awaitable[list[StepOutput]]]]:
+        """One expert, one round: a call opening the sessions it lacks (whole context) and one advancing the
+        rest (catch-up), each with its rows. Separate calls, so that each is a task of the round's gather and
+        is written before the readers run."""
         expert = self._experts[e]
-        opening = (expert.open([SessionStep(group[i].session_of(e), tuple(group[i].tokens)) for i in opens],
-                               self.logprobs_k) if opens else None)
-        advancing = (expert.advance([SessionStep(group[i].session_of(e), tuple(group[i].tokens[group[i].synced[e]:]))
-                                     for i in advances], self.logprobs_k) if advances else None)
-        opened, advanced = await _both(opening, advancing)
-        out: list[StepOutput | None] = [None] * len(group)
-        for i, o in zip(opens, opened):
-            out[i] = o
-        for i, o in zip(advances, advanced):
-            out[i] = o
-        return out  # type: ignore[return-value]
+        opens = [i for i in rows if e not in seqs[i].synced]
+        advances = [i for i in rows if e in seqs[i].synced]
+        calls = []
+        if opens:
+            calls.append((opens, expert.open([SessionStep(seqs[i].session_of(e), tuple(seqs[i].tokens)) for i in opens],
+                                             self.logprobs_k)))
+        if advances:
+            calls.append((advances, expert.advance([SessionStep(seqs[i].session_of(e),
+                                                                tuple(seqs[i].tokens[seqs[i].synced[e]:]))
+                                                    for i in advances], self.logprobs_k)))
+        return calls
 
     def _mix_and_sample(self, seqs, routes, answers, rows: list[int], tokens: dict, phase: dict[str, str]) -> None:
         """Phases 3 and 4 for `rows`: one mix per row (gating/mix_row.py picks row by row or batched), then one
@@ -349,11 +358,3 @@ def _phase_names(label: str) -> dict[str, str]:
 
 def kind_of(out: StepOutput) -> str:
     return out.error_kind or "input"
-
-
-async def _both(first, second) -> tuple[list, list]:
-    """Await one or two calls; one alone runs inline (no task: its request is written before this yields)."""
-    if first is None or second is None:
-        return (await first if first is not None else []), (await second if second is not None else [])
-    a, b = await asyncio.gather(first, second)
-    return a, b
