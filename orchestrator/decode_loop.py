@@ -222,7 +222,8 @@ class DecodeLoop:
             by_expert: dict[int, list[int]] = {}
             for i, e in pairs:
                 by_expert.setdefault(e, []).append(i)
-            calls = [(e, rows, call) for e, group in by_expert.items() for rows, call in self._calls(e, group, seqs)]
+            calls = [(e, rows, call)
+                     for e, group in by_expert.items() for rows, call in self._calls(e, group, seqs)]
             pending = asyncio.gather(*(call for _, _, call in calls))
             # The readers of the last round's tokens run while the experts step: after the calls' first steps,
             # which write their requests (see the module docstring).
@@ -261,7 +262,8 @@ class DecodeLoop:
             pairs = lost
         return answers, capacity, server_s
 
-    def _calls(self, e: int, rows: list[int], seqs: list[Sequence]) -> list[tuple[list[int], Awaitable[list[StepOutput]]]]:
+    def _calls(self, e: int, rows: list[int],
+               seqs: list[Sequence]) -> list[tuple[list[int], Awaitable[list[StepOutput]]]]:
         """One expert, one round: a call opening the sessions it lacks (whole context) and one advancing the
         rest (catch-up), each with its rows. Separate calls, so that each is a task of the round's gather and
         is written before the readers run."""
@@ -270,8 +272,8 @@ class DecodeLoop:
         advances = [i for i in rows if e in seqs[i].synced]
         calls = []
         if opens:
-            calls.append((opens, expert.open([SessionStep(seqs[i].session_of(e), tuple(seqs[i].tokens)) for i in opens],
-                                             self.logprobs_k)))
+            calls.append((opens, expert.open([SessionStep(seqs[i].session_of(e), tuple(seqs[i].tokens))
+                                              for i in opens], self.logprobs_k)))
         if advances:
             calls.append((advances, expert.advance([SessionStep(seqs[i].session_of(e),
                                                                 tuple(seqs[i].tokens[seqs[i].synced[e]:]))

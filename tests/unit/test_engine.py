@@ -191,27 +191,35 @@ async def test_the_experts_are_asked_for_the_next_token_before_the_reader_handle
     assert all(read == made - 1 for made, read in later), later
 
 
-async def test_a_rounds_opens_and_advances_are_all_asked_before_any_reader_handles_the_last_token():
-    """With several streams an expert often opens one row (its first time in that sequence) and advances others
-    in the same round: both calls, on every expert, must be written before the readers of the previous round's
-    tokens run. (Before, such an expert's two calls were gathered in a task of their own, which asyncio ran
-    after the readers: its advance left ≈ 13 ms late at c=32 on the demo.)"""
+@pytest.mark.parametrize("fan_out", [False, True])
+async def test_a_rounds_opens_and_advances_are_all_asked_before_their_readers_handle_the_last_token(fan_out):
+    """With several streams an expert often opens one row (its first time in that sequence) and advances
+    others in the same round: both calls, on every expert, must be written before the readers of the previous
+    round's tokens run. (Before, such an expert's two calls were gathered in a task of their own, which asyncio
+    ran after the readers: its advance left ≈ 13 ms late at c=32 on the demo.) fan_out: each call first starts
+    a task of its own, as the Serve client does for an expert with several replicas (one call per replica);
+    the loop wakes the readers late enough for those to be written too."""
     engine, experts = await started()
     prompts = {f"r{i}": (0, 5 + i, 6 + 2 * i, 7) for i in range(6)}
     seen: dict[str, int] = dict.fromkeys(prompts, 0)
-    asked: list[tuple[str, str, int, str, int, int]] = []  # (expert, kind, round, request, tokens carried, read)
+    # (expert, kind, round, request, tokens generated that the call carries, events its reader had read)
+    asked: list[tuple[str, str, int, str, int, int]] = []
 
     def recording(e, kind):
         original = getattr(e, kind)
 
-        async def call(steps, top_k):
+        async def ask(steps, top_k):
             for st in steps:
                 rid = st.session_id.rsplit(".", 2)[0]
                 had = 0 if kind == "open" else len(e.sessions[st.session_id])
-                asked.append((e.name, kind, engine._loop.rounds, rid, had + len(st.token_ids) - len(prompts[rid]),
-                              seen[rid]))
+                made = had + len(st.token_ids) - len(prompts[rid])
+                asked.append((e.name, kind, engine._loop.rounds, rid, made, seen[rid]))
             return await original(steps, top_k)
-        return call
+
+        async def fanned(steps, top_k):
+            (out,) = await asyncio.gather(ask(steps, top_k))
+            return out
+        return fanned if fan_out else ask
 
     for e in experts.values():
         for kind in ("open", "advance"):
