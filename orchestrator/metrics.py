@@ -77,14 +77,15 @@ class GatewayMetrics:
         completion.inc()
         if ev.routing.degraded:
             self.degraded_tokens.labels(model=model).inc()        # rare: its series appears on first use
+        ensemble = model == "ensemble"
+        if ensemble:
+            self.gate_entropy.observe(ev.routing.entropy)
+            self._ensemble_tokens += 1
         for name, w in zip(ev.routing.experts, ev.routing.weights):
             tokens, weight = self._by_expert.get(name) or self._expert_children(name)
             tokens.inc()
             weight.inc(w)
-        if model == "ensemble":
-            self.gate_entropy.observe(ev.routing.entropy)
-            self._ensemble_tokens += 1
-            for name, w in zip(ev.routing.experts, ev.routing.weights):
+            if ensemble:
                 self._ensemble_weight[name] = self._ensemble_weight.get(name, 0.0) + w
 
     def _model_children(self, model: str) -> tuple:
