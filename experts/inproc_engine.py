@@ -53,8 +53,9 @@ class InprocEngine:
         self.steps = 0
         self.step_s = 0.0         # wall time inside vLLM's engine steps (this thread), for the speed breakdown
         self.feeds = 0            # feed_sessions commands posted
+        self.opens = 0            # open_sessions commands posted
         self._raw: set[str] = set()                      # engine thread only: requests answered raw
-        self._fed: dict[str, _FeedBatch] = {}             # engine thread only: session -> its feed_sessions call
+        self._fed: dict[str, _FeedBatch] = {}             # engine thread only: session -> its open/feed call
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(args, threads, cores, ready),
                                         name="vllm-engine", daemon=True)
@@ -141,21 +142,45 @@ class InprocEngine:
     feeds_sessions = True     # feed_sessions() is available (see below)
 
     async def feed_sessions(self, chunks: list[tuple[str, list[int]]], params: Any) -> list[Any]:
-        """Append one chunk to each of several open sessions (resumable raw requests started by generate())
-        with ONE command, and return each one's next raw output (with logprobs), or the exception that
-        ended it, in order. The session's own generate() stream is not involved: its consumer keeps waiting
-        and closes the request as before.
+        """Append one chunk to each of several open sessions (resumable raw requests started by open_sessions()
+        or generate()) with ONE command, and return each one's next raw output (with logprobs), or the
+        exception that ended it, in order. A session's own generate() stream, if it has one, is not involved:
+        its consumer keeps waiting and closes the request as before.
 
         Why: through generate(), every session of a batched step costs an asyncio task, two async generator
         hops, a queue each way, vLLM's input processing (validation, a deep copy of the sampling params, a
         new Request object) and a wake-up of its consumer; at 16 to 32 sessions per step that was a third
         of the engine's CPU (`scripts/measure_expert_stepping.py`, CPU ms per step)."""
+        done = self._post("feed", chunks, params)
+        self.feeds += 1
+        return await done
+
+    opens_sessions = True     # open_sessions() is available (see below)
+
+    async def open_sessions(self, prompts: list[tuple[str, list[int]]], params: Any) -> list[Any]:
+        """Start several sessions (resumable raw requests) with their prompts with ONE command, and return
+        each one's first raw output (with logprobs), or the exception that refused or ended it, in order.
+        Later chunks go through feed_sessions; abort_session ends one. No generate() stream is involved.
+
+        Why: through generate(), each session cost a task, a stream and a feeder task for as long as it lived,
+        and its prompt reached the engine a few event-loop turns after the open call, later than an advance
+        of the same expert asked in the same turn. The command is posted before this coroutine first yields
+        (as feed_sessions' is), so both reach the engine together."""
+        done = self._post("open", prompts, params)
+        self.opens += 1
+        return await done
+
+    def _post(self, kind: str, chunks: list[tuple[str, list[int]]], params: Any) -> asyncio.Future:
+        """Post one batched session command now; the future gets its answers, in order."""
         self._check()
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
-        self._commands.put(("feed", chunks, params, done, loop))
-        self.feeds += 1
-        return await done
+        self._commands.put((kind, chunks, params, done, loop))
+        return done
+
+    def abort_session(self, request_id: str) -> None:
+        """End a session started by open_sessions (frees its slot and KV blocks); unknown ids are ignored."""
+        self._commands.put(("abort", request_id))
 
     async def check_health(self) -> None:
         self._check()
@@ -271,6 +296,9 @@ class InprocEngine:
         if kind == "feed":
             self._feed_sessions(*command[1:])
             return
+        if kind == "open":
+            self._open_sessions(*command[1:])
+            return
         if kind == "abort":
             self._raw.discard(request_id)
             if request_id in self._fed:
@@ -281,19 +309,44 @@ class InprocEngine:
             return
         _, _, prompt, params, resumable, raw = command
         try:
-            request = engine.input_processor.process_inputs(request_id, prompt, params,
-                                                            supported_tasks=self._tasks, resumable=resumable)
-            request.external_req_id = request_id          # our ids are unique already: internal = external
-            if raw:
-                self._raw.add(request_id)
-            else:
-                engine.output_processor.add_request(request, None, None, 0)
-            # The scheduler and the output processor both extend a session's prompt_token_ids on each chunk;
-            # across processes each has its own copy, in one process they must not share the list.
-            engine.engine_core.add_request(msgspec.structs.replace(
-                request, prompt_token_ids=list(request.prompt_token_ids or ())))
+            self._add(request_id, prompt, params, resumable, raw)
         except Exception as exc:  # noqa: BLE001 - a refused request fails itself, not the engine
             self._deliver({request_id: exc})
+
+    def _add(self, request_id: str, prompt: Any, params: Any, resumable: bool, raw: bool) -> None:
+        """Hand one request (or a resumable request's next chunk) to the engine; raises if it is refused."""
+        engine = self._engine
+        request = engine.input_processor.process_inputs(request_id, prompt, params,
+                                                        supported_tasks=self._tasks, resumable=resumable)
+        request.external_req_id = request_id          # our ids are unique already: internal = external
+        if raw:
+            self._raw.add(request_id)
+        else:
+            engine.output_processor.add_request(request, None, None, 0)
+        # The scheduler and the output processor both extend a session's prompt_token_ids on each chunk;
+        # across processes each has its own copy, in one process they must not share the list.
+        engine.engine_core.add_request(msgspec.structs.replace(
+            request, prompt_token_ids=list(request.prompt_token_ids or ())))
+
+    def _open_sessions(self, prompts: list[tuple[str, list[int]]], params: Any, done: asyncio.Future,
+                       loop: asyncio.AbstractEventLoop) -> None:
+        """Start each session as the first chunk of a resumable raw request; its first output answers the
+        call (as a feed_sessions chunk's does)."""
+        from vllm.inputs import TokensPrompt
+
+        scheduler = self._engine.engine_core.engine_core.scheduler
+        batch = _FeedBatch([rid for rid, _ in prompts], done, loop)
+        for rid, tokens in prompts:
+            if rid in self._fed or rid in scheduler.requests:
+                batch.answer(rid, ValueError(f"session {rid!r} is already open in the engine"))
+                continue
+            try:
+                self._add(rid, TokensPrompt(prompt_token_ids=list(tokens)), params, True, True)
+            except Exception as exc:  # noqa: BLE001 - a refused prompt fails its session, not the engine
+                self._raw.discard(rid)
+                batch.answer(rid, exc)
+                continue
+            self._fed[rid] = batch
 
     def _feed_sessions(self, chunks: list[tuple[str, list[int]]], params: Any, done: asyncio.Future,
                        loop: asyncio.AbstractEventLoop) -> None:

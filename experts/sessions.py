@@ -33,6 +33,7 @@ class Session:
         self._outputs: AsyncGenerator[Any, None] | None = None
         self._engine = engine
         self._raw = getattr(engine, "raw_outputs", False)    # InprocEngine: logprob arrays, no dicts
+        self._direct = False        # started by the engine's open_sessions: no generate() stream of its own
         self._close_requested = False
 
     async def _inputs(self) -> AsyncGenerator[Any, None]:
@@ -45,6 +46,11 @@ class Session:
 
     async def feed(self, tokens: list[int], params: Any) -> TopK:
         """Append `tokens`; the top-k (k = params.logprobs) of the next position."""
+        if self._direct:
+            (out,) = await SessionTable._batched(self._engine.feed_sessions, [(self, tokens)], params)
+            if isinstance(out, BaseException):
+                raise out
+            return out
         self.busy = True
         try:
             self._chunks.put_nowait((tokens, params))
@@ -71,11 +77,16 @@ class Session:
     @property
     def batchable(self) -> bool:
         """Open in an engine that takes several sessions' next chunks in one command (SessionTable.feed_many)."""
-        return self._raw and self._outputs is not None and getattr(self._engine, "feeds_sessions", False)
+        return (self._raw and (self._outputs is not None or self._direct)
+                and getattr(self._engine, "feeds_sessions", False))
 
     async def close(self) -> None:
         if self.busy:  # closing a generator mid-step raises; the running feed() closes it when it returns
             self._close_requested = True
+            return
+        if self._direct:
+            self._direct = False
+            self._engine.abort_session(self.request_id)
             return
         self._chunks.put_nowait(None)
         if self._outputs is not None:
@@ -114,14 +125,32 @@ class SessionTable:
             asyncio.ensure_future(session.close())
         return session
 
+    @property
+    def opens_together(self) -> bool:
+        """The engine starts several sessions with one command (InprocEngine.open_sessions): see open_many."""
+        return bool(getattr(self._engine, "raw_outputs", False) and getattr(self._engine, "opens_sessions", False))
+
+    async def open_many(self, steps: list[tuple[Session, list[int]]], params: Any) -> list[TopK | BaseException]:
+        """Start new sessions (from SessionTable.open) with their prompts, with one engine command; per session
+        its first top-k, or the exception that refused or ended it. Same effect as a first Session.feed on each.
+        Its command is posted before this coroutine first yields, so an advance asked in the same event-loop
+        turn shares the opens' engine step."""
+        for session, _ in steps:
+            session._direct = True              # from now on a close aborts its engine request
+        return await self._batched(self._engine.open_sessions, steps, params)
+
     async def feed_many(self, steps: list[tuple[Session, list[int]]], params: Any) -> list[TopK | BaseException]:
         """Append tokens to several batchable sessions with one engine command (InprocEngine.feed_sessions);
         per session its next top-k, or the exception that ended it. Same effect as Session.feed on each."""
+        return await self._batched(self._engine.feed_sessions, steps, params)
+
+    @staticmethod
+    async def _batched(command: Any, steps: list[tuple[Session, list[int]]],
+                       params: Any) -> list[TopK | BaseException]:
         for session, _ in steps:
             session.busy = True
         try:
-            outs = await self._engine.feed_sessions([(session.request_id, tokens) for session, tokens in steps],
-                                                    params)
+            outs = await command([(session.request_id, tokens) for session, tokens in steps], params)
         finally:
             for session, _ in steps:
                 await session._settle()

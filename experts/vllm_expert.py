@@ -15,7 +15,7 @@ import asyncio
 import itertools
 import logging
 import numbers
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any
 
 from experts.checkpoint import read_expert_info
@@ -61,13 +61,15 @@ class VLLMExpert:
         """Start one decode session per step with its whole prompt; all prompts prefill in one engine batch."""
         await self.sessions.close_idle()
         errors = self._validate_open(steps, top_k)
-        for step, err in zip(steps, errors):
-            if err is None:
-                self.sessions.open(step.session_id)
-        return await self._closing_on_cancel(steps, asyncio.gather(*(
-            self._feed(step, top_k, opening=True) if err is None else _ready(_failed(step, err))
-            for step, err in zip(steps, errors)
-        )))
+        sessions = [self.sessions.open(step.session_id) if err is None else None for step, err in zip(steps, errors)]
+        if not self.sessions.opens_together:             # AsyncLLM: one generate() stream per session
+            return await self._closing_on_cancel(steps, asyncio.gather(*(
+                self._feed(step, top_k, opening=True) if err is None else _ready(_failed(step, err))
+                for step, err in zip(steps, errors)
+            )))
+        together = [i for i, session in enumerate(sessions) if session is not None]
+        refused = [(i, _ready(_failed(steps[i], errors[i]))) for i in range(len(steps)) if sessions[i] is None]
+        return await self._one_command(steps, sessions, together, refused, top_k, opening=True)
 
     async def _closing_on_cancel(self, steps: list[SessionStep], work) -> list[StepOutput]:
         """Await `work`; if the caller gives up (cancelled: it timed out, or its client went away), close the
@@ -86,14 +88,20 @@ class VLLMExpert:
         sessions = [self.sessions.get(step.session_id) if err is None else None for step, err in zip(steps, errors)]
         together = [i for i, session in enumerate(sessions) if session is not None and session.batchable]
         batched = set(together)
-        alone = [i for i in range(len(steps)) if i not in batched]
-        batch = self._feed_together([(steps[i], sessions[i]) for i in together], top_k) if together else _ready([])
-        # Every row batched (the usual case): awaited in place, so its engine command is posted before this call
-        # yields to the event loop; a gather would first make it a task, one loop turn later.
-        work = _inline(batch) if not alone else asyncio.gather(
-            batch, *(self._feed(steps[i], top_k, opening=False) if errors[i] is None
-                     else _ready(_failed(steps[i], errors[i])) for i in alone))
-        return await self._closing_on_cancel(steps, _merged(together, alone, work))
+        alone = [(i, self._feed(steps[i], top_k, opening=False) if errors[i] is None
+                  else _ready(_failed(steps[i], errors[i]))) for i in range(len(steps)) if i not in batched]
+        return await self._one_command(steps, sessions, together, alone, top_k, opening=False)
+
+    async def _one_command(self, steps: list[SessionStep], sessions: list[Session | None], together: list[int],
+                           alone: list[tuple[int, Awaitable[StepOutput]]], top_k: int, opening: bool) -> list[StepOutput]:
+        """The rows `together` in one engine command (_feed_together), the others each by its awaitable; in row
+        order. With every row together (the usual case) the command is awaited in place, so it is posted before
+        this call first yields to the event loop: an open and an advance asked in the same loop turn share one
+        engine step. A gather would first make it a task, one loop turn later."""
+        batch = self._feed_together([(steps[i], sessions[i]) for i in together], top_k, opening) \
+            if together else _ready([])
+        work = _inline(batch) if not alone else asyncio.gather(batch, *(w for _, w in alone))
+        return await self._closing_on_cancel(steps, _merged(together, [i for i, _ in alone], work))
 
     async def close(self, session_ids: list[str]) -> None:
         await self.sessions.close(session_ids)
@@ -265,17 +273,20 @@ class VLLMExpert:
                               error_kind="engine")
         return StepOutput(step.session_id, topk=topk, length=session.length)
 
-    async def _feed_together(self, batch: list[tuple[SessionStep, Session]], top_k: int) -> list[StepOutput]:
-        """Advance open sessions with one engine command (SessionTable.feed_many); per-session failures as
-        in _feed: that session is closed and its item carries the error."""
-        results = await self.sessions.feed_many([(session, [int(t) for t in step.token_ids]) for step, session in batch],
-                                                step_params(int(top_k)))
+    async def _feed_together(self, batch: list[tuple[SessionStep, Session]], top_k: int,
+                             opening: bool = False) -> list[StepOutput]:
+        """Open new sessions (SessionTable.open_many) or advance open ones (feed_many) with one engine command;
+        per-session failures as in _feed: that session is closed and its item carries the error."""
+        chunks = [(session, [int(t) for t in step.token_ids]) for step, session in batch]
+        command = self.sessions.open_many if opening else self.sessions.feed_many
+        results = await command(chunks, step_params(int(top_k)))
         outputs = []
+        verb = "open" if opening else "advance"
         for (step, session), result in zip(batch, results):
             if isinstance(result, BaseException):
                 log.warning("expert %s: session %s failed: %r", self.config.name, step.session_id, result)
                 self.sessions.drop(step.session_id)
-                outputs.append(StepOutput(step.session_id, error=f"advance failed in the engine, session closed: "
+                outputs.append(StepOutput(step.session_id, error=f"{verb} failed in the engine, session closed: "
                                           f"{describe(result)}", error_kind="engine"))
             else:
                 outputs.append(StepOutput(step.session_id, topk=result, length=session.length))

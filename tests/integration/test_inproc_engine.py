@@ -116,19 +116,23 @@ async def test_concurrent_sessions_from_many_tasks_all_get_answers(expert) -> No
     assert await expert.engine.requests_held() == 0
 
 
-async def test_a_batched_advance_is_one_engine_command_with_the_same_numbers_as_one_feed_per_session(expert):
-    """VLLMExpert.advance hands every open session's next chunk to the engine in one command
-    (InprocEngine.feed_sessions). Same contexts stepped the old way, one Session.feed each: the same top-k,
-    to the last digit, catch-up chunks of several tokens included."""
+async def test_batched_opens_and_advances_are_one_engine_command_each_with_the_numbers_of_a_generate_stream(expert):
+    """VLLMExpert.open starts every new session in one command (InprocEngine.open_sessions) and advance hands
+    every open session's next chunk to the engine in one command (feed_sessions). Same contexts stepped the old
+    way, one generate() stream and one Session.feed each: the same top-k, to the last digit, catch-up chunks
+    of several tokens included."""
     from experts.vllm_engine import step_params
 
     prompts = [(5 + i, 6, 7, 8 + i) for i in range(6)]
     feeds = [[(11,), (12, 13, 14), (15,)] for _ in prompts]
     batched, single = [f"b{i}" for i in range(6)], [f"s{i}" for i in range(6)]
-    for ids in (batched, single):
-        opened = await expert.open([SessionStep(sid, p) for sid, p in zip(ids, prompts)], 6)
-        assert all(o.error is None for o in opened), opened
     engine = expert.engine
+    steps = engine.steps
+    opened = await expert.open([SessionStep(sid, p) for sid, p in zip(batched, prompts)], 6)
+    assert all(o.error is None for o in opened), opened
+    assert engine.steps == steps + 1                             # one command, one step for all six prompts
+    streamed = [await expert.sessions.open(sid).feed(list(p), step_params(6)) for sid, p in zip(single, prompts)]
+    assert [o.topk for o in opened] == streamed
     for t in range(3):
         commands = engine.feeds
         got = await expert.advance([SessionStep(sid, f[t]) for sid, f in zip(batched, feeds)], 6)
@@ -186,3 +190,28 @@ async def test_a_session_closed_while_its_batched_advance_waits_never_fails_the_
     assert b.error is None and len(b.topk.token_ids) == 4, b
     await expert.close(["race-b"])
     assert await expert.engine.requests_held() == 0
+
+
+async def test_an_open_and_an_advance_asked_in_one_loop_turn_reach_the_engine_in_that_turn(expert):
+    """A round asks an expert to open the sessions it lacks and to advance the others: two calls, asked in one
+    event-loop turn. Both engine commands are posted in that turn, before the engine can take either for a
+    step alone, so the round waits for one engine step, not two. (The opens used to reach the engine a few loop
+    turns later, through a task per session and a feeder task per generate() stream; under load the engine
+    had often started the advance's step by then, and the opens took a second one.)"""
+    engine = expert.engine
+    old = [f"turn-old-{i}" for i in range(4)]
+    opened = await expert.open([SessionStep(sid, (5 + i, 6, 7)) for i, sid in enumerate(old)], 4)
+    assert all(o.error is None for o in opened), opened
+    for attempt in range(3):
+        new = [f"turn-new-{attempt}-{i}" for i in range(2)]
+        steps, opens, feeds = engine.steps, engine.opens, engine.feeds
+        opening = asyncio.ensure_future(expert.open([SessionStep(sid, tuple(range(20, 60))) for sid in new], 4))
+        advancing = asyncio.ensure_future(expert.advance([SessionStep(sid, (9 + attempt,)) for sid in old], 4))
+        await asyncio.sleep(0)                   # one loop turn: both calls run until they first wait
+        assert (engine.opens, engine.feeds) == (opens + 1, feeds + 1), "a command was not posted in the turn"
+        fresh, stepped = await asyncio.gather(opening, advancing)
+        assert all(o.error is None for o in fresh + stepped), (fresh, stepped)
+        assert engine.steps == steps + 1, f"the open and the advance took {engine.steps - steps} engine steps"
+        await expert.close(new)
+    await expert.close(old)
+    assert await engine.requests_held() == 0
