@@ -11,6 +11,7 @@ steps it whenever it has work and sleeps otherwise.
 The interface is AsyncLLM's, as far as sessions.py, generations.py and scoring.py use it:
   generate(prompt | async iterator of StreamingInput, params, request_id) -> async iterator of RequestOutput
   check_health(), shutdown()
+plus batched decode sessions, one engine command per call: open_sessions(), feed_sessions(), abort_session().
 Every engine call (adding, aborting, stepping) happens on the engine thread; the event loop only posts
 commands and receives outputs, so vLLM's engine is never touched from two threads.
 """
@@ -110,7 +111,7 @@ class InprocEngine:
         streaming = hasattr(prompt, "__aiter__")
         feeder = loop.create_task(self._feed(request_id, prompt, params, raw)) if streaming else None
         if not streaming:
-            self._commands.put(("add", request_id, prompt, params, False, raw))
+            self._put(("add", request_id, prompt, params, False, raw))
         finished = False
         try:
             while True:
@@ -128,12 +129,12 @@ class InprocEngine:
             with self._lock:
                 self._streams.pop(request_id, None)
             if not finished:
-                self._commands.put(("abort", request_id))
+                self._put(("abort", request_id))
 
     async def _feed(self, request_id: str, chunks: AsyncIterator[Any], params: Any, raw: bool) -> None:
         try:
             async for chunk in chunks:
-                self._commands.put(("add", request_id, chunk.prompt, chunk.sampling_params or params, True, raw))
+                self._put(("add", request_id, chunk.prompt, chunk.sampling_params or params, True, raw))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the consumer hears of it
@@ -175,12 +176,12 @@ class InprocEngine:
         self._check()
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
-        self._commands.put((kind, chunks, params, done, loop))
+        self._put((kind, chunks, params, done, loop))
         return done
 
     def abort_session(self, request_id: str) -> None:
         """End a session started by open_sessions (frees its slot and KV blocks); unknown ids are ignored."""
-        self._commands.put(("abort", request_id))
+        self._put(("abort", request_id))
 
     async def check_health(self) -> None:
         self._check()
@@ -191,7 +192,7 @@ class InprocEngine:
         self._check()
         loop = asyncio.get_running_loop()
         answer = loop.create_future()
-        self._commands.put(("count", answer, loop))
+        self._put(("count", answer, loop))
         return await answer
 
     def shutdown(self) -> None:
@@ -255,6 +256,33 @@ class InprocEngine:
             for rid, batch in list(self._fed.items()):
                 batch.answer(rid, EngineDead(f"the engine stopped: {type(exc).__name__}: {exc}"))
             self._fed.clear()
+            self._fail_queued()
+
+    def _put(self, command: Any) -> None:
+        """Post a command to the engine thread. If the thread has stopped meanwhile, answer it here: the thread
+        drains the queue once after setting `error`, and a command posted after that drain finds `error` set."""
+        self._commands.put(command)
+        if self.error is not None:
+            self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        """Answer every command still queued with EngineDead (the thread has stopped), so that no caller waits
+        forever. Requests added through generate() heard it through their streams already."""
+        exc = self.error
+        dead = EngineDead(f"the engine stopped: {type(exc).__name__}: {exc}")
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command is _STOP:
+                continue
+            if command[0] in ("open", "feed"):
+                _, chunks, _, done, loop = command
+                _call_soon(loop, _resolve, done, [dead] * len(chunks))
+            elif command[0] == "count":
+                _, answer, loop = command
+                _call_soon(loop, _fail, answer, dead)
 
     def _step(self, engine: Any) -> None:
         """One engine step (LLMEngine.step without its stats): raw requests get their EngineCoreOutput, the
@@ -383,10 +411,7 @@ class InprocEngine:
                 if entry is not None:
                     by_loop.setdefault(entry[0], []).append((entry[1], item))
         for loop, batch in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, batch)
-            except RuntimeError:          # that loop is closed: its consumers are gone
-                pass
+            _call_soon(loop, _put_all, batch)
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
@@ -409,7 +434,8 @@ class _Chunk:
 
 
 class _FeedBatch:
-    """One feed_sessions call on the engine thread: resolves its future once every session has answered."""
+    """One open_sessions or feed_sessions call on the engine thread: resolves its future once every session has
+    answered."""
 
     def __init__(self, request_ids: list[str], done: asyncio.Future, loop: asyncio.AbstractEventLoop) -> None:
         self._order = request_ids
@@ -419,13 +445,21 @@ class _FeedBatch:
     def answer(self, request_id: str, output: Any) -> None:
         self._answers[request_id] = output
         if len(self._answers) == len(self._order):
-            result = [self._answers[rid] for rid in self._order]
-            try:
-                self._loop.call_soon_threadsafe(_resolve, self._done, result)
-            except RuntimeError:          # that loop is closed: its caller is gone
-                pass
+            _call_soon(self._loop, _resolve, self._done, [self._answers[rid] for rid in self._order])
 
 
 def _resolve(done: asyncio.Future, result: list[Any]) -> None:
     if not done.done():                   # the caller may have been cancelled meanwhile
         done.set_result(result)
+
+
+def _fail(done: asyncio.Future, exc: BaseException) -> None:
+    if not done.done():
+        done.set_exception(exc)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:                  # that loop is closed: its caller is gone
+        pass

@@ -34,6 +34,7 @@ class Session:
         self._engine = engine
         self._raw = getattr(engine, "raw_outputs", False)    # InprocEngine: logprob arrays, no dicts
         self._direct = False        # started by the engine's open_sessions: no generate() stream of its own
+        self._aborted = False       # a direct session's engine request was aborted (closed)
         self._close_requested = False
 
     async def _inputs(self) -> AsyncGenerator[Any, None]:
@@ -81,12 +82,13 @@ class Session:
                 and getattr(self._engine, "feeds_sessions", False))
 
     async def close(self) -> None:
-        if self.busy:  # closing a generator mid-step raises; the running feed() closes it when it returns
+        if self.busy:  # closing mid-step: the running feed() (or batched call) closes it when it returns
             self._close_requested = True
             return
-        if self._direct:
-            self._direct = False
-            self._engine.abort_session(self.request_id)
+        if self._direct:               # a later feed() is answered "not open in the engine"
+            if not self._aborted:
+                self._aborted = True
+                self._engine.abort_session(self.request_id)
             return
         self._chunks.put_nowait(None)
         if self._outputs is not None:

@@ -68,8 +68,8 @@ class VLLMExpert:
                 for step, err in zip(steps, errors)
             )))
         together = [i for i, session in enumerate(sessions) if session is not None]
-        refused = [(i, _ready(_failed(steps[i], errors[i]))) for i in range(len(steps)) if sessions[i] is None]
-        return await self._one_command(steps, sessions, together, refused, top_k, opening=True)
+        refused = {i: _failed(steps[i], errors[i]) for i in range(len(steps)) if sessions[i] is None}
+        return await self._one_command(steps, sessions, together, refused, [], top_k, opening=True)
 
     async def _closing_on_cancel(self, steps: list[SessionStep], work) -> list[StepOutput]:
         """Await `work`; if the caller gives up (cancelled: it timed out, or its client went away), close the
@@ -87,21 +87,23 @@ class VLLMExpert:
         # Sessions taken now: one closed before the engine call gets an "engine" error on its row, not a crash.
         sessions = [self.sessions.get(step.session_id) if err is None else None for step, err in zip(steps, errors)]
         together = [i for i, session in enumerate(sessions) if session is not None and session.batchable]
-        batched = set(together)
-        alone = [(i, self._feed(steps[i], top_k, opening=False) if errors[i] is None
-                  else _ready(_failed(steps[i], errors[i]))) for i in range(len(steps)) if i not in batched]
-        return await self._one_command(steps, sessions, together, alone, top_k, opening=False)
+        refused = {i: _failed(steps[i], errors[i]) for i in range(len(steps)) if errors[i] is not None}
+        batched = set(together) | set(refused)
+        alone = [(i, self._feed(steps[i], top_k, opening=False)) for i in range(len(steps)) if i not in batched]
+        return await self._one_command(steps, sessions, together, refused, alone, top_k, opening=False)
 
     async def _one_command(self, steps: list[SessionStep], sessions: list[Session | None], together: list[int],
-                           alone: list[tuple[int, Awaitable[StepOutput]]], top_k: int, opening: bool) -> list[StepOutput]:
-        """The rows `together` in one engine command (_feed_together), the others each by its awaitable; in row
-        order. With every row together (the usual case) the command is awaited in place, so it is posted before
-        this call first yields to the event loop: an open and an advance asked in the same loop turn share one
-        engine step. A gather would first make it a task, one loop turn later."""
+                           refused: dict[int, StepOutput], alone: list[tuple[int, Awaitable[StepOutput]]],
+                           top_k: int, opening: bool) -> list[StepOutput]:
+        """The rows `together` in one engine command (_feed_together), the `refused` ones answered at once, the
+        others each by its awaitable; in row order. Without such others (the usual case, and always on the
+        in-process engine) the command is awaited in place, so it is posted before this call first yields to the
+        event loop: an open and an advance asked in the same loop turn reach the engine together. A gather would
+        first make it a task, one loop turn later."""
         batch = self._feed_together([(steps[i], sessions[i]) for i in together], top_k, opening) \
             if together else _ready([])
         work = _inline(batch) if not alone else asyncio.gather(batch, *(w for _, w in alone))
-        return await self._closing_on_cancel(steps, _merged(together, [i for i, _ in alone], work))
+        return await self._closing_on_cancel(steps, _merged(together, [i for i, _ in alone], work, refused))
 
     async def close(self, session_ids: list[str]) -> None:
         await self.sessions.close(session_ids)
@@ -279,7 +281,10 @@ class VLLMExpert:
         per-session failures as in _feed: that session is closed and its item carries the error."""
         chunks = [(session, [int(t) for t in step.token_ids]) for step, session in batch]
         command = self.sessions.open_many if opening else self.sessions.feed_many
-        results = await command(chunks, step_params(int(top_k)))
+        try:
+            results = await command(chunks, step_params(int(top_k)))
+        except Exception as exc:  # noqa: BLE001 - e.g. the engine is dead: every row fails, not the call
+            results = [exc] * len(chunks)
         outputs = []
         verb = "open" if opening else "advance"
         for (step, session), result in zip(batch, results):
@@ -319,12 +324,12 @@ def _failed(step: SessionStep, error: tuple[str, ErrorKind]) -> StepOutput:
     return StepOutput(step.session_id, error=error[0], error_kind=error[1])
 
 
-async def _merged(together: list[int], alone: list[int], work) -> list[StepOutput]:
-    """Put the results of [one batched call for the rows `together`, then one call per row of `alone`] back
-    in row order."""
+async def _merged(together: list[int], alone: list[int], work, known: dict[int, StepOutput]) -> list[StepOutput]:
+    """Put the results of [one batched call for the rows `together`, then one call per row of `alone`] and the
+    rows already `known` back in row order."""
     batched, *rest = await work
-    out: list[StepOutput | None] = [None] * (len(together) + len(alone))
-    for i, o in zip(together + alone, [*batched, *rest]):
+    out: list[StepOutput | None] = [None] * (len(together) + len(alone) + len(known))
+    for i, o in [*zip(together + alone, [*batched, *rest]), *known.items()]:
         out[i] = o
     return out  # type: ignore[return-value]
 

@@ -204,14 +204,49 @@ async def test_an_open_and_an_advance_asked_in_one_loop_turn_reach_the_engine_in
     assert all(o.error is None for o in opened), opened
     for attempt in range(3):
         new = [f"turn-new-{attempt}-{i}" for i in range(2)]
+        prompts = [SessionStep(sid, tuple(range(20, 60))) for sid in new]
+        if attempt == 2:                         # a refused row (a token outside the vocabulary) changes nothing
+            prompts.insert(1, SessionStep("turn-refused", (10**6,)))
         steps, opens, feeds = engine.steps, engine.opens, engine.feeds
-        opening = asyncio.ensure_future(expert.open([SessionStep(sid, tuple(range(20, 60))) for sid in new], 4))
+        opening = asyncio.ensure_future(expert.open(prompts, 4))
         advancing = asyncio.ensure_future(expert.advance([SessionStep(sid, (9 + attempt,)) for sid in old], 4))
         await asyncio.sleep(0)                   # one loop turn: both calls run until they first wait
         assert (engine.opens, engine.feeds) == (opens + 1, feeds + 1), "a command was not posted in the turn"
         fresh, stepped = await asyncio.gather(opening, advancing)
+        assert [o.session_id for o in fresh] == [p.session_id for p in prompts]
+        if attempt == 2:
+            assert fresh.pop(1).error_kind == "input"
         assert all(o.error is None for o in fresh + stepped), (fresh, stepped)
         assert engine.steps == steps + 1, f"the open and the advance took {engine.steps - steps} engine steps"
         await expert.close(new)
     await expert.close(old)
     assert await engine.requests_held() == 0
+
+
+async def test_calls_queued_when_the_engine_thread_dies_get_engine_errors_instead_of_waiting_forever():
+    """The engine thread stops on an error (here a malformed command, which raises on the real thread and goes
+    through its real error handler). Opens and advances already queued behind it, or posted after it, are
+    answered: an "engine" error per row, never a call left waiting (its sessions would stay busy, out of the
+    idle reaper's reach) and never a failed call."""
+    from experts.inproc_engine import EngineDead
+    from experts.vllm_expert import VLLMExpert
+
+    config = ExpertConfig(name="code", model_path=str(demo_expert_dir("code")), dtype="float32", max_model_len=256,
+                          kv_cache_space_gib=0.25, engine_process="inproc")
+    doomed = VLLMExpert(config)                  # its own engine: this test stops it
+    try:
+        engine = doomed.engine
+        (old,) = await doomed.open([SessionStep("dies-old", (5, 6, 7))], 4)
+        assert old.error is None, old
+        engine._commands.put(("malformed",))     # raises on the engine thread, which then stops
+        opening = asyncio.ensure_future(doomed.open([SessionStep("dies-new", (5, 6))], 4))
+        advancing = asyncio.ensure_future(doomed.advance([SessionStep("dies-old", (8,))], 4))
+        fresh, stepped = await asyncio.wait_for(asyncio.gather(opening, advancing), 60)
+        assert [o.error_kind for o in fresh + stepped] == ["engine", "engine"], (fresh, stepped)
+        assert engine.error is not None
+        (later,) = await doomed.open([SessionStep("dies-later", (5,))], 4)
+        assert later.error_kind == "engine", later
+        with pytest.raises(EngineDead):
+            await engine.requests_held()
+    finally:
+        doomed.shutdown()
