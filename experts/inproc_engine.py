@@ -252,11 +252,14 @@ class InprocEngine:
             self.error = exc
             with self._lock:
                 ids = list(self._streams)
-            self._deliver({rid: EngineDead(f"the engine stopped: {type(exc).__name__}: {exc}") for rid in ids})
+            self._deliver({rid: self._dead() for rid in ids})
             for rid, batch in list(self._fed.items()):
-                batch.answer(rid, EngineDead(f"the engine stopped: {type(exc).__name__}: {exc}"))
+                batch.answer(rid, self._dead())
             self._fed.clear()
             self._fail_queued()
+
+    def _dead(self) -> EngineDead:
+        return EngineDead(f"the engine stopped: {type(self.error).__name__}: {self.error}")
 
     def _put(self, command: Any) -> None:
         """Post a command to the engine thread. If the thread has stopped meanwhile, answer it here: the thread
@@ -268,8 +271,7 @@ class InprocEngine:
     def _fail_queued(self) -> None:
         """Answer every command still queued with EngineDead (the thread has stopped), so that no caller waits
         forever. Requests added through generate() heard it through their streams already."""
-        exc = self.error
-        dead = EngineDead(f"the engine stopped: {type(exc).__name__}: {exc}")
+        dead = self._dead()
         while True:
             try:
                 command = self._commands.get_nowait()

@@ -48,7 +48,7 @@ class Session:
     async def feed(self, tokens: list[int], params: Any) -> TopK:
         """Append `tokens`; the top-k (k = params.logprobs) of the next position."""
         if self._direct:
-            (out,) = await SessionTable._batched(self._engine.feed_sessions, [(self, tokens)], params)
+            (out,) = await _one_engine_command(self._engine.feed_sessions, [(self, tokens)], params)
             if isinstance(out, BaseException):
                 raise out
             return out
@@ -139,31 +139,12 @@ class SessionTable:
         turn shares the opens' engine step."""
         for session, _ in steps:
             session._direct = True              # from now on a close aborts its engine request
-        return await self._batched(self._engine.open_sessions, steps, params)
+        return await _one_engine_command(self._engine.open_sessions, steps, params)
 
     async def feed_many(self, steps: list[tuple[Session, list[int]]], params: Any) -> list[TopK | BaseException]:
         """Append tokens to several batchable sessions with one engine command (InprocEngine.feed_sessions);
         per session its next top-k, or the exception that ended it. Same effect as Session.feed on each."""
-        return await self._batched(self._engine.feed_sessions, steps, params)
-
-    @staticmethod
-    async def _batched(command: Any, steps: list[tuple[Session, list[int]]],
-                       params: Any) -> list[TopK | BaseException]:
-        for session, _ in steps:
-            session.busy = True
-        try:
-            outs = await command([(session.request_id, tokens) for session, tokens in steps], params)
-        finally:
-            for session, _ in steps:
-                await session._settle()
-        results: list[TopK | BaseException] = []
-        for (session, tokens), out in zip(steps, outs):
-            if isinstance(out, BaseException):
-                results.append(out)
-                continue
-            session.length += len(tokens)
-            results.append(raw_topk(out, params.logprobs))
-        return results
+        return await _one_engine_command(self._engine.feed_sessions, steps, params)
 
     async def close(self, session_ids: list[str]) -> None:
         """Free the sessions' engine slots and KV blocks. Unknown or already closed ids are ignored."""
@@ -177,6 +158,27 @@ class SessionTable:
         if idle:
             log.warning("closing %d idle sessions", len(idle))
             await self.close(idle)
+
+
+async def _one_engine_command(command: Any, steps: list[tuple[Session, list[int]]],
+                              params: Any) -> list[TopK | BaseException]:
+    """Hand each session's chunk to the engine with one batched command (open_sessions or feed_sessions); per
+    session its top-k, or the exception that refused or ended it. The sessions are busy meanwhile."""
+    for session, _ in steps:
+        session.busy = True
+    try:
+        outs = await command([(session.request_id, tokens) for session, tokens in steps], params)
+    finally:
+        for session, _ in steps:
+            await session._settle()
+    results: list[TopK | BaseException] = []
+    for (session, tokens), out in zip(steps, outs):
+        if isinstance(out, BaseException):
+            results.append(out)
+            continue
+        session.length += len(tokens)
+        results.append(raw_topk(out, params.logprobs))
+    return results
 
 
 def raw_topk(out: Any, k: int) -> TopK:

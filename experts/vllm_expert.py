@@ -62,14 +62,12 @@ class VLLMExpert:
         await self.sessions.close_idle()
         errors = self._validate_open(steps, top_k)
         sessions = [self.sessions.open(step.session_id) if err is None else None for step, err in zip(steps, errors)]
-        if not self.sessions.opens_together:             # AsyncLLM: one generate() stream per session
-            return await self._closing_on_cancel(steps, asyncio.gather(*(
-                self._feed(step, top_k, opening=True) if err is None else _ready(_failed(step, err))
-                for step, err in zip(steps, errors)
-            )))
-        together = [i for i, session in enumerate(sessions) if session is not None]
+        accepted = [i for i, session in enumerate(sessions) if session is not None]
         refused = {i: _failed(steps[i], errors[i]) for i in range(len(steps)) if sessions[i] is None}
-        return await self._one_command(steps, sessions, together, refused, [], top_k, opening=True)
+        if self.sessions.opens_together:                 # the in-process engine: one command for every prompt
+            return await self._one_command(steps, sessions, accepted, refused, [], top_k, opening=True)
+        alone = [(i, self._feed(steps[i], top_k, opening=True)) for i in accepted]   # AsyncLLM: a stream each
+        return await self._one_command(steps, sessions, [], refused, alone, top_k, opening=True)
 
     async def _closing_on_cancel(self, steps: list[SessionStep], work) -> list[StepOutput]:
         """Await `work`; if the caller gives up (cancelled: it timed out, or its client went away), close the
