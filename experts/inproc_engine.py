@@ -74,6 +74,7 @@ class InprocEngine:
         from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
+        from experts import session_rows
         from experts.thread_priority import idle_helper_threads, lower_this_thread
         from experts.vllm_engine import _environment
 
@@ -85,6 +86,7 @@ class InprocEngine:
         if threads:
             torch.set_num_threads(threads)        # before the engine: vLLM's CPU worker disables it afterwards
 
+        session_rows.install()                # sessions keep their rows in vLLM's persistent batch
         # vLLM reads this while the engine is built: engine core and executor in this process.
         with _environment({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}):
             engine = LLMEngine.from_engine_args(EngineArgs(**args))

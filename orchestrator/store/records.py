@@ -7,7 +7,7 @@ record written and read back compares equal (except NUL characters in text, see 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 # Parameter names that could carry credentials; never persisted even if a future schema passes them on.
@@ -70,10 +70,17 @@ def _text(value: Any) -> Any:
 
 
 def to_row(item: TrafficRecord | FeedbackRecord) -> dict:
-    row = asdict(item)
+    """Column values of a record. Field by field, not dataclasses.asdict: the values are immutable (tuples,
+    strings, numbers) but for `params`, which is copied by `scrub`, and asdict's recursive deep copy of the
+    per-token tuples was the traffic-log writer's largest cost (3 % of the gateway's samples at c=32)."""
+    names = COLUMNS if isinstance(item, TrafficRecord) else FEEDBACK_COLUMNS
+    row = {k: getattr(item, k) for k in names}
     if isinstance(item, TrafficRecord):
         row["params"] = scrub(row["params"])
-    return {k: _text(v) if k in _TEXT else v for k, v in row.items()}
+    for k in _TEXT:
+        if k in row:
+            row[k] = _text(row[k])
+    return row
 
 
 def record_from_row(row: Mapping) -> TrafficRecord:

@@ -6,6 +6,8 @@ itself; feedback inserts once by its id. Replaying a batch (e.g. after an unackn
 
 from __future__ import annotations
 
+import functools
+
 import sqlalchemy as sa
 
 from orchestrator.store.database import dialect_insert
@@ -13,6 +15,7 @@ from orchestrator.store.records import FeedbackRecord, TrafficRecord, to_row
 from orchestrator.store.schema import feedback, requests
 
 
+@functools.cache
 def upsert_requests(dialect_name: str):
     ins = dialect_insert(dialect_name)(requests)
     return ins.on_conflict_do_update(
@@ -22,6 +25,7 @@ def upsert_requests(dialect_name: str):
     )
 
 
+@functools.cache
 def insert_feedback(dialect_name: str):
     return dialect_insert(dialect_name)(feedback).on_conflict_do_nothing(index_elements=[feedback.c.feedback_id])
 

@@ -145,6 +145,54 @@ async def test_batched_opens_and_advances_are_one_engine_command_each_with_the_n
     assert await engine.requests_held() == 0
 
 
+async def test_sessions_that_advance_every_step_keep_their_batch_rows_with_the_numbers_of_vllms_own_path(expert):
+    """Sessions fed in consecutive engine steps are updated where they sit in vLLM's persistent batch
+    (experts/session_rows.py), instead of being taken out and added back with their whole context. The same
+    sessions, chunks and batches again with vLLM's remove-and-add path for every chunk: the same top-k, to the
+    last digit. Covered: catch-up chunks of several tokens, a chunk that crosses KV-cache blocks, and a session
+    that sits out one step (vLLM's path once), then rejoins with a catch-up chunk."""
+    from experts import session_rows
+
+    block = expert.engine._engine.vllm_config.cache_config.block_size
+    prompts = [(5 + i, 6, 7, 8 + i) for i in range(4)]
+    chunks = [(11,), (12, 13, 14), tuple(range(20, 21 + block)), (15,), (16,), (17,), (18,)]
+    skip = 4                                                 # at this chunk, session 0 sits out
+
+    async def run(prefix: str) -> tuple[dict, int]:
+        ids = [f"{prefix}{i}" for i in range(4)]
+        assert all(o.error is None for o in await expert.open([SessionStep(s, p) for s, p in zip(ids, prompts)], 6))
+        before, out = session_rows.in_place_updates, {}
+        for t, chunk in enumerate(chunks):
+            steps = {i: chunk for i in range(4) if (t, i) != (skip, 0)}
+            if t == skip + 1:
+                steps[0] = chunks[skip] + chunk              # session 0 catches up on the chunk it missed
+            rows = sorted(steps)
+            out.update(zip(((t, i) for i in rows),
+                           await expert.advance([SessionStep(ids[i], steps[i]) for i in rows], 6)))
+        await expert.close(ids)
+        return out, session_rows.in_place_updates - before
+
+    got, kept = await run("rows-kept-")
+    assert kept == 4 * len(chunks) - 2, kept                 # every row but the one that sat out the step before
+    session_rows.enabled = False
+    try:
+        want, taken = await run("rows-vllm-")
+    finally:
+        session_rows.enabled = True
+    assert taken == 0
+    assert sorted(got) == sorted(want)
+    for (t, i), w in want.items():
+        g = got[(t, i)]
+        assert g.error is None and w.error is None, ((t, i), g, w)
+        assert (g.topk.token_ids, g.length) == (w.topk.token_ids, w.length), (t, i)
+        if t < skip:                                         # the same rows in the same places: bit for bit
+            assert g.topk.logprobs == w.topk.logprobs, (t, i)
+        else:   # once a row sat out, the two paths order the batch's rows differently (vLLM condenses the
+            # batch by moving its last row into the gap); float32 sums then differ in the last bits
+            assert g.topk.logprobs == pytest.approx(w.topk.logprobs, abs=1e-5), (t, i)
+    assert await expert.engine.requests_held() == 0
+
+
 async def test_a_batched_advance_keeps_row_order_and_fails_only_the_bad_rows(expert):
     (ok,) = await expert.open([SessionStep("order-ok", (5, 6, 7))], 4)
     assert ok.error is None
