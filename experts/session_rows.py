@@ -10,8 +10,9 @@ concurrency 32, top-2 (py-spy; `InputBatch.add_request` alone 5 %), a cost that 
 Here a session that is still in the batch is updated where it sits: only the new tokens are written, plus its
 token counts and block-table row. Anything else falls back to vLLM's own path: a session not in the batch
 (it sat out a step), other sampling params, prompt embeddings, multimodal input, M-RoPE, async scheduling.
-What the model sees is the same either way; tests/integration/test_inproc_engine.py checks the top-k to the
-last digit against sessions that always take vLLM's path.
+What the model sees is the same either way; tests/integration/test_inproc_engine.py checks the top-k against
+the same sessions taking vLLM's path: bit for bit while the batch's rows keep their places, to float32 rounding
+once a session sat out a step (the two paths then order the rows differently).
 
 Installed by experts/inproc_engine.py in the replica's process, before the engine is built.
 """

@@ -148,8 +148,8 @@ async def test_batched_opens_and_advances_are_one_engine_command_each_with_the_n
 async def test_sessions_that_advance_every_step_keep_their_batch_rows_with_the_numbers_of_vllms_own_path(expert):
     """Sessions fed in consecutive engine steps are updated where they sit in vLLM's persistent batch
     (experts/session_rows.py), instead of being taken out and added back with their whole context. The same
-    sessions, chunks and batches again with vLLM's remove-and-add path for every chunk: the same top-k, to the
-    last digit. Covered: catch-up chunks of several tokens, a chunk that crosses KV-cache blocks, and a session
+    sessions, chunks and batches again with vLLM's remove-and-add path for every chunk: the same top-k, bit for
+    bit until a session sits out (then to float32 rounding, see below). Covered: catch-up chunks of several tokens, a chunk that crosses KV-cache blocks, and a session
     that sits out one step (vLLM's path once), then rejoins with a catch-up chunk."""
     from experts import session_rows
 
@@ -173,7 +173,7 @@ async def test_sessions_that_advance_every_step_keep_their_batch_rows_with_the_n
         return out, session_rows.in_place_updates - before
 
     got, kept = await run("rows-kept-")
-    assert kept == 4 * len(chunks) - 2, kept                 # every row but the one that sat out the step before
+    assert kept == 4 * len(chunks) - 2, kept                 # all but the chunk skipped and the one after it
     session_rows.enabled = False
     try:
         want, taken = await run("rows-vllm-")
