@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from experts.cpu_norm import CPU_NORM_PRIORITY
+
 GIB = 1024**3
 
 # Engine arguments the expert sets itself; overriding them through engine_kwargs would break the session
@@ -230,6 +232,8 @@ class ExpertConfig(BaseModel):
         else:
             # Same effect as VLLM_CPU_KVCACHE_SPACE but per engine, not per process environment.
             args["kv_cache_memory_bytes"] = int(self.kv_cache_space_gib * GIB)
+            if self.enforce_eager:    # vLLM's C++ RMSNorm, not its CPU default's op chain (compiling fuses that)
+                args["ir_op_priority"] = {op: list(order) for op, order in CPU_NORM_PRIORITY.items()}
         args.update(self.engine_kwargs)
         return args
 

@@ -26,6 +26,8 @@ from experts.protocol import SessionStep, TopK
 from experts.vllm_engine import topk_of as _topk
 from experts.vllm_expert import VLLMExpert
 
+NATIVE_NORM = {"rms_norm": ["native"], "fused_add_rms_norm": ["native"]}
+
 
 class FreshRequestStepper:
     """Variant (a): the session is a token list kept here; every step is a new max_tokens=1 request."""
@@ -135,7 +137,8 @@ def probe_config(args) -> ExpertConfig:
     return ExpertConfig(name="probe", model_path=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                         max_num_seqs=max(64, 2 * max(args.streams)), kv_cache_space_gib=1,
                         cpu_threads_bind=args.cpu_threads_bind, engine_process=args.engine_process,
-                        cpu_threads=args.cpu_threads, enforce_eager=args.enforce_eager)
+                        cpu_threads=args.cpu_threads, enforce_eager=args.enforce_eager,
+                        engine_kwargs={"ir_op_priority": NATIVE_NORM} if args.native_norm else {})
 
 
 def workload(rng: random.Random, vocab: int, streams: int, args):
@@ -218,6 +221,9 @@ def main() -> None:
                    help="let vLLM compile the model (torch.compile: ~35 s more start-up the first time, one demo "
                         "expert)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
+    p.add_argument("--native-norm", action="store_true",
+                   help="RMSNorm by vLLM's native op chain (its CPU default) instead of its C++ kernels "
+                        "(experts/cpu_norm.py)")
     asyncio.run(measure(p.parse_args()))
 
 

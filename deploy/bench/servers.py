@@ -8,6 +8,7 @@ managers yielding a RunningServer (base URL + root pid, for memory sampling).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -48,6 +49,8 @@ def vllm_command(expert: ExpertConfig, port: int) -> list[str]:
         cmd += ["--kv-cache-memory-bytes", str(args["kv_cache_memory_bytes"])]
     if "max_num_batched_tokens" in args:
         cmd += ["--max-num-batched-tokens", str(args["max_num_batched_tokens"])]
+    if "ir_op_priority" in args:                       # CPU: vLLM's C++ RMSNorm, as in our engines (experts/cpu_norm.py)
+        cmd += ["--ir-op-priority", json.dumps(args["ir_op_priority"])]
     return cmd
 
 

@@ -60,6 +60,50 @@ async def test_the_engine_thread_runs_below_the_threads_that_relay_its_results(e
     assert engine_nice > loop_nice or loop_nice == MAX_NICE
 
 
+async def test_the_engines_rms_norms_run_vllms_cpp_kernels_not_the_native_op_chain(expert) -> None:
+    """experts/cpu_norm.py: every norm of a real session step goes to the `cpu_c` provider (counted at the
+    providers themselves), and the step's numbers stay those of the native chain (float32 here)."""
+    from vllm import ir
+
+    from experts.cpu_norm import PROVIDER
+    from experts.demo.model_config import DemoModelArgs
+
+    calls: dict[tuple[str, str], int] = {}
+    ops = (ir.ops.rms_norm, ir.ops.fused_add_rms_norm)
+    originals = {(op.name, p): op.impls[p].impl_fn for op in ops for p in (PROVIDER, "native")}
+
+    def counted(key, fn):
+        def run(*args, **kwargs):
+            calls[key] = calls.get(key, 0) + 1
+            return fn(*args, **kwargs)
+        return run
+
+    async def step(sid: str) -> list:
+        (opened,) = await expert.open([SessionStep(sid, (5, 17, 300, 42))], 8)
+        (advanced,) = await expert.advance([SessionStep(sid, (9,))], 8)
+        await expert.close([sid])
+        assert opened.error is None and advanced.error is None, (opened, advanced)
+        return [dict(zip(o.topk.token_ids, o.topk.logprobs)) for o in (opened, advanced)]
+
+    for (name, provider), fn in originals.items():
+        next(op for op in ops if op.name == name).impls[provider].impl_fn = counted((name, provider), fn)
+    try:
+        with_kernels = await step("norm-kernels")
+    finally:
+        for (name, provider), fn in originals.items():
+            next(op for op in ops if op.name == name).impls[provider].impl_fn = fn
+    layers = DemoModelArgs().num_hidden_layers    # a forward: 1 plain norm, 2 x layers fused with the residual add
+    assert calls.get(("rms_norm", PROVIDER), 0) == 2, calls
+    assert calls.get(("fused_add_rms_norm", PROVIDER), 0) == 2 * 2 * layers, calls
+    assert not any(n for (_, p), n in calls.items() if p == "native"), calls
+
+    with ir.ops.rms_norm.set_priority(["native"]), ir.ops.fused_add_rms_norm.set_priority(["native"]):
+        native = await step("norm-native")
+    for got, expected in zip(with_kernels, native):
+        assert set(got) == set(expected), (got, expected)
+        assert max(abs(got[t] - expected[t]) for t in got) < 1e-4, (got, expected)
+
+
 async def test_closed_sessions_and_ended_generations_leave_no_request_in_the_engine(expert) -> None:
     engine = expert.engine
     assert await engine.requests_held() == 0
