@@ -104,6 +104,36 @@ async def test_the_engines_rms_norms_run_vllms_cpp_kernels_not_the_native_op_cha
         assert max(abs(got[t] - expected[t]) for t in got) < 1e-4, (got, expected)
 
 
+_COMPILED_BEFORE_READY = """
+import sys
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+from vllm.v1.sample.ops.logprobs import batched_count_greater_than
+from experts.config import ExpertConfig
+from experts.inproc_engine import InprocEngine
+
+code = batched_count_greater_than._torchdynamo_orig_callable.__code__
+assert not _debug_get_cache_entry_list(code), "compiled before any engine existed"
+config = ExpertConfig(name="code", model_path=sys.argv[1], dtype="float32", max_model_len=256,
+                      kv_cache_space_gib=0.25, engine_process="inproc")
+engine = InprocEngine(config.engine_args(), threads=1)
+print(len(_debug_get_cache_entry_list(code)))
+engine.shutdown()
+"""
+
+
+def test_a_new_engine_has_compiled_vllms_logprob_function_before_it_says_it_is_ready() -> None:
+    """vLLM torch.compiles its logprob-rank function on the first step that asks for logprobs (≈ 1.7 s of CPU):
+    the engine does that step while it starts, so no request waits for it. A fresh process, so that no other
+    engine of this test session has compiled it already."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _COMPILED_BEFORE_READY, str(demo_expert_dir("code"))],
+                         check=False, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout.strip().splitlines()[-1]) >= 1, out.stdout
+
+
 async def test_closed_sessions_and_ended_generations_leave_no_request_in_the_engine(expert) -> None:
     engine = expert.engine
     assert await engine.requests_held() == 0
