@@ -35,6 +35,17 @@ def read_expert_info(config: ExpertConfig) -> ExpertInfo:
     )
 
 
+def checkpoint_identity(model_path: str) -> list:
+    """What tells one version of a checkpoint directory from another without reading its weights: each file's
+    name, size and modification time (a checkpoint rewritten in place, e.g. an expert fine-tuned again under
+    the same name, changes them). A hub id, or a path that exists only on other nodes, is its own identity."""
+    path = Path(model_path)
+    if not path.is_dir():
+        return [model_path]
+    return [[f.name, st.st_size, st.st_mtime_ns] for f in sorted(path.iterdir())
+            if not f.name.startswith(".") and f.is_file() for st in (f.stat(),)]
+
+
 def require_checkpoint(model_path: str) -> Path:
     path = Path(model_path).expanduser()
     if not (path / "config.json").is_file():

@@ -48,7 +48,7 @@ async def score_files(files: list[Path], args, configs, gen_cfg, cache: Path, ma
     """{file: (experts' ScoredCorpus, generalist's ScoredCorpus | None)}; engines start only if a cache misses."""
     from experts.tokenizer_check import tokenizer_fingerprint
     from gating.jobs import load_tokenizer, read_jsonl, scored, scored_in_groups, tokenize
-    from gating.scores import cache_key, load_scored
+    from gating.scores import cache_key, load_scored, scoring_tag
 
     tokenizer = load_tokenizer(configs[0].model_path)
     fingerprint = tokenizer_fingerprint(configs[0].model_path)
@@ -61,12 +61,14 @@ async def score_files(files: list[Path], args, configs, gen_cfg, cache: Path, ma
             raise ValueError(f"{f}: no document with at least 2 tokens")
         jobs[f] = seqs
     groups = [[c.name for c in configs]] + ([["generalist"]] if has_generalist else [])
+    by_name = {c.name: c for c in [*configs, gen_cfg]}
+    tags = [scoring_tag([by_name[n] for n in g], fingerprint) for g in groups]
 
-    def cached(names, seqs):
-        path = cache / f"{cache_key(names, seqs, args.top_logprobs, fingerprint)}.npz"
+    def cached(names, seqs, tag):
+        path = cache / f"{cache_key(names, seqs, args.top_logprobs, tag)}.npz"
         return load_scored(path) if path.exists() else None
 
-    out = {f: [cached(g, seqs) for g in groups] for f, seqs in jobs.items()}
+    out = {f: [cached(g, seqs, tag) for g, tag in zip(groups, tags)] for f, seqs in jobs.items()}
     if len(configs) > ENGINES_AT_ONCE:          # many experts: a few engines at a time (memory), cached by group
         for f, seqs in jobs.items():
             if out[f][0] is None:
@@ -84,7 +86,7 @@ async def score_files(files: list[Path], args, configs, gen_cfg, cache: Path, ma
                 for i, g in enumerate(groups):
                     if out[f][i] is None:
                         out[f][i] = await scored({n: clients[n] for n in g}, seqs, args.top_logprobs, cache,
-                                                 fingerprint, f"scoring {f.stem} ({'+'.join(g)})")
+                                                 tags[i], f"scoring {f.stem} ({'+'.join(g)})")
     return {f: (pair[0], pair[1] if has_generalist else None) for f, pair in out.items()}
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from experts.config import ExpertConfig
 from experts.protocol import Expert
-from gating.scores import ScoredCorpus, cache_key, load_scored, save_scored, score_sequences
+from gating.scores import ScoredCorpus, cache_key, load_scored, save_scored, score_sequences, scoring_tag
 
 DEMO_EXPERTS = ("code", "prose", "math", "json")
 DEFAULT_TOP_K = 20          # logprobs per expert per position; the serving default too
@@ -77,12 +77,13 @@ def generalist_config(demo: Path, max_model_len: int = 1024, top_k: int = DEFAUL
 
 async def scored(
     experts: dict[str, Expert], sequences: list[list[int]], top_k: int, cache_dir: Path | None,
-    fingerprint: str, desc: str,
+    tag: str, desc: str,
 ) -> ScoredCorpus:
-    """Score with every expert, reusing an identical earlier scoring from `cache_dir`."""
+    """Score with every expert, reusing an identical earlier scoring from `cache_dir`. `tag`: the experts'
+    gating.scores.scoring_tag (part of the cache key)."""
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"{cache_key(list(experts), sequences, top_k, fingerprint)}.npz"
+        path = Path(cache_dir) / f"{cache_key(list(experts), sequences, top_k, tag)}.npz"
         if path.exists():
             return load_scored(path)
     corpus = await score_sequences(experts, sequences, top_k, desc=desc)
@@ -113,7 +114,8 @@ async def scored_in_groups(
     from deploy.local_experts import running_experts
 
     names = [c.name for c in configs]
-    path = Path(cache_dir) / f"{cache_key(names, sequences, top_k, fingerprint)}.npz" if cache_dir else None
+    path = Path(cache_dir) / f"{cache_key(names, sequences, top_k, scoring_tag(configs, fingerprint))}.npz" \
+        if cache_dir else None
     if path is not None and path.exists():
         return load_scored(path)
     parts = []
@@ -121,7 +123,7 @@ async def scored_in_groups(
         group = configs[i:i + engines_at_once]
         async with running_experts(group) as clients:
             parts.append(await scored({c.name: clients[c.name] for c in group}, sequences, top_k, cache_dir,
-                                      fingerprint, f"{desc} ({'+'.join(c.name for c in group)})"))
+                                      scoring_tag(group, fingerprint), f"{desc} ({'+'.join(c.name for c in group)})"))
     corpus = merge_experts(parts)
     if path is not None:
         save_scored(corpus, path)

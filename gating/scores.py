@@ -103,8 +103,21 @@ def assemble(names: list[str], sequences: list[list[int]], per_doc: list[list[Sc
     )
 
 
-def cache_key(names: list[str], sequences: list[list[int]], top_k: int, fingerprint: str) -> str:
-    h = hashlib.sha256(json.dumps([names, top_k, fingerprint]).encode())
+def scoring_tag(configs: list, tokenizer_fingerprint: str) -> str:
+    """Everything cached scores of these experts depend on besides the tokens and k: the tokenizer, and per expert
+    its checkpoint files (experts.checkpoint.checkpoint_identity) and the engine settings that change its numbers.
+    Scores cached before an expert's checkpoint was rewritten, or its dtype or kernels changed, are not reused."""
+    from experts.checkpoint import checkpoint_identity
+
+    parts = [tokenizer_fingerprint] + [
+        [c.name, checkpoint_identity(c.model_path), c.dtype, c.enforce_eager,
+         c.engine_args().get("ir_op_priority"), c.engine_kwargs] for c in configs]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cache_key(names: list[str], sequences: list[list[int]], top_k: int, tag: str) -> str:
+    """File name of a cached scoring; `tag` is the experts' scoring_tag."""
+    h = hashlib.sha256(json.dumps([names, top_k, tag]).encode())
     for s in sequences:
         h.update(np.asarray(s, dtype=np.int32).tobytes() + b"|")
     return h.hexdigest()[:16]

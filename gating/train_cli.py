@@ -85,7 +85,7 @@ async def train(args) -> dict:
     from gating.doc_router import DocRouter
     from gating.jobs import load_tokenizer, scored, tokenize, vocab_size_of
     from gating.model import GateArgs
-    from gating.scores import cache_key, load_scored
+    from gating.scores import cache_key, load_scored, scoring_tag
     from gating.train import FitArgs, fit_gate
 
     t0 = time.time()
@@ -97,7 +97,8 @@ async def train(args) -> dict:
     if len(sequences) < 10:
         raise SystemExit(f"ensemble train-gate: only {len(sequences)} usable documents; need at least 10")
     fingerprint, vocab = tokenizer_fingerprint(configs[0].model_path), vocab_size_of(configs[0].model_path)
-    cache = registry.root / "cache" / f"{cache_key([c.name for c in configs], sequences, args.top_logprobs, fingerprint)}.npz"
+    tag = scoring_tag(configs, fingerprint)
+    cache = registry.root / "cache" / f"{cache_key([c.name for c in configs], sequences, args.top_logprobs, tag)}.npz"
     if cache.exists():                      # same experts, documents and k: reuse, no engines needed
         corpus = load_scored(cache)
     elif len(configs) > ENGINES_AT_ONCE:    # e.g. the 8-expert demo: a few engines at a time (memory)
@@ -110,7 +111,7 @@ async def train(args) -> dict:
             infos = await asyncio.gather(*(e.info() for e in experts.values()))
             if infos[0].tokenizer_fingerprint != fingerprint:
                 raise ValueError("the experts' tokenizer differs from the one in their checkpoint directory")
-            corpus = await scored(experts, sequences, args.top_logprobs, registry.root / "cache", fingerprint, "scoring")
+            corpus = await scored(experts, sequences, args.top_logprobs, registry.root / "cache", tag, "scoring")
     train_docs, val_docs = train_test_split(list(range(corpus.n_docs)), test_size=0.15, random_state=args.seed)
     gate_args = GateArgs(vocab_size=vocab, n_experts=len(configs), embed_dim=32, hidden_dim=args.hidden,
                          features=args.features)

@@ -24,17 +24,18 @@ sys.path.insert(0, str(ROOT))
 
 def load_split(demo: Path, cache: Path, split: Path, names: list[str], top_k: int, doc_tokens: int):
     from experts.tokenizer_check import tokenizer_fingerprint
-    from gating.jobs import load_tokenizer, read_jsonl, tokenize
-    from gating.scores import cache_key, load_scored
+    from gating.jobs import demo_expert_configs, generalist_config, load_tokenizer, read_jsonl, tokenize
+    from gating.scores import cache_key, load_scored, scoring_tag
 
     model_path = demo / "experts" / names[0]
     fingerprint = tokenizer_fingerprint(str(model_path))
     seqs = tokenize(load_tokenizer(str(model_path)), [d["text"] for d in read_jsonl([split])], doc_tokens)
     out = []
-    for group in (names, ["generalist"]):
-        path = cache / f"{cache_key(group, seqs, top_k, fingerprint)}.npz"
+    for group in (demo_expert_configs(demo, tuple(names), top_k=top_k), [generalist_config(demo, top_k=top_k)]):
+        path = cache / f"{cache_key([c.name for c in group], seqs, top_k, scoring_tag(group, fingerprint))}.npz"
         if not path.exists():
-            raise SystemExit(f"{split}: {'+'.join(group)} not in {cache}; run `ensemble eval --demo {demo}` once")
+            raise SystemExit(f"{split}: {'+'.join(c.name for c in group)} not in {cache}; run `ensemble eval --demo "
+                             f"{demo}` once")
         out.append(load_scored(path))
     return out
 
