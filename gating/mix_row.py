@@ -3,13 +3,16 @@
 A served token mixes a handful of experts' top-k (2 × 20 values for top-2). Done as ~45 batched torch ops for
 one row, each op's dispatch costs more than its arithmetic: 0.33 ms on an idle core of this machine, about
 0.9 ms inside a busy gateway replica, once per generated token at concurrency 1. The same rule over Python
-floats (`mix_row`) takes 0.05 ms a row, so a small round mixes row by row; from SMALL_ROUND rows on, one
-batched torch mix (`mix_rows`) is cheaper per row. Both compute in float64 and agree to ~1e-12, so a seed's
-text does not depend on which path its rounds took (how many other sequences were running).
+floats (`mix_row`) takes 0.05 ms a row, so a small round mixes row by row. A round's top-2 rows (two experts
+each, the served default) are mixed at once in numpy from PAIR_ROUND rows on (gating/mix_pair.py: 0.19 / 0.47
+ms for 12 / 32 rows on an idle core, against 0.62 / 0.81 ms row by row / in torch); other rows, from
+SMALL_ROUND rows on, in one batched torch mix. All compute in float64 and agree to ~1e-12, so a seed's text
+does not depend on which path its rounds took (how many other sequences were running).
 
 The rule is gating.mix's, step for step (its module docstring explains the floor and the cross-listed guess);
 training and `ensemble eval` use the torch form in float32. tests/unit/test_mix_row.py checks the three
-against each other over random rows in both spaces, with and without the cross-listed guess.
+against each other over random rows in both spaces, with and without the cross-listed guess;
+tests/unit/test_mix_pair.py the numpy pair mix against mix_row.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain, compress
 
+import numpy as np
 import torch
 
 from gating.mix import CROSS_LISTED_INTERP, MIN_LEFTOVER, MIX_SPACES, Mixed, mix
+from gating.mix_pair import mix_pairs
 
 NEG_INF = float("-inf")
 SMALL_ROUND = 12     # rows up to which row by row beats one batched torch mix (measured: equal at about 12)
+PAIR_ROUND = 4      # two-expert rows from which the numpy pair mix beats row by row (measured: equal at about 2)
 Tops = Sequence[tuple[Sequence[int], Sequence[float]]]     # per selected expert: (ids [K], logprobs [K])
 
 
@@ -81,23 +87,49 @@ def log_sum_exp_weighted(values: Sequence[float], weights: Sequence[float]) -> f
 
 def mix_rows(tops: Sequence[Tops], weights: Sequence[Sequence[float]], vocab_size: int,
              spaces: Sequence[str]) -> list[RowMix]:
-    """One round's mixes: row i mixes tops[i] (its answering experts' top-k) with weights[i] in spaces[i]. Row by
-    row in Python up to SMALL_ROUND rows, else one float64 torch mix per (number of experts, K, space)."""
-    if len(tops) <= SMALL_ROUND:
-        return [mix_row(t, w, vocab_size, space) for t, w, space in zip(tops, weights, spaces)]
+    """One round's mixes: row i mixes tops[i] (its answering experts' top-k) with weights[i] in spaces[i].
+
+    Rows are grouped by (number of experts, K, space). A group of two-expert rows (top-2, the served default)
+    of at least PAIR_ROUND rows is mixed at once in numpy (gating/mix_pair.py); any other group row by row in
+    Python while the round has up to SMALL_ROUND rows, else in one float64 torch mix."""
     groups: dict[tuple[int, int, str], list[int]] = {}
     for i, (t, space) in enumerate(zip(tops, spaces)):
         groups.setdefault((len(t), min(len(ids) for ids, _ in t), space), []).append(i)
     out: list[RowMix | None] = [None] * len(tops)
-    with torch.inference_mode():
-        for (_, k, space), members in groups.items():
-            shape = (len(members), len(tops[members[0]]))
-            ids = _tensor("q", (e[0][:k] for i in members for e in tops[i]), torch.long).view(*shape, k)   # [R, S, K]
-            lps = _tensor("d", (e[1][:k] for i in members for e in tops[i]), torch.float64).view(*shape, k)
-            w = _tensor("d", (weights[i] for i in members), torch.float64).view(shape)                   # [R, S]
-            for i, row in zip(members, rows_of(mix(ids, lps, w, vocab_size, space), vocab_size)):   # type: ignore[arg-type]
+    for (s, k, space), members in groups.items():
+        if s == 2 and len(members) >= PAIR_ROUND:
+            for i, row in zip(members, _pair_rows(tops, weights, members, k, vocab_size, space)):
+                out[i] = row
+        elif len(tops) <= SMALL_ROUND:
+            for i in members:
+                out[i] = mix_row(tops[i], weights[i], vocab_size, space)
+        else:
+            for i, row in zip(members, _torch_rows(tops, weights, members, k, vocab_size, space)):
                 out[i] = row
     return out  # type: ignore[return-value]
+
+
+def _pair_rows(tops: Sequence[Tops], weights: Sequence[Sequence[float]], members: list[int], k: int,
+               vocab_size: int, space: str) -> list[RowMix]:
+    n = len(members)
+    ids = np.frombuffer(array("q", chain.from_iterable(e[0][:k] for i in members for e in tops[i])),
+                        dtype=np.int64).reshape(n, 2, k)
+    lps = np.frombuffer(array("d", chain.from_iterable(e[1][:k] for i in members for e in tops[i])),
+                        dtype=np.float64).reshape(n, 2, k)
+    w = np.frombuffer(array("d", chain.from_iterable(weights[i] for i in members)), dtype=np.float64).reshape(n, 2)
+    cand, logps, tails = mix_pairs(ids, lps, w, vocab_size, space)
+    return [RowMix(tuple(c), tuple(lp), tail, vocab_size - len(c), vocab_size)
+            for c, lp, tail in zip(cand, logps, tails)]
+
+
+def _torch_rows(tops: Sequence[Tops], weights: Sequence[Sequence[float]], members: list[int], k: int,
+                vocab_size: int, space: str) -> list[RowMix]:
+    shape = (len(members), len(tops[members[0]]))
+    with torch.inference_mode():
+        ids = _tensor("q", (e[0][:k] for i in members for e in tops[i]), torch.long).view(*shape, k)   # [R, S, K]
+        lps = _tensor("d", (e[1][:k] for i in members for e in tops[i]), torch.float64).view(*shape, k)
+        w = _tensor("d", (weights[i] for i in members), torch.float64).view(shape)                   # [R, S]
+        return rows_of(mix(ids, lps, w, vocab_size, space), vocab_size)  # type: ignore[arg-type]
 
 
 def _tensor(typecode: str, parts, dtype: torch.dtype) -> torch.Tensor:
