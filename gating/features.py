@@ -26,7 +26,7 @@ from gating.mix import expert_floor
 
 FEATURES_PER_EXPERT = 7
 EMA_DECAY = 0.8          # weight of the past in the running mean of an expert's logprob
-_LP_SCALE = 10.0
+LP_SCALE = 10.0
 
 
 class Signals(NamedTuple):
@@ -69,7 +69,7 @@ def step_features(memory: Memory, observed: torch.Tensor, sig: Signals | None) -
     if sig is None:
         lp = listed = mass = torch.zeros_like(obs)
     else:
-        lp = torch.where(observed, sig.logprob / _LP_SCALE, 0.0)
+        lp = torch.where(observed, sig.logprob / LP_SCALE, 0.0)
         listed = (sig.listed & observed).float()
         mass = torch.where(observed, sig.mass, 0.0)
     first = obs * (1 - memory.seen)

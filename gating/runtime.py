@@ -1,32 +1,48 @@
 """The gate as the serving path uses it: per-sequence incremental state, one GRU step per new token.
 
-`prefill` reads a prompt once; `step` advances many sequences by one token each in one batched GRU step.
-An observed-features gate also reads, at each step, what the experts that produced the token said about it
-(gating.features, the same function its training used); a prompt carries no such observations.
-Shape legend: B = sequences, E = experts, H = gate hidden size, K = top-k, N = scored positions.
+`prefill` reads a prompt once (the torch module over the whole prompt); `step` advances many sequences by one
+token each in one batched step (gating.gate_step: the same cell and features in numpy, a fraction of torch's
+per-op cost at these sizes). An observed-features gate also reads, at each step, what the experts that produced
+the token said about it (gating.features, the same functions its training used); a prompt carries no such
+observations.
+Shape legend: B = sequences, E = experts, H = gate hidden size, K = top-k, N = scored positions, W = packed width.
 """
 
 from __future__ import annotations
 
-from array import array
 from dataclasses import dataclass
+from itertools import chain
 
+import numpy as np
 import torch
 
 from experts.protocol import TopK
+from gating import gate_step
 from gating.adaptive import adaptive_k, selection_mask
 from gating.checkpoint import GateCheckpoint
-from gating.features import Memory, signals, step_features, unobserved_features
+from gating.features import Memory, signals, unobserved_features
 from gating.model import Gate
 from gating.rollout import padded_signals, rollout, top_k_rule
 
 
 @dataclass
 class GateState:
-    hidden: torch.Tensor | None = None   # [1, 1, H]
-    logits: torch.Tensor | None = None   # [E] routing scores for the next token
+    """One sequence's gate state after `fed` tokens. `packed` [W] float32: the GRU hidden state, then (observed-
+    features gates) the feature memory ema, skipped, seen (gating.gate_step); None before any token."""
+
+    packed: np.ndarray | None = None
+    logits: np.ndarray | None = None     # [E] float32 routing scores for the next token
     fed: int = 0                         # tokens consumed so far
-    memory: Memory | None = None         # observed-features gates: per-expert feature memory, rows [1, E]
+
+    def hidden(self, h: int) -> torch.Tensor | None:
+        """The GRU state as the torch module takes it: [1, 1, H] (None before any token)."""
+        return None if self.packed is None else torch.from_numpy(self.packed[:h]).view(1, 1, h)
+
+    def memory(self, h: int, e: int) -> Memory | None:
+        """The feature memory as gating.features keeps it (rows [1, E]); None before any token or without one."""
+        if self.packed is None or self.packed.shape[0] == h:
+            return None
+        return Memory(*(torch.from_numpy(self.packed[h + i * e:h + (i + 1) * e]).view(1, e) for i in range(3)))
 
 
 class GateRuntime:
@@ -36,6 +52,7 @@ class GateRuntime:
         # Per-token gate/mix ops are tiny; OpenMP threads only add barrier spinning next to vLLM engines.
         torch.set_num_threads(1)
         self.gate = gate.eval()
+        self._weights = gate_step.StepWeights.of(self.gate)
         self.version = version
         self.expert_names = list(expert_names)
         self.top_k = top_k
@@ -50,59 +67,59 @@ class GateRuntime:
         """Consume new context tokens; the returned state routes the token after them."""
         if not tokens:
             return state
+        h, e = self._weights.hidden, len(self.expert_names)
         x = torch.tensor([tokens], dtype=torch.long)                   # [1, T]
         feats, memory = None, None
         if self.gate.uses_observations:                                # a prompt: no expert was stepped on it
-            feats, memory = unobserved_features(state.memory or Memory.initial(1, len(self.expert_names)), len(tokens))
-        logits, hidden = self.gate(x, state.hidden, feats)            # [1, T, E], [1, 1, H]
-        return GateState(hidden, logits[0, -1], state.fed + len(tokens), memory)
+            feats, memory = unobserved_features(state.memory(h, e) or Memory.initial(1, e), len(tokens))
+        logits, hidden = self.gate(x, state.hidden(h), feats)         # [1, T, E], [1, 1, H]
+        parts = [hidden.reshape(1, h), *(memory or ())]
+        packed = torch.cat(parts, 1)[0].numpy().copy()                 # [W]
+        return GateState(packed, logits[0, -1].numpy().copy(), state.fed + len(tokens))
 
     def prefill(self, tokens: list[int]) -> GateState:
         return self.feed(GateState(), tokens)
 
-    @torch.inference_mode()
     def step(self, states: list[GateState], tokens: list[int],
              observed: list[dict[int, TopK]] | None = None) -> list[GateState]:
-        """One new token for each of B sequences, in one GRU step.
+        """One new token for each of B sequences, in one batched step (gating.gate_step).
 
         `observed[b]` is what the experts that produced row b's token said (expert index -> its top-k at
-        that position): signals a gate may use for free, since those experts were called anyway. The GRU
-        gate reads only token ids and ignores it."""
-        hidden = torch.cat([s.hidden for s in states], dim=1)[0]        # [B, H]
-        x = torch.tensor(tokens, dtype=torch.long)                      # [B]
-        if not self.gate.uses_observations:
-            logits, hidden = self.gate.step(x, hidden)                 # [B, E], [B, H]
-            return [GateState(h, lg, s.fed + 1) for h, lg, s in zip(hidden[None].split(1, 1), logits.unbind(0), states)]
-        e = len(self.expert_names)
-        memory = Memory.cat([s.memory or Memory.initial(1, e) for s in states])
-        mask, ids, lps = self._observed_tensors(observed or [{} for _ in states], e)
-        sig = signals(ids, lps, x, self.gate.args.vocab_size)
-        feats, memory = step_features(memory, mask, sig)               # [B, E*F]
-        logits, hidden = self.gate.step(x, hidden, feats)              # [B, E], [B, H]
-        # Per-sequence states are views into this round's tensors (a few KB): one split per tensor, not one
-        # indexing op per row and tensor.
-        memories = [Memory(*m) for m in zip(*(t.split(1) for t in memory))]
-        return [GateState(h, lg, s.fed + 1, m)
-                for h, lg, s, m in zip(hidden[None].split(1, 1), logits.unbind(0), states, memories)]
+        that position): signals a gate may use for free, since those experts were called anyway. A gate that
+        reads only token ids ignores it. Every state must have been prefilled."""
+        w = self._weights
+        packed = np.stack([s.packed for s in states])                  # [B, W]
+        x = np.array(tokens, dtype=np.int64)                            # [B]
+        if w.observed:
+            mask, ids, lps = self._observed_arrays(observed or [{} for _ in states], w.n_experts)
+            logits, packed = gate_step.step(w, x, packed, mask, ids, lps)
+        else:
+            logits, packed = gate_step.step(w, x, packed)
+        # Per-sequence states are row views into this round's arrays (a few hundred bytes each).
+        return [GateState(p, lg, s.fed + 1) for p, lg, s in zip(packed, logits, states)]
 
     @staticmethod
-    def _observed_tensors(observed: list[dict[int, TopK]], e: int):
-        """-> mask [B, E] bool, ids [B, E, K] (-1 padded), lps [B, E, K] (very negative padded). Filled in flat
-        arrays: torch.tensor on nested lists costs ~0.35 µs per element, 1.8 ms for 32 rows of 4 × 20."""
+    def _observed_arrays(observed: list[dict[int, TopK]], e: int):
+        """-> mask [B, E] bool, ids [B, E, K] int64 (-1 padded), lps [B, E, K] float32 (-1e4 padded). One flat
+        read of every top-k when all have the same K (the usual case: the engines' logprobs_k), else row by row.
+        torch.tensor on nested lists costs ~0.35 µs per element, 1.8 ms for 32 rows of 4 × 20."""
         b = len(observed)
-        k = max((len(t.token_ids) for row in observed for t in row.values()), default=1)
-        mask = bytearray(b * e)
-        ids = array("q", [-1]) * (b * e * k)
-        lps = array("f", [-1e4]) * (b * e * k)
-        for r, row in enumerate(observed):
-            for j, topk in row.items():
-                n, at = len(topk.token_ids), (r * e + j) * k
-                mask[r * e + j] = 1
-                ids[at:at + n] = array("q", topk.token_ids)
-                lps[at:at + n] = array("f", topk.logprobs)
-        return (torch.frombuffer(mask, dtype=torch.bool).view(b, e),
-                torch.frombuffer(ids, dtype=torch.long).view(b, e, k),
-                torch.frombuffer(lps, dtype=torch.float32).view(b, e, k))
+        at = [r * e + j for r, row in enumerate(observed) for j in row]          # [M] flat (row, expert)
+        tops = [t for row in observed for t in row.values()]
+        k = max((len(t.token_ids) for t in tops), default=1)
+        mask = np.zeros(b * e, dtype=bool)
+        mask[at] = True
+        ids = np.full((b * e, k), -1, dtype=np.int64)
+        lps = np.full((b * e, k), -1e4, dtype=np.float32)
+        if all(len(t.token_ids) == k for t in tops):
+            n = len(tops) * k
+            ids[at] = np.fromiter(chain.from_iterable(t.token_ids for t in tops), np.int64, n).reshape(-1, k)
+            lps[at] = np.fromiter(chain.from_iterable(t.logprobs for t in tops), np.float32, n).reshape(-1, k)
+        else:
+            for i, t in zip(at, tops):
+                ids[i, :len(t.token_ids)] = t.token_ids
+                lps[i, :len(t.logprobs)] = t.logprobs
+        return mask.reshape(b, e), ids.reshape(b, e, k), lps.reshape(b, e, k)
 
     @torch.inference_mode()
     def sequence_logits(self, tokens: list[int], all_ids: torch.Tensor | None = None,

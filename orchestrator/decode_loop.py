@@ -8,7 +8,8 @@ One round, in numbered phases, each one batched operation over all rows where it
              left with none is routed again among the rest (degraded routing)
   3) mix     every row's answering experts' top-k, in its request's space                (gating/mix_row.py)
   4) sample  every row from its own request's RNG, from the whole mix (tail included)    (orchestrator/sample.py)
-  5) feed    append each token, emit TokenEvents, one batched gate step, retire finished rows
+  5) feed    append each token, emit TokenEvents; then one batched gate step per gate version (its own phase,
+             gate_step: gate work, counted in the orchestration share like routing)
 
 A round's TokenEvents reach their readers (detokenise, SSE) once the next round's expert calls are written:
 the readers' work then overlaps the experts' step instead of delaying it (they would otherwise run first:
@@ -30,7 +31,7 @@ import time
 from collections.abc import Awaitable
 from collections.abc import Sequence as Seq
 
-import torch
+import numpy as np
 
 from experts.protocol import Expert, SessionStep, StepOutput, TopK
 from gating.mix_row import mix_rows
@@ -149,9 +150,11 @@ class DecodeLoop:
         tokens: dict[int, tuple[int, float, tuple]] = {}
         rows = [i for i, r in enumerate(routes) if r is not None and not seqs[i].done]
         self._mix_and_sample(seqs, routes, answers, rows, tokens, phase)
-        # 5) feed back: tokens to sequences, events to readers, one gate step per gate version
+        # 5) feed back: tokens to sequences and events to readers, then one gate step per gate version
         with self.clock.phase(phase["emit"]):
-            self._feed_back(seqs, routes, tokens, answers)
+            stepped = self._feed_back(seqs, routes, tokens)
+        with self.clock.phase(phase["gate_step"]):
+            self._step_gates(seqs, routes, answers, stepped)
         self.rounds += 1
         self.clock.add(label, time.perf_counter() - t_round)
 
@@ -169,7 +172,7 @@ class DecodeLoop:
             else:
                 gated.setdefault(id(s.gate), []).append(i)
         for members in gated.values():
-            logits = torch.stack([seqs[i].gate_state.logits for i in members])           # [R, E]
+            logits = np.stack([seqs[i].gate_state.logits for i in members])              # [R, E]
             for i, r in zip(members, route_gated(logits, [seqs[i].k for i in members], available)):
                 routes[i] = r
         return routes
@@ -292,8 +295,8 @@ class DecodeLoop:
                 token = sample_row(row, p.temperature, p.top_p, p.top_k, seqs[i].rng)
                 tokens[i] = (token, row.logprob_of(token), row.alternatives(p.top_logprobs))
 
-    def _feed_back(self, seqs: list[Sequence], routes: list[Route | None], tokens: dict,
-                   answers: dict[Pair, TopK]) -> None:
+    def _feed_back(self, seqs: list[Sequence], routes: list[Route | None], tokens: dict) -> dict[int, list[int]]:
+        """Each row's token to its sequence and its reader -> the rows whose gate takes a step, per gate version."""
         stepped: dict[int, list[int]] = {}
         for i, (token, logprob, alts) in tokens.items():
             s, r = seqs[i], routes[i]
@@ -306,6 +309,12 @@ class DecodeLoop:
             self._held.append(s)
             if not s.done and s.gate is not None:
                 stepped.setdefault(id(s.gate), []).append(i)
+        return stepped
+
+    def _step_gates(self, seqs: list[Sequence], routes: list[Route | None], answers: dict[Pair, TopK],
+                    stepped: dict[int, list[int]]) -> None:
+        """One batched GRU step per gate version over its rows' new tokens (and, for an observed-features gate,
+        what the experts that produced them said)."""
         for rows in stepped.values():
             gate = seqs[rows[0]].gate
             observed = ([{e: answers[(i, e)] for e in routes[i].experts} for i in rows]
@@ -348,7 +357,7 @@ class DecodeLoop:
         task.add_done_callback(self._side_tasks.discard)
 
 
-ROUND_PHASES = ("gate", "expert", "rpc", "mix", "sample", "emit")
+ROUND_PHASES = ("gate", "expert", "rpc", "mix", "sample", "emit", "gate_step")
 
 
 def _phase_names(label: str) -> dict[str, str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -23,8 +24,9 @@ class Route:
     degraded: bool = False          # an expert the gate wanted could not answer
 
 
-def route_gated(logits: torch.Tensor, ks: list[int], available: torch.Tensor) -> list[Route | None]:
-    """logits [B, E], ks (experts per row), available [E] bool -> a Route per row (None: no expert left).
+def route_gated(logits: np.ndarray | torch.Tensor, ks: list[int], available: torch.Tensor) -> list[Route | None]:
+    """logits [B, E] (the served gate's are numpy), ks (experts per row), available [E] bool -> a Route per row
+    (None: no expert left).
 
     Row by row in Python floats: a row is E numbers (4 in the demo), and the ~12 torch ops this took cost
     0.3 ms per token at concurrency 1 inside the gateway. Same rule as gating.mix.gate_weights (top-k of the

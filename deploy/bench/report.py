@@ -10,7 +10,8 @@ from pathlib import Path
 BASELINE = "vllm"
 ORDER = ("vllm", "gateway_single", "ensemble_top1", "ensemble_top2")
 # Phases of our per-token path, in the order they happen (orchestrator/profile.py names them).
-ORCHESTRATION = ("gate", "mix", "sample", "rpc")
+# The gate's work is routing (gate) and the GRU step over each round's new tokens (gate_step).
+ORCHESTRATION = ("gate", "gate_step", "mix", "sample", "rpc")
 
 
 def by_key(rows: list[dict]) -> dict[tuple[str, int], dict]:
@@ -48,7 +49,8 @@ def ratios(rows: list[dict]) -> dict:
 
 
 def orchestration_share(phases: dict[str, float]) -> float | None:
-    """(gate + mix + sample + RPC beyond expert compute) / round wall time, from one run's phase deltas."""
+    """(gate routing + gate step + mix + sample + RPC beyond expert compute) / round wall time, from one run's
+    phase deltas."""
     wall = phases.get("round")
     if not wall:
         return None
@@ -88,7 +90,7 @@ def format_phases(breakdown: list[dict]) -> str:
 
 
 def _phase_order(name: str) -> tuple[int, str]:
-    order = ("round", "gate", "expert", "rpc", "mix", "sample", "emit", "detokenize", "sse", "log")
+    order = ("round", "gate", "expert", "rpc", "mix", "sample", "emit", "gate_step", "detokenize", "sse", "log")
     return (order.index(name) if name in order else len(order), name)
 
 

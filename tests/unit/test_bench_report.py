@@ -52,11 +52,14 @@ def test_a_missing_side_gives_no_ratio_rather_than_a_wrong_one() -> None:
 
 
 def test_phase_breakdown_is_per_generated_token_and_orchestration_share_of_the_round() -> None:
-    before = {"round": 1.0, "gate": 0.1, "mix": 0.1, "sample": 0.0, "rpc": 0.2, "expert": 0.5, "_tokens": 100}
-    after = {"round": 3.0, "gate": 0.2, "mix": 0.2, "sample": 0.1, "rpc": 0.4, "expert": 1.5, "_tokens": 1100}
+    before = {"round": 1.0, "gate": 0.1, "gate_step": 0.0, "mix": 0.1, "sample": 0.0, "rpc": 0.2, "expert": 0.5,
+              "emit": 0.1, "_tokens": 100}
+    after = {"round": 3.0, "gate": 0.2, "gate_step": 0.05, "mix": 0.2, "sample": 0.1, "rpc": 0.4, "expert": 1.5,
+             "emit": 0.3, "_tokens": 1100}
     b = phases.per_token("ensemble_top2", 8, phases.delta(before, after))
     assert b["tokens"] == 1000 and b["us_per_token"]["round"] == pytest.approx(2000.0)
-    assert b["orchestration_share"] == pytest.approx((0.1 + 0.1 + 0.1 + 0.2) / 2.0)
+    # gate routing + gate step + mix + sample + RPC; expert compute and emitting events are not orchestration
+    assert b["orchestration_share"] == pytest.approx((0.1 + 0.05 + 0.1 + 0.1 + 0.2) / 2.0)
 
 
 def test_plot_writes_a_png(tmp_path) -> None:

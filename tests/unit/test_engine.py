@@ -141,10 +141,8 @@ async def test_concurrent_streams_share_round_trips():
     assert calls < steps / 4, f"{calls} round trips for {steps} steps: steps are not being batched"
 
 
-async def test_an_admission_rounds_wait_is_kept_apart_from_the_running_rounds_phases(monkeypatch):
-    """A new request's prefill runs beside the main rounds; its expert wait must not count as per-token time.
-    A fake clock: a prefill of the prompt takes 100 s of it, every other call none. One request at a time, so
-    that no main round is running while the clock jumps."""
+def fake_clock(monkeypatch) -> list[float]:
+    """The decode loop's and the phase clock's time: a microsecond per reading, plus what a test adds to now[0]."""
     now = [0.0]
 
     def clock() -> float:
@@ -153,6 +151,14 @@ async def test_an_admission_rounds_wait_is_kept_apart_from_the_running_rounds_ph
 
     monkeypatch.setattr("orchestrator.decode_loop.time.perf_counter", clock)
     monkeypatch.setattr("orchestrator.profile.time.perf_counter", clock)
+    return now
+
+
+async def test_an_admission_rounds_wait_is_kept_apart_from_the_running_rounds_phases(monkeypatch):
+    """A new request's prefill runs beside the main rounds; its expert wait must not count as per-token time.
+    A fake clock: a prefill of the prompt takes 100 s of it, every other call none. One request at a time, so
+    that no main round is running while the clock jumps."""
+    now = fake_clock(monkeypatch)
     engine, experts = await started()
     for e in experts.values():
         opening = e.open
@@ -168,6 +174,27 @@ async def test_an_admission_rounds_wait_is_kept_apart_from_the_running_rounds_ph
     seconds = engine.clock.seconds
     assert seconds["admit_expert"] >= 100.0 and seconds["admit"] >= 100.0
     assert seconds["expert"] < 1.0 and seconds["rpc"] < 1.0 and seconds["round"] < 1.0, seconds
+
+
+async def test_the_gates_step_is_clocked_as_gate_work_not_as_emitting_events(monkeypatch):
+    """The GRU step over each round's new tokens is the gate's work: it counts in gate_step (part of the
+    orchestration share), not in emit. A fake clock: each gate step takes 100 s of it, nothing else takes any."""
+    now = fake_clock(monkeypatch)
+    engine, _ = await started()
+    stepping = GateRuntime.step
+
+    def slow_step(self, *args, **kwargs):
+        now[0] += 100.0
+        return stepping(self, *args, **kwargs)
+
+    monkeypatch.setattr(GateRuntime, "step", slow_step)
+    assert len(await collect(engine, req(max_tokens=6))) == 6
+    seconds = engine.clock.seconds
+    # after the first token (its admission round's), then after tokens 2-5 (main rounds); not after the last
+    assert seconds["admit_gate_step"] >= 100.0 and seconds["gate_step"] >= 400.0, seconds
+    assert seconds["emit"] < 1.0 and seconds["gate"] < 1.0, seconds
+    from deploy.bench.report import orchestration_share
+    assert orchestration_share(seconds) > 0.9
 
 
 async def test_the_experts_are_asked_for_the_next_token_before_the_reader_handles_the_last_one():

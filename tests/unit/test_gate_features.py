@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,13 +66,13 @@ def test_serving_steps_reproduce_the_training_rollout():
         want = rollout(gate, torch.tensor([seq]), padded_signals(sig, [len(seq) - 1]), top_k_rule(2),
                        torch.tensor([prompt]))[0]
         state = rt.prefill(seq[:prompt])
-        got = [state.logits]
+        got = [torch.from_numpy(state.logits)]
         for j in range(prompt, len(seq) - 1):                        # row j-1 produced token seq[j]
-            chosen = state.logits.topk(2).indices.tolist()
+            chosen = torch.from_numpy(state.logits).topk(2).indices.tolist()
             observed = {e: TopK(tuple(corpus.ids[rows][j - 1, e].tolist()), tuple(corpus.lps[rows][j - 1, e].tolist()))
                         for e in chosen}                          # the experts that produced seq[j]
             state = rt.step([state], [seq[j]], [observed])[0]
-            got.append(state.logits)
+            got.append(torch.from_numpy(state.logits))
         assert torch.allclose(torch.stack(got), want[prompt - 1:len(seq) - 1], atol=1e-5)
 
 
@@ -90,15 +91,17 @@ def test_sequences_stepped_together_route_as_each_stepped_alone():
         observed, tokens = [], []
         for d in docs:
             rows, j = corpus.doc_rows(d), prompts[d] + step
-            chosen = together[d].logits.topk(2).indices.tolist()
+            chosen = torch.from_numpy(together[d].logits).topk(2).indices.tolist()
             observed.append({e: TopK(tuple(corpus.ids[rows][j - 1, e].tolist()),
                                      tuple(corpus.lps[rows][j - 1, e].tolist())) for e in chosen})
             tokens.append(corpus.sequences[d][j])
         together = rt.step(together, tokens, observed)
         for d in docs:
             alone[d].append(rt.step([alone[d][-1]], [tokens[d]], [observed[d]])[0])
-            assert torch.allclose(together[d].logits, alone[d][-1].logits, atol=1e-6), (step, d)
-            assert torch.equal(together[d].memory.skipped, alone[d][-1].memory.skipped)
+            assert np.allclose(together[d].logits, alone[d][-1].logits, atol=1e-6), (step, d)
+            h = gate.args.hidden_dim                 # packed: the GRU state, then the feature memory
+            assert np.allclose(together[d].packed[:h], alone[d][-1].packed[:h], atol=1e-6), (step, d)
+            assert np.array_equal(together[d].packed[h:], alone[d][-1].packed[h:]), (step, d)
 
 
 def test_echo_scoring_and_offline_evaluation_route_alike():
