@@ -52,11 +52,14 @@ class InprocEngine:
         self._lock = threading.Lock()                     # guards _streams between the loop and the thread
         self.error: BaseException | None = None
         self.steps = 0
+        self.output_steps = 0     # steps that produced outputs (not the empty ones that only release finished ids)
         self.step_s = 0.0         # wall time inside vLLM's engine steps (this thread), for the speed breakdown
         self.feeds = 0            # feed_sessions commands posted
         self.opens = 0            # open_sessions commands posted
         self._raw: set[str] = set()                      # engine thread only: requests answered raw
         self._fed: dict[str, _FeedBatch] = {}             # engine thread only: session -> its open/feed call
+        self._turn: list[tuple] = []                      # session commands of this loop turn, not queued yet
+        self._turn_lock = threading.Lock()
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(args, threads, cores, ready),
                                         name="vllm-engine", daemon=True)
@@ -175,12 +178,29 @@ class InprocEngine:
         return await done
 
     def _post(self, kind: str, chunks: list[tuple[str, list[int]]], params: Any) -> asyncio.Future:
-        """Post one batched session command now; the future gets its answers, in order."""
+        """Post one batched session command; the future gets its answers, in order. The session commands of
+        one event-loop turn reach the engine thread together (`_flush_turn`)."""
         self._check()
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
-        self._put((kind, chunks, params, done, loop))
+        with self._turn_lock:
+            first = not self._turn
+            self._turn.append((kind, chunks, params, done, loop))
+        if first:
+            loop.call_soon(self._flush_turn)
         return done
+
+    def _flush_turn(self) -> None:
+        """Queue this turn's session commands as ONE item, once the callbacks that were ready with the first of
+        them have run. Why: the engine thread takes every queued item before it steps, but it wakes on the first
+        one; an open and an advance asked in one turn and queued apart could be split by a step started in
+        between (the event loop's thread descheduled, or made to drop the GIL, between the two posts), and the
+        round then waited for two engine steps instead of one. Under load that happened (tests/integration/
+        test_inproc_engine.py, the open and the advance asked in one loop turn)."""
+        with self._turn_lock:
+            turn, self._turn = self._turn, []
+        if turn:
+            self._put(("turn", turn))
 
     def abort_session(self, request_id: str) -> None:
         """End a session started by open_sessions (frees its slot and KV blocks); unknown ids are ignored."""
@@ -265,8 +285,11 @@ class InprocEngine:
         return EngineDead(f"the engine stopped: {type(self.error).__name__}: {self.error}")
 
     def _put(self, command: Any) -> None:
-        """Post a command to the engine thread. If the thread has stopped meanwhile, answer it here: the thread
+        """Post a command to the engine thread, after the session commands of this turn (commands reach the
+        engine in the order they were asked). If the thread has stopped meanwhile, answer it here: the thread
         drains the queue once after setting `error`, and a command posted after that drain finds `error` set."""
+        if command[0] != "turn":
+            self._flush_turn()
         self._commands.put(command)
         if self.error is not None:
             self._fail_queued()
@@ -282,12 +305,13 @@ class InprocEngine:
                 return
             if command is _STOP:
                 continue
-            if command[0] in ("open", "feed"):
-                _, chunks, _, done, loop = command
-                _call_soon(loop, _resolve, done, [dead] * len(chunks))
-            elif command[0] == "count":
-                _, answer, loop = command
-                _call_soon(loop, _fail, answer, dead)
+            for c in command[1] if command[0] == "turn" else (command,):
+                if c[0] in ("open", "feed"):
+                    _, chunks, _, done, loop = c
+                    _call_soon(loop, _resolve, done, [dead] * len(chunks))
+                elif c[0] == "count":
+                    _, answer, loop = c
+                    _call_soon(loop, _fail, answer, dead)
 
     def _step(self, engine: Any) -> None:
         """One engine step (LLMEngine.step without its stats): raw requests get their EngineCoreOutput, the
@@ -296,8 +320,9 @@ class InprocEngine:
         outputs = engine.engine_core.get_output()
         self.steps += 1
         self.step_s += time.perf_counter() - t0
-        if not outputs.outputs:
+        if not outputs.outputs:                  # e.g. the step vLLM takes to release aborted requests' ids
             return
+        self.output_steps += 1
         items = {o.request_id: o for o in outputs.outputs if o.request_id in self._raw}
         cooked = len(items) < len(outputs.outputs)          # some requests want vLLM's RequestOutputs
         for o in items.values():
@@ -321,6 +346,10 @@ class InprocEngine:
     def _apply(self, command: tuple) -> None:
         kind, request_id = command[0], command[1]
         engine = self._engine
+        if kind == "turn":                                # one loop turn's session commands, in order
+            for c in command[1]:
+                self._apply(c)
+            return
         if kind == "count":
             answer, loop = command[1], command[2]
             held = sum(engine.engine_core.engine_core.scheduler.get_request_counts())
