@@ -50,14 +50,14 @@ def test_a_round_step_equals_the_torch_gate_step(kind):
     torch.manual_seed(3)
     gate = Gate(GateArgs(V, E, 8, 16, 0.0, features=kind)).eval()
     w = gate_step.StepWeights.of(gate)
-    ids, lps, mask, token, memory = random_observations(7)
+    ids, lps, mask, token, before = random_observations(7)
     hidden = torch.randn(B, 16) * 0.5
     feats = None
     if kind == "observed":
-        feats, memory = features.step_features(memory, mask, features.signals(ids, lps, token, V))
+        feats, memory = features.step_features(before, mask, features.signals(ids, lps, token, V))
     with torch.inference_mode():
         want_logits, want_hidden = gate.step(token, hidden, feats)
-    packed = torch.cat([hidden, *(random_observations(7)[4] if kind == "observed" else ())], 1).numpy()
+    packed = torch.cat([hidden, *(before if kind == "observed" else ())], 1).numpy()
     args = (mask.numpy(), ids.numpy(), lps.numpy()) if kind == "observed" else ()
     logits, out = gate_step.step(w, token.numpy(), packed, *args)
     assert out.shape == (B, w.width)
