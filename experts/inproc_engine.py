@@ -221,6 +221,7 @@ class InprocEngine:
     def shutdown(self) -> None:
         """Stop the thread and free the engine. Idempotent."""
         if self._thread.is_alive():
+            self._flush_turn()                   # like every other command: after the session commands asked before
             self._commands.put(_STOP)
             self._thread.join(timeout=30)
         engine, self._engine = self._engine, None
