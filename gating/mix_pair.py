@@ -4,7 +4,8 @@ Why: a top-2 round at concurrency 32 mixes 32 rows. The general batched form (ga
 candidate against every listed id of every expert ([R, S, C, K] and [R, C, C] boolean tensors) in ~45 torch
 ops; inside the busy gateway replica that was 75 µs per generated token, a third of the orchestration time.
 With two experts the only question per candidate is whether the other expert lists it too, one [R, K, K]
-comparison, and the rest is arithmetic on [R, K] arrays.
+comparison, and the rest is arithmetic on [R, K] arrays. The result stays in arrays (PairMix,
+`mix_pair_arrays`), so that the sampler can draw for the whole round at once; `mix_pairs` gives it as lists.
 
 The rule is gating.mix's, step for step (its module docstring explains the floor and the cross-listed guess).
 Everything is float64; tests/unit/test_mix_pair.py checks it against mix_row (Python floats) and the torch
@@ -15,11 +16,29 @@ cross-listed guess.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from itertools import compress
 
 import numpy as np
 
 from gating.mix import CROSS_LISTED_INTERP, MIN_LEFTOVER, MIX_SPACES
+
+
+@dataclass(frozen=True)
+class PairMix:
+    """A round of mixed top-2 rows as arrays. Slot order is first-listed order: the first expert's K by rank,
+    then the second's K; a slot of the second expert that the first also lists is not a candidate (`keep`
+    False, its logprob meaningless). Every token outside a row's candidates has logprob `tail`."""
+    ids: np.ndarray          # [R, 2K] int64
+    logprobs: np.ndarray     # [R, 2K] float64, normalised log p_mix of each kept slot
+    keep: np.ndarray         # [R, 2K] bool
+    tail: np.ndarray         # [R] float64
+    n_tail: np.ndarray       # [R] int64, vocab_size - number of candidates
+
+    def candidates(self, r: int) -> tuple[list[int], list[float]]:
+        """Row r's distinct candidate ids in first-listed order, and their logprobs."""
+        keep = self.keep[r].tolist()
+        return list(compress(self.ids[r].tolist(), keep)), list(compress(self.logprobs[r].tolist(), keep))
 
 
 def mix_pairs(ids: np.ndarray, logprobs: np.ndarray, weights: np.ndarray, vocab_size: int, space: str,
@@ -30,6 +49,18 @@ def mix_pairs(ids: np.ndarray, logprobs: np.ndarray, weights: np.ndarray, vocab_
     -> per row: its distinct candidate ids in first-listed order (the first expert's K by rank, then the
     second's that the first did not list), their normalised mixed logprobs, and the logprob of each other token.
     """
+    m = mix_pair_arrays(ids, logprobs, weights, vocab_size, space, interp=interp)
+    k = ids.shape[2]
+    first_ids, second_ids, own = ids[:, 0].tolist(), ids[:, 1].tolist(), m.keep[:, k:].tolist()
+    lps = m.logprobs.tolist()
+    out_ids = [a + list(compress(b, o)) for a, b, o in zip(first_ids, second_ids, own)]
+    out_lps = [x[:k] + list(compress(x[k:], o)) for x, o in zip(lps, own)]
+    return out_ids, out_lps, m.tail.tolist()
+
+
+def mix_pair_arrays(ids: np.ndarray, logprobs: np.ndarray, weights: np.ndarray, vocab_size: int, space: str,
+                    *, interp: float | None = None) -> PairMix:
+    """mix_pairs' arithmetic, left as arrays (a sampler that draws for the whole round reads them as they are)."""
     if space not in MIX_SPACES:
         raise ValueError(f"mix space must be one of {MIX_SPACES}, got {space!r}")
     interp = CROSS_LISTED_INTERP if interp is None else interp
@@ -80,11 +111,4 @@ def mix_pairs(ids: np.ndarray, logprobs: np.ndarray, weights: np.ndarray, vocab_
         masked = np.where(keep, score, -np.inf)
     top = np.maximum(masked.max(1), tail_mass)
     log_z = top + np.log(np.exp(masked - top[:, None]).sum(1) + np.exp(tail_mass - top))
-    logp = score - log_z[:, None]
-
-    # 5) per row, the kept candidates in first-listed order: the first expert's K, the second's own
-    first_ids, second_ids, own = ids0.tolist(), ids1.tolist(), only1.tolist()
-    lps = logp.tolist()
-    out_ids = [a + list(compress(b, m)) for a, b, m in zip(first_ids, second_ids, own)]
-    out_lps = [x[:k] + list(compress(x[k:], m)) for x, m in zip(lps, own)]
-    return out_ids, out_lps, (tail - log_z).tolist()
+    return PairMix(ids.reshape(rows, 2 * k), score - log_z[:, None], keep, tail - log_z, n_tail)

@@ -5,8 +5,10 @@ one row, each op's dispatch costs more than its arithmetic: 0.33 ms on an idle c
 0.9 ms inside a busy gateway replica, once per generated token at concurrency 1. The same rule over Python
 floats (`mix_row`) takes 0.05 ms a row, so a small round mixes row by row. A round's top-2 rows (two experts
 each, the served default) are mixed at once in numpy from PAIR_ROUND rows on (gating/mix_pair.py: 0.19 / 0.47
-ms for 12 / 32 rows on an idle core, against 0.62 / 0.81 ms row by row / in torch); other rows, from
-SMALL_ROUND rows on, in one batched torch mix. All compute in float64 and agree to ~1e-12, so a seed's text
+ms for 12 / 32 rows on an idle core, against 0.62 / 0.81 ms row by row / in torch) and kept as arrays in the
+round's RoundMix, which the sampler reads as they are (orchestrator/sample.py `sample_round`); a row's RowMix is
+built only when something asks for it (a request's `top_logprobs`, top_p or top_k). Other rows, from
+SMALL_ROUND rows on, go through one batched torch mix. All compute in float64 and agree to ~1e-12, so a seed's text
 does not depend on which path its rounds took (how many other sequences were running).
 
 The rule is gating.mix's, step for step (its module docstring explains the floor and the cross-listed guess);
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 from gating.mix import CROSS_LISTED_INTERP, MIN_LEFTOVER, MIX_SPACES, Mixed, mix
-from gating.mix_pair import mix_pairs
+from gating.mix_pair import PairMix, mix_pair_arrays
 
 NEG_INF = float("-inf")
 SMALL_ROUND = 12     # rows up to which row by row beats one batched torch mix (measured: equal at about 12)
@@ -85,39 +87,67 @@ def log_sum_exp_weighted(values: Sequence[float], weights: Sequence[float]) -> f
     return logsumexp([v + math.log(w) for w, v in zip(weights, values)])
 
 
+@dataclass
+class RoundMix:
+    """One round's mixes: row j of the round is either a RowMix already, or row r of a PairMix group (kept as
+    arrays, so that a sampler can draw for the whole group at once; `row(j)` builds its RowMix on demand)."""
+    vocab_size: int
+    rows: list[RowMix | None]                              # [J] None: the row lives in a pair group
+    pairs: list[tuple[list[int], PairMix]]                 # (the round's rows of the group, its arrays)
+    where: dict[int, tuple[int, int]]                      # round row -> (pair group, row in the group)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def row(self, j: int) -> RowMix:
+        got = self.rows[j]
+        if got is None:
+            g, r = self.where[j]
+            pm = self.pairs[g][1]
+            ids, lps = pm.candidates(r)
+            got = self.rows[j] = RowMix(tuple(ids), tuple(lps), float(pm.tail[r]), int(pm.n_tail[r]),
+                                        self.vocab_size)
+        return got
+
+
 def mix_rows(tops: Sequence[Tops], weights: Sequence[Sequence[float]], vocab_size: int,
              spaces: Sequence[str]) -> list[RowMix]:
+    """One round's mixes as RowMix objects (mix_round, every row materialised)."""
+    mixed = mix_round(tops, weights, vocab_size, spaces)
+    return [mixed.row(j) for j in range(len(mixed))]
+
+
+def mix_round(tops: Sequence[Tops], weights: Sequence[Sequence[float]], vocab_size: int,
+              spaces: Sequence[str]) -> RoundMix:
     """One round's mixes: row i mixes tops[i] (its answering experts' top-k) with weights[i] in spaces[i].
 
     Rows are grouped by (number of experts, K, space). A group of two-expert rows (top-2, the served default)
-    of at least PAIR_ROUND rows is mixed at once in numpy (gating/mix_pair.py); any other group row by row in
-    Python while the round has up to SMALL_ROUND rows, else in one float64 torch mix."""
+    of at least PAIR_ROUND rows is mixed at once in numpy and kept as arrays (gating/mix_pair.py); any other
+    group row by row in Python while the round has up to SMALL_ROUND rows, else in one float64 torch mix."""
     groups: dict[tuple[int, int, str], list[int]] = {}
     for i, (t, space) in enumerate(zip(tops, spaces)):
         groups.setdefault((len(t), min(len(ids) for ids, _ in t), space), []).append(i)
-    out: list[RowMix | None] = [None] * len(tops)
+    out = RoundMix(vocab_size, [None] * len(tops), [], {})
     for (s, k, space), members in groups.items():
         if s == 2 and len(members) >= PAIR_ROUND:
-            for i, row in zip(members, _pair_rows(tops, weights, members, k, vocab_size, space)):
-                out[i] = row
+            out.where.update((i, (len(out.pairs), r)) for r, i in enumerate(members))
+            out.pairs.append((members, _pair_arrays(tops, weights, members, k, vocab_size, space)))
         elif len(tops) <= SMALL_ROUND:
             for i in members:
-                out[i] = mix_row(tops[i], weights[i], vocab_size, space)
+                out.rows[i] = mix_row(tops[i], weights[i], vocab_size, space)
         else:
             for i, row in zip(members, _torch_rows(tops, weights, members, k, vocab_size, space)):
-                out[i] = row
-    return out  # type: ignore[return-value]
+                out.rows[i] = row
+    return out
 
 
-def _pair_rows(tops: Sequence[Tops], weights: Sequence[Sequence[float]], members: list[int], k: int,
-               vocab_size: int, space: str) -> list[RowMix]:
+def _pair_arrays(tops: Sequence[Tops], weights: Sequence[Sequence[float]], members: list[int], k: int,
+                 vocab_size: int, space: str) -> PairMix:
     n = len(members)
     ids, lps, w = _group_arrays(tops, weights, members, k)
-    cand, logps, tails = mix_pairs(np.frombuffer(ids, dtype=np.int64).reshape(n, 2, k),
-                                   np.frombuffer(lps, dtype=np.float64).reshape(n, 2, k),
-                                   np.frombuffer(w, dtype=np.float64).reshape(n, 2), vocab_size, space)
-    return [RowMix(tuple(c), tuple(lp), tail, vocab_size - len(c), vocab_size)
-            for c, lp, tail in zip(cand, logps, tails)]
+    return mix_pair_arrays(np.frombuffer(ids, dtype=np.int64).reshape(n, 2, k),
+                           np.frombuffer(lps, dtype=np.float64).reshape(n, 2, k),
+                           np.frombuffer(w, dtype=np.float64).reshape(n, 2), vocab_size, space)
 
 
 def _torch_rows(tops: Sequence[Tops], weights: Sequence[Sequence[float]], members: list[int], k: int,

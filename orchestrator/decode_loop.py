@@ -34,11 +34,11 @@ from collections.abc import Sequence as Seq
 import numpy as np
 
 from experts.protocol import Expert, SessionStep, StepOutput, TopK
-from gating.mix_row import mix_rows
+from gating.mix_row import mix_round
 from orchestrator.expert_health import ExpertHealth
 from orchestrator.profile import PhaseClock
 from orchestrator.routing import Route, renormalise, route_fixed, route_gated, route_uniform
-from orchestrator.sample import sample_row
+from orchestrator.sample import sample_round
 from orchestrator.sequence import Sequence
 from orchestrator.types import AtCapacity, ExpertsUnavailable, GateDecision, TokenEvent
 
@@ -284,16 +284,16 @@ class DecodeLoop:
         return calls
 
     def _mix_and_sample(self, seqs, routes, answers, rows: list[int], tokens: dict, phase: dict[str, str]) -> None:
-        """Phases 3 and 4 for `rows`: one mix per row (gating/mix_row.py picks row by row or batched), then one
-        draw per row from its request's generator."""
+        """Phases 3 and 4 for `rows`: the round's mixes (gating/mix_row.py: row by row, or a top-2 group at once as
+        arrays), then one draw per row from its request's generator (a group's plain rows together)."""
         with self.clock.phase(phase["mix"]):
             tops = [[(answers[(i, e)].token_ids, answers[(i, e)].logprobs) for e in routes[i].experts] for i in rows]
-            mixes = mix_rows(tops, [routes[i].weights for i in rows], self.vocab_size, [seqs[i].space for i in rows])
+            mixed = mix_round(tops, [routes[i].weights for i in rows], self.vocab_size, [seqs[i].space for i in rows])
         with self.clock.phase(phase["sample"]):
-            for i, row in zip(rows, mixes):
-                p = seqs[i].params
-                token = sample_row(row, p.temperature, p.top_p, p.top_k, seqs[i].rng)
-                tokens[i] = (token, row.logprob_of(token), row.alternatives(p.top_logprobs))
+            drawn = sample_round(mixed, [seqs[i].params for i in rows], [seqs[i].rng for i in rows])
+            for j, (i, (token, logprob)) in enumerate(zip(rows, drawn)):
+                n = seqs[i].params.top_logprobs
+                tokens[i] = (token, logprob, mixed.row(j).alternatives(n) if n > 0 else ())
 
     def _feed_back(self, seqs: list[Sequence], routes: list[Route | None], tokens: dict) -> dict[int, list[int]]:
         """Each row's token to its sequence and its reader -> the rows whose gate takes a step, per gate version."""

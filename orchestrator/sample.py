@@ -8,7 +8,9 @@ request asks for it: temperature, top_k and top_p act on the whole distribution,
 vocabulary (a top_k within the candidates leaves the tail out). temperature == 0 is greedy; ties break toward
 the smaller token id. Each row draws from its own request's generator, one row at a time, in Python floats
 (float64; a row is a few dozen candidates, less than torch's per-op dispatch costs), so a seed gives the same
-text whatever else is running.
+text whatever else is running. A round's top-2 rows that sample plainly (temperature > 0, no top_p, no top_k:
+what most requests ask) draw together from the round's pair-mix arrays instead (`draw_pairs`): the same rule and
+the same draws of each row's generator, in numpy.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-from gating.mix_row import RowMix
+from gating.mix_pair import PairMix
+from gating.mix_row import RoundMix, RowMix
+from orchestrator.types import GenerationParams
 
 
 def make_rng(seed: int | None) -> torch.Generator:
@@ -100,3 +105,83 @@ def draw_outside(ids: Sequence[int], vocab_size: int, rng: torch.Generator) -> i
             break
         token += 1
     return token
+
+
+def draw_pairs(logprobs: np.ndarray, keep: np.ndarray, tail: np.ndarray, n_tail: np.ndarray,
+               temperatures: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """sample_row's draw for n rows at once, without top_p or top_k: softmax(logprob / T) over the candidates and
+    the tail, then the inverse CDF at uniforms [n] in [0, 1), candidates in slot order.
+
+    logprobs / keep [n, C] (a slot with keep False is not a candidate), tail [n] (one tail token's logprob),
+    n_tail [n] (tail tokens), temperatures [n] > 0 -> [n] the drawn slot, or -1 for the tail."""
+    t = np.maximum(temperatures, 1e-6)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lp = np.where(keep, logprobs / t[:, None], -np.inf)                       # [n, C]
+    tail_lp = tail / t
+    count = n_tail.astype(np.float64)
+    top = np.maximum(lp.max(1), np.where(count > 0, tail_lp, -np.inf))
+    each = np.where(count > 0, np.exp(tail_lp - top), 0.0)                        # one tail token's weight
+    cand = np.exp(lp - top[:, None])                                               # 0 off the candidates
+    z = cand.sum(1) + count * each
+    cand = cand / z[:, None]
+    tail_w = count * (each / z)
+    u = uniforms * (cand.sum(1) + tail_w)
+    above = np.cumsum(cand, 1) > u[:, None]
+    slot = np.where(above.any(1), above.argmax(1), -1)
+    stuck = (slot < 0) & ~(tail_w > 0)                  # u rounded up to the total, no tail: the last candidate
+    if stuck.any():
+        last = cand.shape[1] - 1 - (cand[:, ::-1] > 0).argmax(1)
+        slot = np.where(stuck, last, slot)
+    return slot
+
+
+def plain(p: GenerationParams) -> bool:
+    """A draw from the whole distribution at a temperature: what draw_pairs does."""
+    return p.temperature > 0 and p.top_p >= 1.0 and p.top_k == 0
+
+
+def nth_free(ids: np.ndarray, keep: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """draw_outside's mapping for many rows: the index-th id (ascending) of [0, vocab) not among a row's kept ids.
+    ids / keep [m, C] (kept ids distinct), index [m] -> [m]. With the kept ids sorted, t_0 < t_1 < ..., the answer
+    is index + #{i : t_i - i <= index} (t_i - i never decreases, and each such t_i is one id skipped)."""
+    taken = np.sort(np.where(keep, ids, np.iinfo(np.int64).max // 2), 1)
+    return index + (taken - np.arange(ids.shape[1]) <= index[:, None]).sum(1)
+
+
+def sample_round(mixed: RoundMix, params: Sequence[GenerationParams],
+                 rngs: Sequence[torch.Generator]) -> list[tuple[int, float]]:
+    """(token id, its logprob under the mix) for every row of a round, each from its own request's generator.
+
+    The plain rows of a pair group draw together (draw_pairs); every other row through its RowMix (sample_row).
+    Either way a row takes the same draws from its generator (one uniform, and one more for a tail token)."""
+    out: list[tuple[int, float] | None] = [None] * len(mixed)
+    for members, pm in mixed.pairs:
+        rows = [r for r, j in enumerate(members) if plain(params[j])]
+        if rows:
+            round_rows = [members[r] for r in rows]
+            for j, got in zip(round_rows, _draw_group(pm, rows, round_rows, params, rngs, mixed.vocab_size)):
+                out[j] = got
+    for j, got in enumerate(out):
+        if got is None:
+            row, p = mixed.row(j), params[j]
+            token = sample_row(row, p.temperature, p.top_p, p.top_k, rngs[j])
+            out[j] = (token, row.logprob_of(token))
+    return out  # type: ignore[return-value]
+
+
+def _draw_group(pm: PairMix, rows: list[int], round_rows: list[int], params: Sequence[GenerationParams],
+                rngs: Sequence[torch.Generator], vocab_size: int) -> list[tuple[int, float]]:
+    uniforms = np.array([float(torch.rand((), generator=rngs[j], dtype=torch.float64)) for j in round_rows])
+    temperatures = np.array([params[j].temperature for j in round_rows], dtype=np.float64)
+    arrays = (pm.ids, pm.logprobs, pm.keep, pm.tail, pm.n_tail)
+    ids, logprobs, keep, tail, n_tail = arrays if len(rows) == len(pm.tail) else (a[rows] for a in arrays)
+    slot = draw_pairs(logprobs, keep, tail, n_tail, temperatures, uniforms)
+    at = np.maximum(slot, 0)[:, None]
+    tokens = np.take_along_axis(ids, at, 1)[:, 0]
+    in_tail = slot < 0
+    if in_tail.any():                                   # one more draw each: which tail token (draw_outside)
+        t = np.flatnonzero(in_tail)
+        index = np.array([int(torch.randint(int(n_tail[x]), (), generator=rngs[round_rows[x]])) for x in t])
+        tokens[t] = nth_free(ids[t], keep[t], index)
+    logprob = np.where(in_tail, tail, np.take_along_axis(logprobs, at, 1)[:, 0])
+    return list(zip(tokens.tolist(), logprob.tolist()))

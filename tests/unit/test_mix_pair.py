@@ -61,13 +61,14 @@ def test_every_row_of_a_pair_mix_is_mix_row(k, vocab, space, interp):
 
 
 def test_a_round_of_top2_rows_takes_the_pair_mix_and_gives_what_each_row_gives_alone(monkeypatch):
-    """mix_rows sends a group of at least PAIR_ROUND two-expert rows to mix_pairs (counted), whatever else the
-    round holds, and every row still equals mix_row's."""
+    """mix_rows sends a group of at least PAIR_ROUND two-expert rows to the numpy pair mix (counted), whatever
+    else the round holds, and every row still equals mix_row's."""
     import gating.mix_row as mix_row_module
 
     calls = []
-    real = mix_row_module.mix_pairs
-    monkeypatch.setattr(mix_row_module, "mix_pairs", lambda *a, **kw: calls.append(len(a[0])) or real(*a, **kw))
+    real = mix_row_module.mix_pair_arrays
+    monkeypatch.setattr(mix_row_module, "mix_pair_arrays",
+                        lambda *a, **kw: calls.append(len(a[0])) or real(*a, **kw))
     rows = pair_rows(20, 4096, PAIR_ROUND + 3, seed=300)
     tops, weights = [t for t, _ in rows], [w for _, w in rows]
     one = random_row(999, 1, 20, 4096, 0)
