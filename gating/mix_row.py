@@ -20,7 +20,6 @@ tests/unit/test_mix_pair.py the numpy pair mix against mix_row.
 from __future__ import annotations
 
 import math
-from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain, compress
@@ -145,9 +144,7 @@ def _pair_arrays(tops: Sequence[Tops], weights: Sequence[Sequence[float]], membe
                  vocab_size: int, space: str) -> PairMix:
     n = len(members)
     ids, lps, w = _group_arrays(tops, weights, members, k)
-    return mix_pair_arrays(np.frombuffer(ids, dtype=np.int64).reshape(n, 2, k),
-                           np.frombuffer(lps, dtype=np.float64).reshape(n, 2, k),
-                           np.frombuffer(w, dtype=np.float64).reshape(n, 2), vocab_size, space)
+    return mix_pair_arrays(ids.reshape(n, 2, k), lps.reshape(n, 2, k), w.reshape(n, 2), vocab_size, space)
 
 
 def _torch_rows(tops: Sequence[Tops], weights: Sequence[Sequence[float]], members: list[int], k: int,
@@ -155,20 +152,22 @@ def _torch_rows(tops: Sequence[Tops], weights: Sequence[Sequence[float]], member
     shape = (len(members), len(tops[members[0]]))
     ids, lps, w = _group_arrays(tops, weights, members, k)
     with torch.inference_mode():
-        mixed = mix(torch.frombuffer(ids, dtype=torch.long).view(*shape, k),            # [R, S, K]
-                    torch.frombuffer(lps, dtype=torch.float64).view(*shape, k),
-                    torch.frombuffer(w, dtype=torch.float64).view(shape), vocab_size, space)  # type: ignore[arg-type]
+        mixed = mix(torch.from_numpy(ids).view(*shape, k),                                # [R, S, K]
+                    torch.from_numpy(lps).view(*shape, k),
+                    torch.from_numpy(w).view(shape), vocab_size, space)  # type: ignore[arg-type]
         return rows_of(mixed, vocab_size)
 
 
 def _group_arrays(tops: Sequence[Tops], weights: Sequence[Sequence[float]], members: list[int],
-                  k: int) -> tuple[array, array, array]:
-    """A group's ids, logprobs (each expert's first k) and weights as flat int64 / float64 arrays, for numpy or
-    torch to view without a copy (torch.tensor on nested lists costs ~0.35 µs per element: 0.47 ms for a round
-    of 32 top-2 rows, against 0.19 ms this way)."""
-    return (array("q", chain.from_iterable(e[0][:k] for i in members for e in tops[i])),
-            array("d", chain.from_iterable(e[1][:k] for i in members for e in tops[i])),
-            array("d", chain.from_iterable(weights[i] for i in members)))
+                  k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A group's ids, logprobs (each expert's first k) and weights as flat int64 / float64 arrays (rows with the
+    same number of experts). One np.fromiter each, with its length given: 60 µs for a round of 32 top-2 rows on an
+    idle core, against 100 µs through array.array and 470 µs for torch.tensor on nested lists."""
+    s = len(tops[members[0]])
+    n = len(members) * s
+    return (np.fromiter(chain.from_iterable(e[0][:k] for i in members for e in tops[i]), np.int64, n * k),
+            np.fromiter(chain.from_iterable(e[1][:k] for i in members for e in tops[i]), np.float64, n * k),
+            np.fromiter(chain.from_iterable(weights[i] for i in members), np.float64, n))
 
 
 def mix_row(tops: Tops, weights: Sequence[float], vocab_size: int,
