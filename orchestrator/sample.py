@@ -6,11 +6,12 @@ distribution, the one whose logprobs are reported: the tail is one more slot wei
 tokens together, and a draw that lands there picks one of them uniformly. Nothing is truncated away unless the
 request asks for it: temperature, top_k and top_p act on the whole distribution, as they would on the full
 vocabulary (a top_k within the candidates leaves the tail out). temperature == 0 is greedy; ties break toward
-the smaller token id. Each row draws from its own request's generator, one row at a time, in Python floats
-(float64; a row is a few dozen candidates, less than torch's per-op dispatch costs), so a seed gives the same
-text whatever else is running. A round's top-2 rows that sample plainly (temperature > 0, no top_p, no top_k:
-what most requests ask) draw together from the round's pair-mix arrays instead (`draw_pairs`): the same rule and
-the same draws of each row's generator, in numpy.
+the smaller token id. Each row draws from its own request's generator (numpy's PCG64: a draw is a plain call
+that keeps the GIL, where a torch op would hand it to any busy thread of the process; docs/speed-history.md),
+one row at a time, in Python floats (float64; a row is a few dozen candidates, less than torch's per-op dispatch
+costs), so a seed gives the same text whatever else is running. A round's top-2 rows that sample plainly
+(temperature > 0, no top_p, no top_k: what most requests ask) draw together from the round's pair-mix arrays
+instead (`draw_pairs`): the same rule and the same draws of each row's generator, in numpy.
 """
 
 from __future__ import annotations
@@ -19,18 +20,16 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from gating.mix_pair import PairMix
 from gating.mix_row import RoundMix, RowMix
 from orchestrator.types import GenerationParams
 
 
-def make_rng(seed: int | None) -> torch.Generator:
-    """A private generator per request: the same seed gives the same text, whatever else is running."""
-    rng = torch.Generator()
-    rng.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
-    return rng
+def make_rng(seed: int | None) -> np.random.Generator:
+    """A private generator per request: the same seed gives the same text, whatever else is running (no seed:
+    fresh entropy from the OS)."""
+    return np.random.Generator(np.random.PCG64(seed))
 
 
 def nucleus(probs: Sequence[float], top_p: float) -> list[float]:
@@ -79,13 +78,13 @@ def draw_weights(logprobs: Sequence[float], tail_logprob: float, tail_count: int
     return cand, count * each
 
 
-def sample_row(row: RowMix, temperature: float, top_p: float, top_k: int, rng: torch.Generator) -> int:
+def sample_row(row: RowMix, temperature: float, top_p: float, top_k: int, rng: np.random.Generator) -> int:
     """One token id from the whole mixed distribution of one row, with the request's own generator."""
     if temperature == 0:                                             # greedy (a tail token is never better)
         best = max(row.logprobs)
         return min(t for t, lp in zip(row.ids, row.logprobs) if lp == best)
     cand, tail = draw_weights(row.logprobs, row.tail_logprob, row.tail_count, temperature, top_p, top_k)
-    u = float(torch.rand((), generator=rng, dtype=torch.float64)) * (sum(cand) + tail)   # inverse CDF
+    u = rng.random() * (sum(cand) + tail)                            # inverse CDF
     acc = 0.0
     for t, c in zip(row.ids, cand):
         acc += c
@@ -96,10 +95,10 @@ def sample_row(row: RowMix, temperature: float, top_p: float, top_k: int, rng: t
     return [t for t, c in zip(row.ids, cand) if c > 0][-1]           # u rounded up to the total
 
 
-def draw_outside(ids: Sequence[int], vocab_size: int, rng: torch.Generator) -> int:
+def draw_outside(ids: Sequence[int], vocab_size: int, rng: np.random.Generator) -> int:
     """A token id drawn uniformly from those of [0, vocab_size) not among ids."""
     taken = sorted({t for t in ids if 0 <= t < vocab_size})
-    token = int(torch.randint(vocab_size - len(taken), (), generator=rng))   # index among the free ids
+    token = int(rng.integers(vocab_size - len(taken)))              # index among the free ids
     for t in taken:                                                  # the token-th free id, ascending
         if t > token:
             break
@@ -149,7 +148,7 @@ def nth_free(ids: np.ndarray, keep: np.ndarray, index: np.ndarray) -> np.ndarray
 
 
 def sample_round(mixed: RoundMix, params: Sequence[GenerationParams],
-                 rngs: Sequence[torch.Generator]) -> list[tuple[int, float]]:
+                 rngs: Sequence[np.random.Generator]) -> list[tuple[int, float]]:
     """(token id, its logprob under the mix) for every row of a round, each from its own request's generator.
 
     The plain rows of a pair group draw together (draw_pairs); every other row through its RowMix (sample_row).
@@ -170,8 +169,8 @@ def sample_round(mixed: RoundMix, params: Sequence[GenerationParams],
 
 
 def _draw_group(pm: PairMix, rows: list[int], round_rows: list[int], params: Sequence[GenerationParams],
-                rngs: Sequence[torch.Generator], vocab_size: int) -> list[tuple[int, float]]:
-    uniforms = np.array([float(torch.rand((), generator=rngs[j], dtype=torch.float64)) for j in round_rows])
+                rngs: Sequence[np.random.Generator], vocab_size: int) -> list[tuple[int, float]]:
+    uniforms = np.array([rngs[j].random() for j in round_rows])
     temperatures = np.array([params[j].temperature for j in round_rows], dtype=np.float64)
     arrays = (pm.ids, pm.logprobs, pm.keep, pm.tail, pm.n_tail)
     ids, logprobs, keep, tail, n_tail = arrays if len(rows) == len(pm.tail) else (a[rows] for a in arrays)
@@ -181,7 +180,7 @@ def _draw_group(pm: PairMix, rows: list[int], round_rows: list[int], params: Seq
     in_tail = slot < 0
     if in_tail.any():                                   # one more draw each: which tail token (draw_outside)
         t = np.flatnonzero(in_tail)
-        index = np.array([int(torch.randint(int(n_tail[x]), (), generator=rngs[round_rows[x]])) for x in t])
+        index = np.array([int(rngs[round_rows[x]].integers(int(n_tail[x]))) for x in t])
         tokens[t] = nth_free(ids[t], keep[t], index)
     logprob = np.where(in_tail, tail, np.take_along_axis(logprobs, at, 1)[:, 0])
     return list(zip(tokens.tolist(), logprob.tolist()))

@@ -12,7 +12,7 @@ import asyncio
 import itertools
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from gating.runtime import GateRuntime, GateState
 from orchestrator.types import GenerationParams, TokenEvent
@@ -23,7 +23,7 @@ class Sequence:
     request_id: str
     tokens: list[int]                      # prompt, then every generated token
     params: GenerationParams
-    rng: torch.Generator
+    rng: np.random.Generator
     space: str                             # mixing space ("logits" | "probs")
     k: int = 1                             # experts per token
     gate: GateRuntime | None = None        # pinned when the request starts: a live swap does not move it
