@@ -50,12 +50,8 @@ def mix_pairs(ids: np.ndarray, logprobs: np.ndarray, weights: np.ndarray, vocab_
     second's that the first did not list), their normalised mixed logprobs, and the logprob of each other token.
     """
     m = mix_pair_arrays(ids, logprobs, weights, vocab_size, space, interp=interp)
-    k = ids.shape[2]
-    first_ids, second_ids, own = ids[:, 0].tolist(), ids[:, 1].tolist(), m.keep[:, k:].tolist()
-    lps = m.logprobs.tolist()
-    out_ids = [a + list(compress(b, o)) for a, b, o in zip(first_ids, second_ids, own)]
-    out_lps = [x[:k] + list(compress(x[k:], o)) for x, o in zip(lps, own)]
-    return out_ids, out_lps, m.tail.tolist()
+    rows = [m.candidates(r) for r in range(len(m.tail))]
+    return [c for c, _ in rows], [lp for _, lp in rows], m.tail.tolist()
 
 
 def mix_pair_arrays(ids: np.ndarray, logprobs: np.ndarray, weights: np.ndarray, vocab_size: int, space: str,

@@ -97,13 +97,9 @@ def sample_row(row: RowMix, temperature: float, top_p: float, top_k: int, rng: n
 
 def draw_outside(ids: Sequence[int], vocab_size: int, rng: np.random.Generator) -> int:
     """A token id drawn uniformly from those of [0, vocab_size) not among ids."""
-    taken = sorted({t for t in ids if 0 <= t < vocab_size})
-    token = int(rng.integers(vocab_size - len(taken)))              # index among the free ids
-    for t in taken:                                                  # the token-th free id, ascending
-        if t > token:
-            break
-        token += 1
-    return token
+    taken = np.array(sorted({t for t in ids if 0 <= t < vocab_size}), dtype=np.int64)
+    index = int(rng.integers(vocab_size - len(taken)))              # index among the free ids
+    return int(nth_free(taken[None], np.ones((1, len(taken)), dtype=bool), np.array([index]))[0])
 
 
 def draw_pairs(logprobs: np.ndarray, keep: np.ndarray, tail: np.ndarray, n_tail: np.ndarray,
@@ -140,7 +136,7 @@ def plain(p: GenerationParams) -> bool:
 
 
 def nth_free(ids: np.ndarray, keep: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """draw_outside's mapping for many rows: the index-th id (ascending) of [0, vocab) not among a row's kept ids.
+    """The index-th id (ascending) of [0, vocab) not among a row's kept ids, for many rows (draw_outside: one).
     ids / keep [m, C] (kept ids distinct), index [m] -> [m]. With the kept ids sorted, t_0 < t_1 < ..., the answer
     is index + #{i : t_i - i <= index} (t_i - i never decreases, and each such t_i is one id skipped)."""
     taken = np.sort(np.where(keep, ids, np.iinfo(np.int64).max // 2), 1)
