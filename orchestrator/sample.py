@@ -28,8 +28,9 @@ from orchestrator.types import GenerationParams
 
 def make_rng(seed: int | None) -> np.random.Generator:
     """A private generator per request: the same seed gives the same text, whatever else is running (no seed:
-    fresh entropy from the OS)."""
-    return np.random.Generator(np.random.PCG64(seed))
+    fresh entropy from the OS). The API takes any seed in [-2**63, 2**64) and PCG64 only non-negative ones, so a
+    seed is read as the unsigned 64-bit integer with the same bits (-1 is 2**64 - 1)."""
+    return np.random.Generator(np.random.PCG64(None if seed is None else seed % 2**64))
 
 
 def nucleus(probs: Sequence[float], top_p: float) -> list[float]:

@@ -27,6 +27,16 @@ def test_greedy_ties_break_toward_smaller_id():
     assert sample_token([9, 2], [-1.0, -1.0], 0.0, 1.0, make_rng(0)) == 2
 
 
+def test_every_seed_the_api_accepts_makes_a_generator_of_its_own():
+    """The API takes seeds in [-2**63, 2**64): each makes a generator (negative ones too), seeds with distinct
+    64-bit patterns give distinct draws, and a negative seed is its unsigned twin (-1 is 2**64 - 1)."""
+    seeds = [-(2**63), -2, -1, 0, 1, 2**63 - 1]
+    first = [make_rng(s).random() for s in seeds]
+    assert first == [make_rng(s).random() for s in seeds]
+    assert len(set(first)) == len(seeds)
+    assert make_rng(-1).random() == make_rng(2**64 - 1).random()
+
+
 def test_seed_reproducibility():
     a = [sample_token(IDS, LPS, 1.0, 1.0, r) for r in [make_rng(42)] for _ in range(50)]
     b = [sample_token(IDS, LPS, 1.0, 1.0, r) for r in [make_rng(42)] for _ in range(50)]
