@@ -7,9 +7,12 @@ sequence. Per-item failures come back as `error` on that item; they never fail t
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
+
+import msgspec
+import numpy as np
 
 # Why a step failed. "input": the request itself is wrong (a 4xx for the client; retrying cannot help).
 # "capacity": the engine has no free session slot now (retry later: a 429/503 for the client).
@@ -18,19 +21,56 @@ from typing import Literal, Protocol, runtime_checkable
 ErrorKind = Literal["input", "capacity", "engine", "unavailable"]
 
 
-@dataclass(frozen=True)
-class TopK:
-    """Top-k next-token log-probabilities, sorted by descending logprob. K = len(token_ids)."""
+ID_DTYPE = np.dtype("<i8")      # a TopK's token ids on the wire and in memory
+LP_DTYPE = np.dtype("<f8")      # its logprobs: float64, so any value (vLLM's float32 ones too) round-trips exactly
 
-    token_ids: tuple[int, ...]
-    logprobs: tuple[float, ...]
+
+class TopK(msgspec.Struct, frozen=True, array_like=True):
+    """Top-k next-token log-probabilities, sorted by descending logprob. K = len(token_ids).
+
+    Packed: `ids` holds K little-endian int64, `lps` K little-endian float64. On the wire each is one msgpack bin,
+    so a round's 64 rows of 20 + 20 values cost a few bytes copies instead of 2,560 Python objects made by the
+    replica and read back by the caller, and the mix joins a group's rows into one array (gating/mix_row.py).
+    Build one with TopK.of; read it as tuples (token_ids, logprobs) or as arrays."""
+
+    ids: bytes
+    lps: bytes
 
     def __post_init__(self) -> None:
-        assert len(self.token_ids) == len(self.logprobs), "TopK ids/logprobs length mismatch"
+        if len(self.ids) != len(self.lps) or len(self.ids) % ID_DTYPE.itemsize:
+            raise ValueError(f"TopK: {len(self.ids)} id bytes and {len(self.lps)} logprob bytes do not make K pairs")
+
+    @classmethod
+    def of(cls, token_ids: Sequence[int] | np.ndarray, logprobs: Sequence[float] | np.ndarray) -> TopK:
+        return cls(np.asarray(token_ids, dtype=ID_DTYPE).tobytes(), np.asarray(logprobs, dtype=LP_DTYPE).tobytes())
+
+    @property
+    def k(self) -> int:
+        return len(self.ids) // ID_DTYPE.itemsize
+
+    @property
+    def id_array(self) -> np.ndarray:
+        return np.frombuffer(self.ids, ID_DTYPE)
+
+    @property
+    def lp_array(self) -> np.ndarray:
+        return np.frombuffer(self.lps, LP_DTYPE)
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return tuple(self.id_array.tolist())
+
+    @property
+    def logprobs(self) -> tuple[float, ...]:
+        return tuple(self.lp_array.tolist())
 
 
-@dataclass(frozen=True)
-class SessionStep:
+# The per-token messages (SessionStep, StepOutput, StepReply, TopK) are msgspec Structs, not dataclasses: a round
+# at concurrency 32, top-2, builds and reads about 64 of each on both ends, and a Struct is made and decoded
+# several times faster (a StepOutput: 0.10 µs as a Struct, 0.93 µs as a frozen dataclass, on this machine).
+# array_like: encoded as msgpack arrays, without field names.
+
+class SessionStep(msgspec.Struct, frozen=True, array_like=True):
     """One sequence's part of a batched open/advance call.
 
     open:    token_ids is the whole prompt (non-empty).
@@ -41,8 +81,7 @@ class SessionStep:
     token_ids: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class StepOutput:
+class StepOutput(msgspec.Struct, frozen=True, array_like=True):
     """Result for one SessionStep: the next-token top-k after all tokens fed so far, or an error."""
 
     session_id: str
@@ -55,8 +94,7 @@ class StepOutput:
     server_s: float = 0.0      # time the replica spent on the call that carried this step (RPC accounting)
 
 
-@dataclass(frozen=True)
-class StepReply:
+class StepReply(msgspec.Struct, frozen=True, array_like=True):
     """A replica's answer to one batched open/advance call."""
 
     replica: str

@@ -100,13 +100,13 @@ def topk_of(position: PositionLogprobs, k: int, exclude: int | None = None) -> T
     if len(items) > k:
         items = [kv for kv in items if not (kv[0] == exclude and (kv[1].rank or 0) > k)]
     items = items[:k]
-    return TopK(tuple(int(t) for t, _ in items), tuple(float(lp.logprob) for _, lp in items))
+    return TopK.of([t for t, _ in items], [lp.logprob for _, lp in items])
 
 
 def topk_of_arrays(ids: Any, logprobs: Any, k: int) -> TopK:
     """Top-k of one position from vLLM's logprob arrays (one row of LogprobsLists): column 0 is the sampled
     token, columns 1..k the top-k, already in descending order."""
-    return TopK(tuple(ids[1:k + 1].tolist()), tuple(logprobs[1:k + 1].tolist()))
+    return TopK.of(ids[1:k + 1], logprobs[1:k + 1])
 
 
 def describe(exc: BaseException) -> str:

@@ -11,12 +11,11 @@ Shape legend: B = sequences, E = experts, H = gate hidden size, K = top-k, N = s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import chain
 
 import numpy as np
 import torch
 
-from experts.protocol import TopK
+from experts.protocol import ID_DTYPE, LP_DTYPE, TopK
 from gating import gate_step
 from gating.adaptive import adaptive_k, selection_mask
 from gating.checkpoint import GateCheckpoint
@@ -100,25 +99,23 @@ class GateRuntime:
 
     @staticmethod
     def _observed_arrays(observed: list[dict[int, TopK]], e: int):
-        """-> mask [B, E] bool, ids [B, E, K] int64 (-1 padded), lps [B, E, K] float32 (-1e4 padded). One flat
-        read of every top-k when all have the same K (the usual case: the engines' logprobs_k), else row by row.
-        torch.tensor on nested lists costs ~0.35 µs per element, 1.8 ms for 32 rows of 4 × 20."""
+        """-> mask [B, E] bool, ids [B, E, K] int64 (-1 padded), lps [B, E, K] float32 (-1e4 padded). One read of
+        every packed top-k when all have the same K (the usual case: the engines' logprobs_k), else row by row."""
         b = len(observed)
         at = [r * e + j for r, row in enumerate(observed) for j in row]          # [M] flat (row, expert)
         tops = [t for row in observed for t in row.values()]
-        k = max((len(t.token_ids) for t in tops), default=1)
+        k = max((t.k for t in tops), default=1)
         mask = np.zeros(b * e, dtype=bool)
         mask[at] = True
         ids = np.full((b * e, k), -1, dtype=np.int64)
         lps = np.full((b * e, k), -1e4, dtype=np.float32)
-        if all(len(t.token_ids) == k for t in tops):
-            n = len(tops) * k
-            ids[at] = np.fromiter(chain.from_iterable(t.token_ids for t in tops), np.int64, n).reshape(-1, k)
-            lps[at] = np.fromiter(chain.from_iterable(t.logprobs for t in tops), np.float32, n).reshape(-1, k)
+        if all(t.k == k for t in tops):
+            ids[at] = np.frombuffer(b"".join([t.ids for t in tops]), ID_DTYPE).reshape(-1, k)
+            lps[at] = np.frombuffer(b"".join([t.lps for t in tops]), LP_DTYPE).reshape(-1, k)
         else:
             for i, t in zip(at, tops):
-                ids[i, :len(t.token_ids)] = t.token_ids
-                lps[i, :len(t.logprobs)] = t.logprobs
+                ids[i, :t.k] = t.id_array
+                lps[i, :t.k] = t.lp_array
         return mask.reshape(b, e), ids.reshape(b, e, k), lps.reshape(b, e, k)
 
     @torch.inference_mode()

@@ -287,7 +287,7 @@ class DecodeLoop:
         """Phases 3 and 4 for `rows`: the round's mixes (gating/mix_row.py: row by row, or a top-2 group at once as
         arrays), then one draw per row from its request's generator (a group's plain rows together)."""
         with self.clock.phase(phase["mix"]):
-            tops = [[(answers[(i, e)].token_ids, answers[(i, e)].logprobs) for e in routes[i].experts] for i in rows]
+            tops = [[answers[(i, e)] for e in routes[i].experts] for i in rows]
             mixed = mix_round(tops, [routes[i].weights for i in rows], self.vocab_size, [seqs[i].space for i in rows])
         with self.clock.phase(phase["sample"]):
             drawn = sample_round(mixed, [seqs[i].params for i in rows], [seqs[i].rng for i in rows])

@@ -33,7 +33,7 @@ def main() -> None:
             self._dp = None
 
         async def advance(self, steps: list[SessionStep], top_k: int) -> StepReply:
-            topk = TopK(tuple(range(top_k)), tuple(-1.0 - i for i in range(top_k)))
+            topk = TopK.of(tuple(range(top_k)), tuple(-1.0 - i for i in range(top_k)))
             return StepReply("callee", tuple(StepOutput(s.session_id, topk, replica="callee") for s in steps), 0.0)
 
         async def endpoint(self):

@@ -33,7 +33,7 @@ class InstantExpert:
         for _ in range(64):
             ids = rng.sample(range(2, vocab), top_k)
             lps = sorted((-rng.random() * 6 - 0.5 for _ in range(top_k)), reverse=True)
-            self.pool.append(TopK(tuple(ids), tuple(lps)))
+            self.pool.append(TopK.of(tuple(ids), tuple(lps)))
         self.n = 0
 
     async def info(self):

@@ -29,7 +29,7 @@ def context_logprobs(seed: int, context: list[int], vocab: int) -> torch.Tensor:
 
 def topk_of(lp: torch.Tensor, k: int) -> TopK:
     v, i = lp.topk(k)
-    return TopK(tuple(i.tolist()), tuple(v.tolist()))
+    return TopK.of(tuple(i.tolist()), tuple(v.tolist()))
 
 
 class DeterministicExpert:
@@ -90,7 +90,8 @@ class DeterministicExpert:
             ctx.append(token)
             stop = token in request.stop_token_ids or (token == self.eos and not request.ignore_eos)
             finish = "stop" if stop else ("length" if n + 1 == request.max_tokens else None)
-            alts = (tuple(zip(*topk_of(lp, request.top_logprobs).__dict__.values())),) if request.top_logprobs else ()
+            top = topk_of(lp, request.top_logprobs) if request.top_logprobs else None
+            alts = (tuple(zip(top.token_ids, top.logprobs)),) if top is not None else ()
             yield GenerateDelta(request.request_id, (token,), (float(lp[token]),), alts, finish)
             if finish:
                 return

@@ -109,7 +109,7 @@ async def test_score_matches_transformers_forward(name, expert_clients, expert_c
         assert scored.error is None, scored.error
         assert len(scored.topk_ids) == len(scored.target_logprobs) == len(tokens) - 1
         ref = hf_logprobs(name, tokens)
-        rows += [(TopK(scored.topk_ids[j], scored.topk_logprobs[j]), ref[j]) for j in range(len(tokens) - 1)]
+        rows += [(TopK.of(scored.topk_ids[j], scored.topk_logprobs[j]), ref[j]) for j in range(len(tokens) - 1)]
         target_err += [abs(scored.target_logprobs[j] - float(ref[j, tokens[j + 1]])) for j in range(len(tokens) - 1)]
     assert_rows_match(rows, tol, dtype, f"{name} score")
     if dtype == "float32":

@@ -76,7 +76,7 @@ async def test_score_agrees_with_stepping(name, expert_clients, tokenize, tolera
 
     for offset, step_topk in enumerate(stepped):
         j = prompt_len - 1 + offset  # row j predicts tokens[j + 1] from tokens[..j]
-        assert_close(TopK(scored.topk_ids[j], scored.topk_logprobs[j]), step_topk, tol, f"{name} row {j}")
+        assert_close(TopK.of(scored.topk_ids[j], scored.topk_logprobs[j]), step_topk, tol, f"{name} row {j}")
         target = dict(zip(step_topk.token_ids, step_topk.logprobs)).get(tokens[j + 1])
         if target is not None:
             assert abs(scored.target_logprobs[j] - target) <= tol
@@ -165,7 +165,7 @@ async def test_concurrent_open_advance_score_calls(expert_clients, tokenize, tol
         client.advance([SessionStep(s, (tokens[6],)) for s in stepping], K),
         client.score([tokens[:8]], K),
     )
-    expected = TopK(scored.topk_ids[6], scored.topk_logprobs[6])  # row 6: the prediction after tokens[:7]
+    expected = TopK.of(scored.topk_ids[6], scored.topk_logprobs[6])  # row 6: the prediction after tokens[:7]
     for out in opened + advanced:
         assert out.error is None and out.length == 7
         assert_close(out.topk, expected, tolerance[name], f"concurrent {out.session_id}")

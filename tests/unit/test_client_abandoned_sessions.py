@@ -31,11 +31,11 @@ class Replica(FakeHandle):
     async def _open(self, steps, top_k, replica=None):
         self.open_sessions.update(s.session_id for s in steps)
         await self._serve()
-        return StepReply("r1", tuple(StepOutput(s.session_id, TopK((1,), (0.0,)), replica="r1") for s in steps), 0.0)
+        return StepReply("r1", tuple(StepOutput(s.session_id, TopK.of((1,), (0.0,)), replica="r1") for s in steps), 0.0)
 
     async def _advance(self, steps, top_k, replica=None):
         await self._serve()
-        return StepReply("r1", tuple(StepOutput(s.session_id, TopK((1,), (0.0,)), replica="r1") for s in steps), 0.0)
+        return StepReply("r1", tuple(StepOutput(s.session_id, TopK.of((1,), (0.0,)), replica="r1") for s in steps), 0.0)
 
     async def _close(self, ids, replica=None):
         await self._serve()

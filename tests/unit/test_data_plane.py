@@ -27,7 +27,7 @@ class Replica:
     async def advance(self, steps: list[SessionStep], top_k: int) -> StepReply:
         if steps and steps[0].session_id == "boom":
             raise ValueError("bad step")
-        outs = tuple(StepOutput(s.session_id, TopK((5, 6)[:top_k], (-0.5, -1.5)[:top_k]), length=len(s.token_ids),
+        outs = tuple(StepOutput(s.session_id, TopK.of((5, 6)[:top_k], (-0.5, -1.5)[:top_k]), length=len(s.token_ids),
                                 replica=self.name) for s in steps)
         return StepReply(self.name, outs, 0.001)
 
@@ -58,12 +58,32 @@ async def served():
     await server.close()
 
 
+def test_a_packed_top_k_keeps_every_value_exactly_and_a_malformed_one_is_refused() -> None:
+    """TopK travels as two packed arrays (experts/protocol.py): ids and logprobs come back bit for bit (float64:
+    neither vLLM's float32 values nor any other float is rounded), and a top-k whose arrays do not pair up is
+    refused when it is decoded, not mixed."""
+    import msgspec
+    import numpy as np
+
+    ids = (0, 7, 2**31 + 5, 65_535)
+    lps = (-0.1, -1e-300, -745.0, float(np.float32(-2.3456789)))
+    top = TopK.of(ids, lps)
+    wire = msgspec.msgpack.encode(StepReply("r1", (StepOutput("s1", top, length=4),), 0.5))
+    back = msgspec.msgpack.Decoder(StepReply).decode(wire).outputs[0].topk
+    assert back == top and back.k == 4
+    assert back.token_ids == ids and back.logprobs == lps
+    assert back.id_array.tolist() == list(ids) and back.lp_array.tolist() == list(lps)
+    bad = msgspec.msgpack.encode(("s1", (top.ids, top.lps[:-8])))     # a StepOutput one logprob short of the ids
+    with pytest.raises(msgspec.ValidationError, match="do not make K pairs"):
+        msgspec.msgpack.Decoder(StepOutput).decode(bad)
+
+
 async def test_typed_round_trip_and_out_of_order_answers(served) -> None:
     replica, server, endpoint = served
     conn = await DataPlaneConnection.open(endpoint, "test")
     slow = asyncio.ensure_future(conn.call("poll", "caller", [], 1.0))     # waits on the replica
     reply = await asyncio.wait_for(conn.call("advance", [SessionStep("s1", (1, 2, 3))], 2), 5)
-    assert reply == StepReply("r1", (StepOutput("s1", TopK((5, 6), (-0.5, -1.5)), length=3, replica="r1"),), 0.001)
+    assert reply == StepReply("r1", (StepOutput("s1", TopK.of((5, 6), (-0.5, -1.5)), length=3, replica="r1"),), 0.001)
     assert not slow.done()                                  # answered after the later advance
     replica.release.set()
     polled = await asyncio.wait_for(slow, 5)

@@ -69,7 +69,7 @@ def test_serving_steps_reproduce_the_training_rollout():
         got = [torch.from_numpy(state.logits)]
         for j in range(prompt, len(seq) - 1):                        # row j-1 produced token seq[j]
             chosen = torch.from_numpy(state.logits).topk(2).indices.tolist()
-            observed = {e: TopK(tuple(corpus.ids[rows][j - 1, e].tolist()), tuple(corpus.lps[rows][j - 1, e].tolist()))
+            observed = {e: TopK.of(tuple(corpus.ids[rows][j - 1, e].tolist()), tuple(corpus.lps[rows][j - 1, e].tolist()))
                         for e in chosen}                          # the experts that produced seq[j]
             state = rt.step([state], [seq[j]], [observed])[0]
             got.append(torch.from_numpy(state.logits))
@@ -92,7 +92,7 @@ def test_sequences_stepped_together_route_as_each_stepped_alone():
         for d in docs:
             rows, j = corpus.doc_rows(d), prompts[d] + step
             chosen = torch.from_numpy(together[d].logits).topk(2).indices.tolist()
-            observed.append({e: TopK(tuple(corpus.ids[rows][j - 1, e].tolist()),
+            observed.append({e: TopK.of(tuple(corpus.ids[rows][j - 1, e].tolist()),
                                      tuple(corpus.lps[rows][j - 1, e].tolist())) for e in chosen})
             tokens.append(corpus.sequences[d][j])
         together = rt.step(together, tokens, observed)

@@ -69,14 +69,14 @@ def test_a_round_step_equals_the_torch_gate_step(kind):
 
 def test_observed_top_k_of_unequal_lengths_are_padded_as_the_torch_features_expect():
     """The flat read (all top-k of one length) and the row-by-row read (some shorter) give the same arrays."""
-    full = TopK((5, 6, 7), (-0.5, -1.0, -2.0))
-    short = TopK((8,), (-0.1,))
-    rows = [{0: full, 2: TopK((1, 2, 3), (-0.2, -0.3, -4.0))}, {}, {1: full, 3: short}]
+    full = TopK.of((5, 6, 7), (-0.5, -1.0, -2.0))
+    short = TopK.of((8,), (-0.1,))
+    rows = [{0: full, 2: TopK.of((1, 2, 3), (-0.2, -0.3, -4.0))}, {}, {1: full, 3: short}]
     mask, ids, lps = GateRuntime._observed_arrays(rows, E)
     assert mask.tolist() == [[True, False, True, False], [False] * 4, [False, True, False, True]]
     assert ids[2, 3].tolist() == [8, -1, -1] and lps[2, 3].tolist()[1:] == [-1e4, -1e4]
     assert ids[0, 2].tolist() == [1, 2, 3] and ids[1].tolist() == [[-1] * 3] * 4
-    same_k = [rows[0], {}, {1: full, 3: TopK((8, 9, 10), (-0.1, -3.0, -5.0))}]
+    same_k = [rows[0], {}, {1: full, 3: TopK.of((8, 9, 10), (-0.1, -3.0, -5.0))}]
     mask2, ids2, lps2 = GateRuntime._observed_arrays(same_k, E)
     assert np.array_equal(mask, mask2) and np.array_equal(ids[:2], ids2[:2]) and np.array_equal(lps[:2], lps2[:2])
     assert ids2[2, 3].tolist() == [8, 9, 10] and lps2.dtype == np.float32 and ids2.dtype == np.int64

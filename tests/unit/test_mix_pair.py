@@ -10,7 +10,7 @@ import torch
 
 from gating.mix_pair import mix_pairs
 from gating.mix_row import PAIR_ROUND, mix_row, mix_rows
-from tests.unit.test_mix_row import random_row
+from tests.unit.test_mix_row import packed, random_row
 
 
 def pair_rows(k: int, vocab: int, n: int, seed: int):
@@ -76,7 +76,7 @@ def test_a_round_of_top2_rows_takes_the_pair_mix_and_gives_what_each_row_gives_a
     weights.append((1.0,))
     tops[3] = [(ids[:12], lps[:12]) for ids, lps in tops[3]]            # experts that answered fewer than K
     spaces = ["probs"] * len(tops)
-    mixed = mix_rows(tops, weights, 4096, spaces)
+    mixed = mix_rows(packed(tops), weights, 4096, spaces)
     assert sum(calls) == len(rows) - 1 and len(calls) == 1             # row 3 (K=12) is a group of its own
     for got, t, w in zip(mixed, tops, weights):
         ref = mix_row(t, w, 4096, "probs")

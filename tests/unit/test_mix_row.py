@@ -6,8 +6,15 @@ import math
 import pytest
 import torch
 
+from experts.protocol import TopK
 from gating.mix import logprob_of, mix
 from gating.mix_row import mix_row, rows_of
+
+
+def packed(tops):
+    """A round's rows as mix_round takes them: per row, per expert, the TopK an expert sends (float64 logprobs:
+    the values are kept exactly)."""
+    return [[TopK.of(ids, lps) for ids, lps in row] for row in tops]
 
 
 def random_row(seed: int, s: int, k: int, vocab: int, shared: int, peaked: bool = False):
@@ -92,11 +99,11 @@ def test_a_round_mixes_the_same_row_by_row_and_batched():
         weights.append(w.tolist())
         spaces.append("probs" if r % 4 == 1 else "logits")
     tops[5][0] = (tops[5][0][0][:12], tops[5][0][1][:12])          # an expert that answered fewer than K
-    batched = mix_rows(tops, weights, 4096, spaces)
+    batched = mix_rows(packed(tops), weights, 4096, spaces)
     alone = [mix_row(t, w, 4096, space) for t, w, space in zip(tops, weights, spaces)]
     assert len(batched) > SMALL_ROUND
     for a, b in zip(batched, alone):
         assert a.ids == b.ids and a.tail_count == b.tail_count
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-12
         assert a.tail_logprob == pytest.approx(b.tail_logprob, abs=1e-12)
-    assert mix_rows(tops[:SMALL_ROUND], weights[:SMALL_ROUND], 4096, spaces[:SMALL_ROUND]) == alone[:SMALL_ROUND]
+    assert mix_rows(packed(tops[:SMALL_ROUND]), weights[:SMALL_ROUND], 4096, spaces[:SMALL_ROUND]) == alone[:SMALL_ROUND]

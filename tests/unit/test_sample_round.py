@@ -11,6 +11,7 @@ from gating.mix_row import PAIR_ROUND, mix_round
 from orchestrator.sample import draw_pairs, make_rng, nth_free, sample_round, sample_row
 from orchestrator.types import GenerationParams
 from tests.unit.test_mix_pair import pair_rows
+from tests.unit.test_mix_row import packed
 
 VOCAB = 4096
 
@@ -27,7 +28,7 @@ def per_row(mixed, params, seeds):
 
 def round_of(n: int, seed: int, space: str = "probs"):
     rows = pair_rows(20, VOCAB, n, seed=seed)[:n]
-    return mix_round([t for t, _ in rows], [w for _, w in rows], VOCAB, [space] * n)
+    return mix_round(packed([t for t, _ in rows]), [w for _, w in rows], VOCAB, [space] * n)
 
 
 @pytest.mark.parametrize("space", ["probs", "logits"])
