@@ -275,8 +275,14 @@ class GatewayCore:
             top_k=req.top_k if req.top_k and 0 < req.top_k < self.engine.vocab_size else 0,     # 0: all tokens
             seed=None if req.seed is None else req.seed % 2**63, ignore_eos=req.ignore_eos,
             top_logprobs=top_logprobs)
-        if req.experts_per_token is not None and req.model != ENSEMBLE:
-            raise OpenAIError("experts_per_token applies to model 'ensemble' only", param="experts_per_token")
+        if req.experts_per_token is not None:
+            if req.model != ENSEMBLE:
+                raise OpenAIError("experts_per_token applies to model 'ensemble' only", param="experts_per_token",
+                                  code="invalid_parameter")
+            n = len(self.engine.expert_names)
+            if req.experts_per_token > n:
+                raise OpenAIError(f"experts_per_token must be in [1, {n}] (the experts behind model 'ensemble'), "
+                                  f"got {req.experts_per_token}", param="experts_per_token", code="invalid_parameter")
         return _Prepared(GenerationRequest(trace.request_id, tuple(ids), params, req.model, req.experts_per_token),
                          prompt_text,
                          tuple(stops), req.stream, req.include_usage(), req.return_routing, logprobs, echo)

@@ -79,6 +79,7 @@ HOSTILE = [
     ("huge_seed", C, completion(seed=2**64), 400, "seed", PARAM),
     ("negative_logprobs", C, completion(logprobs=-1), 400, "logprobs", PARAM),
     ("huge_experts_per_token", C, completion(experts_per_token=10**20), 400, "experts_per_token", PARAM),
+    ("more_experts_per_token_than_experts", C, completion(experts_per_token=64), 400, "experts_per_token", PARAM),
     ("max_tokens_0", C, completion(max_tokens=0), 400, "max_tokens", PARAM),
     ("chat_max_tokens_0", H, chat(max_tokens=0), 400, "max_tokens", PARAM),
     ("max_tokens_negative", C, completion(max_tokens=-5), 400, "max_tokens", PARAM),
