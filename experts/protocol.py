@@ -65,6 +65,12 @@ class TopK(msgspec.Struct, frozen=True, array_like=True):
         return tuple(self.lp_array.tolist())
 
 
+def joined(tops: Sequence[TopK]) -> tuple[np.ndarray, np.ndarray]:
+    """Every top-k's ids and logprobs end to end, as two flat read-only arrays (one bytes join each): [sum of K]."""
+    return (np.frombuffer(b"".join([t.ids for t in tops]), ID_DTYPE),
+            np.frombuffer(b"".join([t.lps for t in tops]), LP_DTYPE))
+
+
 # The per-token messages (SessionStep, StepOutput, StepReply, TopK) are msgspec Structs, not dataclasses: a round
 # at concurrency 32, top-2, builds and reads about 64 of each on both ends, and a Struct is made and decoded
 # several times faster (a StepOutput: 0.10 µs as a Struct, 0.93 µs as a frozen dataclass, on this machine).

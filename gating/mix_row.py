@@ -27,7 +27,7 @@ from itertools import chain, compress
 import numpy as np
 import torch
 
-from experts.protocol import ID_DTYPE, LP_DTYPE, TopK
+from experts.protocol import TopK, joined
 from gating.mix import CROSS_LISTED_INTERP, MIN_LEFTOVER, MIX_SPACES, Mixed, mix
 from gating.mix_pair import PairMix, mix_pair_arrays
 
@@ -170,10 +170,8 @@ def _group_arrays(tops: RoundTops, weights: Sequence[Sequence[float]], members: 
     as Python tuples, measured side by side); otherwise each is cut to k first."""
     every = [x for i in members for x in tops[i]]
     n = len(every)
-    ids = np.frombuffer(b"".join([x.ids for x in every]), ID_DTYPE)
-    if len(ids) == n * k:
-        lps = np.frombuffer(b"".join([x.lps for x in every]), LP_DTYPE)
-    else:
+    ids, lps = joined(every)
+    if len(ids) != n * k:
         ids = np.concatenate([x.id_array[:k] for x in every])
         lps = np.concatenate([x.lp_array[:k] for x in every])
     return (ids.astype(np.int64), lps.astype(np.float64),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from experts.protocol import ID_DTYPE, LP_DTYPE, TopK
+from experts.protocol import TopK, joined
 from gating import gate_step
 from gating.adaptive import adaptive_k, selection_mask
 from gating.checkpoint import GateCheckpoint
@@ -109,9 +109,10 @@ class GateRuntime:
         mask[at] = True
         ids = np.full((b * e, k), -1, dtype=np.int64)
         lps = np.full((b * e, k), -1e4, dtype=np.float32)
-        if all(t.k == k for t in tops):
-            ids[at] = np.frombuffer(b"".join([t.ids for t in tops]), ID_DTYPE).reshape(-1, k)
-            lps[at] = np.frombuffer(b"".join([t.lps for t in tops]), LP_DTYPE).reshape(-1, k)
+        flat_ids, flat_lps = joined(tops)
+        if len(flat_ids) == len(tops) * k:                                       # every K is the largest
+            ids[at] = flat_ids.reshape(-1, k)
+            lps[at] = flat_lps.reshape(-1, k)
         else:
             for i, t in zip(at, tops):
                 ids[i, :t.k] = t.id_array
