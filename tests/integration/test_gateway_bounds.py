@@ -3,8 +3,9 @@ experts), for the gated mix and for each expert's own engine.
 
 At an edge the request is served (200; with a seed, the same text twice); one step past it, the answer is a
 400 in OpenAI's error format that names the field. Afterwards every model still answers and /health is ok.
-The schema fuzzers (test_gateway_fuzz.py) draw values at random and had never sent a negative seed to
-`model=ensemble`, which failed with a 500 until 5b9273f; these are the cases a random draw is unlikely to hit.
+The schema fuzzers (test_gateway_fuzz.py) draw values at random and rarely land on a range's edge; these are
+the cases they are unlikely to hit. The first run found one: `experts_per_token` above the number of experts
+was refused without naming the field.
 """
 
 from __future__ import annotations
