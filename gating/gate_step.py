@@ -5,8 +5,11 @@ A decode round steps B rows by one token each, where that is ~55 torch ops on [B
 dispatch costs more than their arithmetic: 0.56-0.84 ms for 32 rows and 0.32 ms for one on an idle core, and
 inside the busy gateway 77 µs per generated token at concurrency 32 and 1.1 ms at concurrency 1, the largest
 part of the gateway's own per-token work. Here the same step is ~35 numpy ops (about a microsecond each at
-these sizes) plus the three matrix products, which stay in torch (`F.linear`, as `torch.gru_cell` computes
-them, on one thread; numpy's BLAS could start threads of its own).
+these sizes) plus three matrix products, also in numpy, on weights transposed once. They used to be torch's
+`F.linear`, which hands the GIL away on every call: with another Python thread busy in the process, getting it
+back took a switch interval each time (three products of one row: 14 µs alone, 16 ms median beside a
+spinning thread; numpy's 6 µs, unchanged beside it, as it keeps the GIL for a few rows; /tmp script, this
+machine).
 
 The math is gating.features' `signals` and `step_features` and torch's GRU cell, step for step, in float32;
 tests/unit/test_gate_step.py checks it against them (routing logits to ~1e-6) and the serving tests in
@@ -27,7 +30,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from gating.features import EMA_DECAY, LP_SCALE
 from gating.mix import MIN_LEFTOVER
@@ -36,15 +38,16 @@ from gating.model import Gate
 
 @dataclass(frozen=True)
 class StepWeights:
-    """A gate's parameters as the numpy step reads them (float32; torch views of the same memory for F.linear)."""
+    """A gate's parameters as the numpy step reads them: float32, the matrices transposed (x @ w_ih_t is F.linear's
+    x @ w_ih.T)."""
 
     embed: np.ndarray          # [V, D]
-    w_ih: torch.Tensor         # [3H, D (+ E*F)]
-    w_hh: torch.Tensor         # [3H, H]
-    b_ih: torch.Tensor         # [3H]
-    b_hh: torch.Tensor         # [3H]
-    head_w: torch.Tensor       # [E, H]
-    head_b: torch.Tensor       # [E]
+    w_ih_t: np.ndarray         # [D (+ E*F), 3H]
+    w_hh_t: np.ndarray         # [H, 3H]
+    b_ih: np.ndarray           # [3H]
+    b_hh: np.ndarray           # [3H]
+    head_t: np.ndarray         # [H, E]
+    head_b: np.ndarray         # [E]
     vocab_size: int
     n_experts: int
     hidden: int
@@ -54,11 +57,11 @@ class StepWeights:
     def of(cls, gate: Gate) -> StepWeights:
         rnn, a = gate.rnn, gate.args
 
-        def frozen(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().float().contiguous().clone()
+        def frozen(t: torch.Tensor) -> np.ndarray:
+            return np.ascontiguousarray(t.detach().float().numpy(), dtype=np.float32).copy()
 
-        return cls(frozen(gate.embed.weight).numpy(), frozen(rnn.weight_ih_l0), frozen(rnn.weight_hh_l0),
-                   frozen(rnn.bias_ih_l0), frozen(rnn.bias_hh_l0), frozen(gate.head.weight), frozen(gate.head.bias),
+        return cls(frozen(gate.embed.weight), frozen(rnn.weight_ih_l0.T), frozen(rnn.weight_hh_l0.T),
+                   frozen(rnn.bias_ih_l0), frozen(rnn.bias_hh_l0), frozen(gate.head.weight.T), frozen(gate.head.bias),
                    a.vocab_size, a.n_experts, a.hidden_dim, gate.uses_observations)
 
     @property
@@ -97,8 +100,8 @@ def step_features(ema: np.ndarray, skipped: np.ndarray, seen: np.ndarray, observ
 
 def gru_cell(x: np.ndarray, h: np.ndarray, w: StepWeights) -> np.ndarray:
     """torch.gru_cell: x [B, In], h [B, H] -> h' [B, H]. Gates in PyTorch's order (reset, update, new)."""
-    gi = F.linear(torch.from_numpy(x), w.w_ih, w.b_ih).numpy()           # [B, 3H]
-    gh = F.linear(torch.from_numpy(h), w.w_hh, w.b_hh).numpy()
+    gi = x @ w.w_ih_t + w.b_ih                                             # [B, 3H]
+    gh = h @ w.w_hh_t + w.b_hh
     n_h = w.hidden
     r = _sigmoid(gi[:, :n_h] + gh[:, :n_h])
     z = _sigmoid(gi[:, n_h:2 * n_h] + gh[:, n_h:2 * n_h])
@@ -119,7 +122,7 @@ def step(w: StepWeights, tokens: np.ndarray, packed: np.ndarray, observed: np.nd
                                                   signals(ids, lps, tokens, w.vocab_size))
         x = np.concatenate([x, feats], 1)
     h = gru_cell(np.ascontiguousarray(x), np.ascontiguousarray(h), w)
-    logits = F.linear(torch.from_numpy(h), w.head_w, w.head_b).numpy()   # [B, E]; dropout is off when serving
+    logits = h @ w.head_t + w.head_b                                       # [B, E]; dropout is off when serving
     out = np.concatenate([h, ema, skipped, seen], 1) if w.observed else h
     return logits, out
 
