@@ -57,8 +57,8 @@ class StepWeights:
     def of(cls, gate: Gate) -> StepWeights:
         rnn, a = gate.rnn, gate.args
 
-        def frozen(t: torch.Tensor) -> np.ndarray:
-            return np.ascontiguousarray(t.detach().float().numpy(), dtype=np.float32).copy()
+        def frozen(t: torch.Tensor) -> np.ndarray:             # one C-ordered copy of its own (a .T included)
+            return np.array(t.detach().float().numpy(), dtype=np.float32, order="C")
 
         return cls(frozen(gate.embed.weight), frozen(rnn.weight_ih_l0.T), frozen(rnn.weight_hh_l0.T),
                    frozen(rnn.bias_ih_l0), frozen(rnn.bias_hh_l0), frozen(gate.head.weight.T), frozen(gate.head.bias),
