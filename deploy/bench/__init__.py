@@ -10,6 +10,10 @@ level the configurations run in ABBA order, so drift on the machine hits both si
     ensemble_top1    our gateway, model=ensemble, experts_per_token=1
     ensemble_top2    our gateway, model=ensemble, experts_per_token=2
 
+Each server runs in a session of its own; where Linux's autogroup scheduling is on, both sessions get the same
+group niceness (--server-group-nice, 15), so that neither server can starve the load generator that measures it
+(README "Speed").
+
 It prints throughput, TTFT and ITL (p50/p99), errors, the ratios to vLLM alone, our per-token wall time by
 phase (scraped from /metrics), the peak resident memory of each whole service, and writes a PNG of throughput
 against concurrency. Benchmarks are separate from tests: nothing here asserts a time.
@@ -49,13 +53,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", type=Path, default=Path("bench.png"), help="throughput PNG (default: %(default)s)")
     p.add_argument("--logs", type=Path, default=Path("artifacts/bench-logs"), help="server logs go here")
     p.add_argument("--baseline-nice", type=int, default=ray_worker_niceness(),
-                   help="scheduling niceness of vLLM's server. Default: the niceness Ray gives its workers, which "
-                        "is what our replicas run at (RAY_worker_niceness, 15 unless set), so the load generator "
-                        "and Ray's own daemons compete with both sides alike (default: %(default)s)")
+                   help="scheduling niceness of vLLM's server processes: the niceness Ray gives its workers "
+                        "(RAY_worker_niceness, 15 unless set). Where autogroup scheduling is on it counts only "
+                        "inside vLLM's own session; --server-group-nice is what weighs against the load generator "
+                        "(default: %(default)s)")
     p.add_argument("--baseline-cpu-bind", default="0",
                    help="CPU only: the cores vLLM's server computes on, one thread each ('expert': the expert's own "
                         "cpu_threads_bind and cpu_threads). Default: one core, vLLM alone's fastest placement "
                         "measured on the 2-core machine (unpinned it was slower), whatever placement ours uses "
+                        "(default: %(default)s)")
+    p.add_argument("--server-group-nice", type=int, default=15,
+                   help="Linux autogroup niceness of both servers' sessions, vLLM's and ours alike (where autogroup "
+                        "scheduling is on, as on this machine, niceness counts only inside a session and each "
+                        "session weighs as much as the load generator's; at 15 the load generator gets a core when "
+                        "it needs one and measures the servers, not its own wait; -1: leave them at 0) "
                         "(default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -134,23 +145,28 @@ def run(args) -> int:
         return 2
     prompts = read_prompts(args.prompts, args.prompt_chars)
     from deploy.bench.memory import PeakRSS
-    from deploy.bench.servers import ensemble_server, vllm_server
+    from deploy.bench.servers import autogroups_on, ensemble_server, vllm_server
 
     t0 = time.time()
     memory: dict[str, float] = {}
+    group_nice = args.server_group_nice if args.server_group_nice >= 0 and autogroups_on() else None
+    if args.url and group_nice is not None:
+        _progress(f"--url: the running service's session keeps the scheduling group it was started with; "
+                  f"vLLM's gets niceness {group_nice} (compare like with like: set the service's too, "
+                  f"`echo {group_nice} > /proc/<pid of ensemble serve>/autogroup`)")
     with contextlib.ExitStack() as stack:
         ours_url = args.url
         ours_mem = None
         if ours_url is None and any(n != "vllm" for n in names):
             _progress(f"starting our service ({args.config}) ...")
-            ours = stack.enter_context(ensemble_server(args.config, args.logs / "ensemble.log"))
+            ours = stack.enter_context(ensemble_server(args.config, args.logs / "ensemble.log", group_nice=group_nice))
             ours_url, ours_mem = ours.base_url, stack.enter_context(PeakRSS(ours.pid))
         vllm_url, vllm_mem = None, None
         if "vllm" in names:
             _progress(f"starting vLLM's OpenAI server on expert {expert.name} ...")
             base = stack.enter_context(vllm_server(expert, args.logs / "vllm.log", nice=args.baseline_nice,
                                                    cpu_bind=None if args.baseline_cpu_bind == "expert"
-                                                   else args.baseline_cpu_bind))
+                                                   else args.baseline_cpu_bind, group_nice=group_nice))
             vllm_url, vllm_mem = base.base_url, stack.enter_context(PeakRSS(base.pid))
         rows, breakdown = asyncio.run(measure(targets(names, vllm_url, ours_url, expert.name), prompts, args, ours_url))
         for name, mem in (("ensemble", ours_mem), ("vllm", vllm_mem)):
@@ -158,6 +174,7 @@ def run(args) -> int:
                 memory[name] = round(max(mem.peak, mem.sample()) / 2**30, 2)
     result = {"expert": expert.name, "max_tokens": args.max_tokens, "temperature": args.temperature,
               "baseline_nice": args.baseline_nice, "baseline_cpu_bind": args.baseline_cpu_bind,
+              "server_group_nice": group_nice,
               "rows": rows, "ratios": report.ratios(rows), "phases_us_per_token": breakdown,
               "peak_rss_gib": memory, "seconds": round(time.time() - t0, 1)}
     if args.plot:

@@ -1,0 +1,31 @@
+"""The bench's servers run in sessions of their own; where Linux's autogroup scheduling is on, the bench gives
+each session the same scheduling niceness so the load generator is not starved by the server it measures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deploy.bench import servers
+
+
+def _group_nice(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
+
+
+@pytest.mark.skipif(not servers.autogroups_on(), reason="Linux autogroup scheduling is off here")
+def test_a_server_started_by_the_bench_gets_its_sessions_group_niceness(tmp_path) -> None:
+    cmd = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with servers._process_group(cmd, {}, tmp_path / "log", group_nice=7) as proc:
+        assert _group_nice(proc.pid) == 7
+    with servers._process_group(cmd, {}, tmp_path / "log") as proc:
+        assert _group_nice(proc.pid) == 0            # not asked: left as started
+
+
+def test_setting_the_niceness_of_a_group_that_is_gone_says_so() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    proc.wait()
+    assert servers.set_group_nice(proc.pid, 5) is False
