@@ -27,6 +27,7 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from deploy.bench import load, phases, report
@@ -105,7 +106,10 @@ def targets(names: list[str], vllm_url: str | None, ours_url: str | None, expert
     return [make[n]() for n in names]
 
 
-async def measure(all_targets: list[Target], prompts: list[str], args, ours_url: str | None) -> tuple[list, list]:
+async def measure(all_targets: list[Target], prompts: list[str], args, ours_url: str | None,
+                  focus: Callable[[str], None] = lambda url: None) -> tuple[list, list]:
+    """`focus(base_url)` runs before each target's load: it lets the servers' scheduling groups favour the one
+    being measured (servers.focus_groups)."""
     levels = [int(c) for c in args.concurrency.split(",")]
     runs: dict[tuple[str, int], list] = {}
     breakdown: dict[tuple[str, int], dict[str, float]] = {}
@@ -114,10 +118,12 @@ async def measure(all_targets: list[Target], prompts: list[str], args, ours_url:
         # Warm-up at this concurrency, not measured: the first batch of a new size costs the CPU engines
         # seconds (seen on both sides), and connection pools fill.
         for t in all_targets:
+            focus(t.base_url)
             await load.run_level(t, prompts, c, c, 8, args.temperature)
         for r in range(args.rounds):
             order = all_targets if r % 2 == 0 else list(reversed(all_targets))
             for t in order:
+                focus(t.base_url)
                 before = await phases.scrape(ours_url) if t.base_url == ours_url else None
                 res = await load.run_level(t, prompts, c, n, args.max_tokens, args.temperature)
                 runs.setdefault((t.name, c), []).append(res)
@@ -145,7 +151,7 @@ def run(args) -> int:
         return 2
     prompts = read_prompts(args.prompts, args.prompt_chars)
     from deploy.bench.memory import PeakRSS
-    from deploy.bench.servers import autogroups_on, ensemble_server, vllm_server
+    from deploy.bench.servers import autogroups_on, ensemble_server, focus_groups, vllm_server
 
     t0 = time.time()
     memory: dict[str, float] = {}
@@ -156,19 +162,21 @@ def run(args) -> int:
                   f"`echo {group_nice} > /proc/<pid of ensemble serve>/autogroup`)")
     with contextlib.ExitStack() as stack:
         ours_url = args.url
-        ours_mem = None
+        ours_mem = ours_pid = vllm_pid = None
         if ours_url is None and any(n != "vllm" for n in names):
             _progress(f"starting our service ({args.config}) ...")
             ours = stack.enter_context(ensemble_server(args.config, args.logs / "ensemble.log", group_nice=group_nice))
-            ours_url, ours_mem = ours.base_url, stack.enter_context(PeakRSS(ours.pid))
+            ours_url, ours_mem, ours_pid = ours.base_url, stack.enter_context(PeakRSS(ours.pid)), ours.pid
         vllm_url, vllm_mem = None, None
         if "vllm" in names:
             _progress(f"starting vLLM's OpenAI server on expert {expert.name} ...")
             base = stack.enter_context(vllm_server(expert, args.logs / "vllm.log", nice=args.baseline_nice,
                                                    cpu_bind=None if args.baseline_cpu_bind == "expert"
                                                    else args.baseline_cpu_bind, group_nice=group_nice))
-            vllm_url, vllm_mem = base.base_url, stack.enter_context(PeakRSS(base.pid))
-        rows, breakdown = asyncio.run(measure(targets(names, vllm_url, ours_url, expert.name), prompts, args, ours_url))
+            vllm_url, vllm_mem, vllm_pid = base.base_url, stack.enter_context(PeakRSS(base.pid)), base.pid
+        groups = {url: pid for url, pid in ((ours_url, ours_pid), (vllm_url, vllm_pid)) if pid is not None}
+        rows, breakdown = asyncio.run(measure(targets(names, vllm_url, ours_url, expert.name), prompts, args, ours_url,
+                                              focus=focus_groups(groups, group_nice)))
         for name, mem in (("ensemble", ours_mem), ("vllm", vllm_mem)):
             if mem is not None:
                 memory[name] = round(max(mem.peak, mem.sample()) / 2**30, 2)
