@@ -106,9 +106,14 @@ def set_group_nice(pid: int, nice: int) -> bool:
     sessions get the same value, so neither side is favoured. Raising a niceness needs no privilege."""
     try:
         Path(f"/proc/{pid}/autogroup").write_text(str(nice))
-        return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1]) == nice
+        return group_nice(pid) == nice
     except (OSError, ValueError, IndexError):
         return False
+
+
+def group_nice(pid: int) -> int:
+    """The niceness of the session (autogroup) of `pid`: /proc/<pid>/autogroup reads "/autogroup-<id> nice <n>"."""
+    return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
 
 
 IDLE_GROUP_NICE = 19
