@@ -27,12 +27,12 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 def features(lps):
     """lps [N, S, K] (descending) -> [N, S, 4]."""
+    import torch
+
     p = lps.exp()
     mass = p.sum(-1)
     q = p / mass[..., None]
     entropy = -(q * q.clamp_min(1e-12).log()).sum(-1)
-    import torch
-
     return torch.stack([lps[..., 0], mass.log(), entropy, lps[..., 0] - lps[..., 1]], -1)
 
 
