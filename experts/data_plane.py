@@ -260,7 +260,13 @@ class DataPlaneConnection:
                 else:
                     future.set_result(_results[method].decode(raw))
         except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError, msgspec.DecodeError) as exc:
-            self._fail(f"connection lost ({type(exc).__name__}: {exc})")
+            self._fail(f"connection lost ({type(exc).__name__}: {exc})")     # malformed replies land here too
+        except Exception as exc:
+            # A reply that could not be handed over (a watch's on_item raised): the rest of this connection's
+            # stream cannot be trusted, so every call on it fails now instead of waiting for an answer
+            # that no reader would take.
+            log.exception("data plane %s: a reply could not be handled", self.name)
+            self._fail(f"reply not handled ({type(exc).__name__}: {exc})")
         finally:
             with contextlib.suppress(Exception):
                 self._writer.transport.abort()

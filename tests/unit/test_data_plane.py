@@ -1,16 +1,27 @@
 """The direct replica channel (experts/data_plane.py) over real localhost sockets: typed round trips, calls
-answered out of order, a wrong token refused, a cut connection failing exactly the calls in flight, and
+answered out of order, a wrong token refused, a cut connection failing exactly the calls in flight, garbage
+from either end dropping that connection (never hanging a call or the other connections), and
 ServeExpertClient sending pinned calls over it (and falling back to the handle when a replica has none)."""
 
 from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import pytest
 from ray.serve._private.common import DeploymentID
 
 from experts.client import ServeExpertClient
-from experts.data_plane import DataPlaneConnection, DataPlaneLost, DataPlaneServer, Endpoint, RemoteError
+from experts.data_plane import (
+    MAX_FRAME,
+    DataPlaneConnection,
+    DataPlaneLost,
+    DataPlaneServer,
+    Endpoint,
+    RemoteError,
+    frame,
+    read_frame,
+)
 from experts.protocol import GenerateDelta, PollReply, SessionStep, StepOutput, StepReply, TopK
 from experts.running_replicas import RUNNING
 from tests.serve_fakes import FakeHandle
@@ -130,6 +141,86 @@ async def test_a_cut_connection_fails_the_calls_in_flight_and_a_new_one_works(se
     assert (await asyncio.wait_for(again.call("advance", [SessionStep("s", (1,))], 1), 5)).replica == "r1"
     assert server.connections_accepted == 2
     again.close()
+
+
+# What a broken replica (or something else on its port) may send back to a call, each on a real socket.
+GARBAGE = {
+    "bytes that are not msgpack": lambda call_id: frame(b"\xc1\xc1 not msgpack"),
+    "a reply of the wrong shape": lambda call_id: frame(msgspec.msgpack.encode({"call": call_id})),
+    "a result of the wrong type": lambda call_id: frame(msgspec.msgpack.encode((call_id, None, {"outputs": 7}))),
+    "a frame longer than the limit": lambda call_id: (MAX_FRAME + 1).to_bytes(4, "little"),
+}
+
+
+@pytest.mark.parametrize("garbage", list(GARBAGE))
+async def test_a_replica_that_answers_garbage_fails_the_calls_in_flight_and_is_dropped(garbage) -> None:
+    """A replica that answers a call with bytes the caller cannot read: that call and every other one in flight
+    on the connection fail at once with DataPlaneLost (which the expert client treats like a dead replica:
+    re-open elsewhere), nothing is handed to the caller as a result, and the connection is marked lost."""
+    answered = asyncio.Event()
+
+    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_frame(reader)                                     # the token
+        await read_frame(reader)                                     # one call is never answered
+        call_id = msgspec.msgpack.decode(await read_frame(reader))[0]
+        writer.write(GARBAGE[garbage](call_id))
+        answered.set()
+        await reader.read()                                          # until the caller hangs up
+
+    server = await asyncio.start_server(broken, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    conn = await DataPlaneConnection.open(Endpoint("127.0.0.1", port, "t"), "test")
+    poll = asyncio.ensure_future(conn.call("poll", "caller", [], 1.0))
+    with pytest.raises(DataPlaneLost):
+        await asyncio.wait_for(conn.call("advance", [SessionStep("s", (1,))], 1), 5)
+    with pytest.raises(DataPlaneLost):
+        await asyncio.wait_for(poll, 5)
+    assert answered.is_set() and conn.lost
+    with pytest.raises(DataPlaneLost):
+        await conn.call("advance", [SessionStep("s", (1,))], 1)
+    server.close()
+
+
+async def test_a_reply_the_caller_cannot_handle_fails_the_connection_instead_of_hanging_its_calls() -> None:
+    """A watch whose on_item raises (the caller could not take a pushed item): the connection fails, so a call
+    in flight on it ends with DataPlaneLost now, not at its timeout, and the watch hears why it ended."""
+    replica = Replica()
+    ended: list[Exception] = []
+
+    async def watch(caller: str, emit) -> None:
+        emit(PollReply("r1", ()))
+        await asyncio.Event().wait()
+
+    server = DataPlaneServer({"advance": replica.advance, "poll": replica.poll, "watch": watch}, "127.0.0.1")
+    endpoint = await server.start()
+    conn = await DataPlaneConnection.open(endpoint, "test")
+    poll = asyncio.ensure_future(conn.call("poll", "caller", [], 1.0))             # held by the replica
+    await asyncio.wait_for(conn.call("advance", [SessionStep("s", (1,))], 1), 5)    # connected and served
+
+    def on_item(item) -> None:
+        raise KeyError("a generation this caller does not know")
+
+    conn.watch("watch", "caller", on_item=on_item, on_end=ended.append)
+    with pytest.raises(DataPlaneLost, match="reply not handled"):
+        await asyncio.wait_for(poll, 5)
+    assert conn.lost and len(ended) == 1 and isinstance(ended[0], DataPlaneLost)
+    await server.close()
+
+
+async def test_a_caller_that_sends_garbage_is_dropped_and_the_replica_serves_the_others(served) -> None:
+    """After a valid token, a frame that is not a request: the replica closes that connection (the socket sees
+    end of file) without answering, serves nothing for it, and keeps serving every other connection."""
+    _, server, endpoint = served
+    good = await DataPlaneConnection.open(endpoint, "good")
+    assert (await asyncio.wait_for(good.call("advance", [SessionStep("s", (1,))], 1), 5)).replica == "r1"
+    served_before = server.calls_served
+    reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+    writer.write(frame(endpoint.token.encode()) + frame(b"\xc1 not a request"))
+    assert await asyncio.wait_for(reader.read(), 5) == b""                       # closed, nothing answered
+    writer.close()
+    assert server.calls_served == served_before
+    assert (await asyncio.wait_for(good.call("advance", [SessionStep("t", (1,))], 1), 5)).outputs[0].session_id == "t"
+    good.close()
 
 
 class DirectReplica(FakeHandle):
