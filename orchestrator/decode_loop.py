@@ -37,6 +37,7 @@ from experts.protocol import Expert, SessionStep, StepOutput, TopK
 from gating.mix_row import mix_round
 from orchestrator.expert_health import ExpertHealth
 from orchestrator.profile import PhaseClock
+from orchestrator.request_checks import RequestRejected
 from orchestrator.routing import Route, renormalise, route_fixed, route_gated, route_uniform
 from orchestrator.sample import sample_round
 from orchestrator.sequence import Sequence
@@ -248,7 +249,7 @@ class DecodeLoop:
                     s.forget(e)
                     kind = out.error_kind or "input"
                     if kind == "input":
-                        s.fail(ValueError(f"expert {self.names[e]}: {out.error}"))
+                        s.fail(RequestRejected(f"expert {self.names[e]}: {out.error}", param="prompt"))
                     elif kind in MIGRATABLE and attempt == 0:
                         lost.append((i, e))
                     else:

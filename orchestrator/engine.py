@@ -24,12 +24,12 @@ from orchestrator.decode_loop import DecodeLoop
 from orchestrator.expert_health import ExpertHealth
 from orchestrator.native import native_events
 from orchestrator.profile import PhaseClock
+from orchestrator.request_checks import Limits, RequestRejected, check_request
 from orchestrator.sample import make_rng
 from orchestrator.sequence import Sequence
-from orchestrator.types import ExpertsUnavailable, GenerationRequest, TokenEvent
+from orchestrator.types import ENSEMBLE, ExpertsUnavailable, GenerationParams, GenerationRequest, TokenEvent
 
 log = logging.getLogger(__name__)
-ENSEMBLE = "ensemble"
 
 
 class EnsembleEngine:
@@ -132,23 +132,9 @@ class EnsembleEngine:
     # ---- generation ------------------------------------------------------------------------------------
 
     def validate(self, req: GenerationRequest) -> None:
-        """Raise ValueError (user-facing message) for anything the experts would choke on."""
-        if req.model not in self.models:
-            raise ValueError(f"unknown model {req.model!r}; available: {', '.join(self.models)}")
-        if not req.prompt_ids:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in req.prompt_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        room = self.max_model_len - len(req.prompt_ids)
-        if room < 0 or req.params.max_tokens > room:
-            raise ValueError(
-                f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.params.max_tokens}) exceeds "
-                f"the context length {self.max_model_len}"
-            )
-        k = req.experts_per_token
-        if k is not None and not 1 <= k <= len(self._experts):
-            raise ValueError(f"experts_per_token must be in [1, {len(self._experts)}], got {k}")
+        """Raise RequestRejected (a ValueError with a user-facing message) for anything the experts would
+        choke on (orchestrator/request_checks.py)."""
+        check_request(req, Limits(tuple(self.models), self.vocab_size, self.max_model_len))
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Yield one TokenEvent per generated token; the last carries finish_reason."""
@@ -228,12 +214,12 @@ class EnsembleEngine:
 
         from gating.mix import gate_weights
 
-        self.validate(GenerationRequest(request_id, tuple(token_ids), model=model))
+        self.validate(GenerationRequest(request_id, tuple(token_ids), GenerationParams(max_tokens=0), model=model))
         members = list(range(len(self._experts))) if model == ENSEMBLE else [self.expert_names.index(model)]
         outs = await asyncio.gather(*(self._experts[e].score([list(token_ids)], self.logprobs_k) for e in members))
         for e, (out,) in zip(members, outs):
             if out.error:
-                raise ValueError(f"expert {self.expert_names[e]}: {out.error}")
+                raise RequestRejected(f"expert {self.expert_names[e]}: {out.error}", param="prompt")
         all_ids, all_lps, targets = stack_scores([o[0] for o in outs])             # [N, E', K], [N]
         n = len(targets)
         gate = self._gate

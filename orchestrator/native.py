@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from experts.protocol import Expert, GenerateRequest
+from orchestrator.request_checks import RequestRejected
 from orchestrator.types import AtCapacity, ExpertsUnavailable, GateDecision, GenerationRequest, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ async def native_events(expert: Expert, name: str, req: GenerationRequest) -> As
         async for d in expert.generate(greq):
             if d.error is not None:
                 if d.error_kind == "input":
-                    raise ValueError(f"expert {name}: {d.error}")
+                    raise RequestRejected(f"expert {name}: {d.error}", param="prompt")
                 if d.error_kind == "capacity":
                     raise AtCapacity(f"expert {name}: {d.error}")
                 lost = d.error

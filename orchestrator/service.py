@@ -22,13 +22,13 @@ from orchestrator import api, responses
 from orchestrator.admission import Admission
 from orchestrator.api import OpenAIError, read_json
 from orchestrator.metrics import GatewayMetrics
+from orchestrator.request_checks import RequestRejected
 from orchestrator.responses import ClosingStreamingResponse, sse
 from orchestrator.store import StoreError, TrafficLog, TrafficRecord
 from orchestrator.stream import StopMatcher, TextCodec, TextDelta, stream_text
 from orchestrator.types import AtCapacity, ExpertsUnavailable, GenerationParams, GenerationRequest, TokenEvent
 
 logger = logging.getLogger(__name__)
-ENSEMBLE = "ensemble"
 # Serve's proxy already sets its own x-request-id on every response; ours is the id in the body and the log.
 REQUEST_ID_HEADER = "x-ensemble-request-id"
 # Set on a (non-streamed) response when some of its tokens were routed around an expert that could not answer:
@@ -38,6 +38,13 @@ _INCOMPLETE = "incomplete: the gateway stopped before this request finished"
 
 
 RETRY_AFTER_S = 1
+
+
+def rejected(exc: RequestRejected, prompt_param: str = "prompt") -> OpenAIError:
+    """A request the engine refuses (orchestrator/request_checks.py, or an expert refusing its input), as the
+    4xx it is; the prompt is named by the field it came in (`prompt`, or `messages` for a chat)."""
+    param = prompt_param if exc.param == "prompt" else exc.param
+    return OpenAIError(exc.message, status=exc.status, param=param, code=exc.code)
 
 
 def overloaded(exc: Exception) -> OpenAIError:
@@ -126,6 +133,7 @@ class _Prepared:
     return_routing: bool
     logprobs: bool
     echo: bool = False
+    prompt_param: str = "prompt"       # the field the prompt came in: "prompt", or "messages" for a chat
 
 
 class GatewayCore:
@@ -150,7 +158,7 @@ class GatewayCore:
 
     @property
     def models(self) -> list[str]:
-        return [ENSEMBLE, *self.engine.expert_names]
+        return self.engine.models
 
     def set_gate(self, gate: Any) -> None:
         self.engine.set_gate(gate)
@@ -193,8 +201,8 @@ class GatewayCore:
             deltas = self._deltas(prep, trace)
             try:
                 first = await anext(deltas)
-            except ValueError as exc:          # the engine's user-facing rejection
-                raise OpenAIError(str(exc)) from None
+            except RequestRejected as exc:     # an expert refused the input
+                raise rejected(exc, prep.prompt_param) from None
             except (ExpertsUnavailable, AtCapacity) as exc:
                 raise overloaded(exc) from None
             if prep.stream:
@@ -235,10 +243,8 @@ class GatewayCore:
                 self._finish(trace)
 
     def _prepare(self, req: api.CompletionRequest | api.ChatCompletionRequest, trace: _Trace) -> _Prepared:
-        if req.model not in self.models:
-            raise OpenAIError(f"The model '{req.model}' does not exist; available: {', '.join(self.models)}",
-                              status=404, param="model", code="model_not_found")
         stops = req.stop_list()
+        prompt_text: str | None
         if isinstance(req, api.ChatCompletionRequest):
             chat = self.codec.render_chat([{"role": m.role, "content": m.text()} for m in req.messages])
             prompt_text, ids = chat.text, self.codec.encode(chat.text, chat.add_special_tokens)
@@ -246,46 +252,33 @@ class GatewayCore:
             max_tokens, top_logprobs = req.token_budget(), (req.top_logprobs or 0) if req.logprobs else 0
             logprobs, echo, prompt_param = req.logprobs, False, "messages"
         else:
-            if isinstance(req.prompt, str):
-                prompt_text, ids = req.prompt, self.codec.encode(req.prompt)
-            else:
-                ids = list(req.prompt)
-                bad = [t for t in ids if not 0 <= t < self.engine.vocab_size]
-                if bad:
-                    raise OpenAIError(f"prompt token id {bad[0]} is outside the vocabulary "
-                                      f"[0, {self.engine.vocab_size})", param="prompt")
-                prompt_text = self.codec.decode(ids)
+            prompt_text, ids = (req.prompt, self.codec.encode(req.prompt)) if isinstance(req.prompt, str) else \
+                (None, list(req.prompt))
             max_tokens = req.max_tokens if req.max_tokens is not None else self.settings.default_max_tokens
             logprobs, top_logprobs, echo, prompt_param = req.logprobs is not None, req.logprobs or 0, req.echo, "prompt"
-        trace.prompt_ids, trace.prompt_text = tuple(ids), prompt_text
-        if not ids:
-            raise OpenAIError("the prompt is empty", param=prompt_param)
-        ctx = self.engine.max_model_len
-        max_tokens = ctx - len(ids) if max_tokens is None else max_tokens
-        if len(ids) + max(max_tokens, 0) > ctx or (max_tokens <= 0 and len(ids) > ctx):
-            asked = max(max_tokens, 0)
-            raise OpenAIError(
-                f"This model's maximum context length is {ctx} tokens. However, you requested "
-                f"{len(ids) + asked} tokens ({len(ids)} in the {prompt_param}, {asked} for the completion). "
-                "Please reduce the length of the prompt or max_tokens.",
-                param="max_tokens" if len(ids) < ctx else prompt_param, code="context_length_exceeded")
+        trace.prompt_ids, trace.prompt_text = tuple(ids), prompt_text or ""      # logged even if refused
+        if max_tokens is None:                  # a chat without a budget: the rest of the context
+            max_tokens = max(self.engine.max_model_len - len(ids), 0)
         params = GenerationParams(
             max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             top_k=req.top_k if req.top_k and 0 < req.top_k < self.engine.vocab_size else 0,     # 0: all tokens
             seed=None if req.seed is None else req.seed % 2**63, ignore_eos=req.ignore_eos,
             top_logprobs=top_logprobs)
-        if req.experts_per_token is not None:
-            if req.model != ENSEMBLE:
-                raise OpenAIError("experts_per_token applies to model 'ensemble' only", param="experts_per_token",
-                                  code="invalid_parameter")
-            n = len(self.engine.expert_names)
-            if req.experts_per_token > n:
-                raise OpenAIError(f"experts_per_token must be in [1, {n}] (the experts behind model 'ensemble'), "
-                                  f"got {req.experts_per_token}", param="experts_per_token", code="invalid_parameter")
-        return _Prepared(GenerationRequest(trace.request_id, tuple(ids), params, req.model, req.experts_per_token),
-                         prompt_text,
-                         tuple(stops), req.stream, req.include_usage(), req.return_routing, logprobs, echo)
+        request = GenerationRequest(trace.request_id, tuple(ids), params, req.model, req.experts_per_token)
+        self._check(request, prompt_param)
+        if prompt_text is None:                 # token ids, now known to be in the vocabulary
+            trace.prompt_text = prompt_text = self.codec.decode(ids)
+        return _Prepared(request, prompt_text, tuple(stops), req.stream, req.include_usage(), req.return_routing,
+                         logprobs, echo, prompt_param)
+
+    def _check(self, request: GenerationRequest, prompt_param: str) -> None:
+        """The engine's checks of a request (orchestrator/request_checks.py), as an OpenAI error; the prompt is
+        named by the field it came in (`prompt` or `messages`)."""
+        try:
+            self.engine.validate(request)
+        except RequestRejected as exc:
+            raise rejected(exc, prompt_param) from None
 
     async def _deltas(self, prep: _Prepared, trace: _Trace) -> AsyncIterator[TextDelta]:
         """The engine's tokens as text; records every token in the trace and the metrics as it passes."""
@@ -323,8 +316,8 @@ class GatewayCore:
             return self._prompt_logprobs(req.prompt_ids, [(None, ())])
         try:
             scores = await self.engine.score(req.request_id, list(req.prompt_ids), req.model, req.params.top_logprobs)
-        except ValueError as exc:
-            raise OpenAIError(str(exc)) from None
+        except RequestRejected as exc:
+            raise rejected(exc, prep.prompt_param) from None
         return self._prompt_logprobs(req.prompt_ids, scores)
 
     async def _echo_only(self, prep: _Prepared, trace: _Trace) -> dict:
@@ -410,6 +403,11 @@ class GatewayCore:
             raise
         except (ExpertsUnavailable, AtCapacity) as exc:   # headers are sent: report in-band, as OpenAI does
             err = overloaded(exc)
+            trace.error, trace.status = err.message, err.status
+            yield sse(err.body())
+            yield "data: [DONE]\n\n"
+        except RequestRejected as exc:                    # an expert refused the input after the first token
+            err = rejected(exc, prep.prompt_param)
             trace.error, trace.status = err.message, err.status
             yield sse(err.body())
             yield "data: [DONE]\n\n"

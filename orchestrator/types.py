@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+ENSEMBLE = "ensemble"           # the model name of the gated mix; every other model name is one expert's
+
 
 @dataclass(frozen=True)
 class GenerationParams:
@@ -33,7 +35,7 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...]
     params: GenerationParams = field(default_factory=GenerationParams)
     # "ensemble" for the gated mix, or one expert's name to be served by that expert alone.
-    model: str = "ensemble"
+    model: str = ENSEMBLE
     # Experts mixed per token for model="ensemble" (the gate's top-k); None: the service's default.
     experts_per_token: int | None = None
 

@@ -9,6 +9,7 @@ from gating.mix import gate_weights, logprob_of, mix
 from gating.model import Gate, GateArgs
 from gating.runtime import GateRuntime
 from orchestrator.engine import EnsembleEngine
+from orchestrator.request_checks import RequestRejected
 from orchestrator.types import GenerationParams, GenerationRequest
 from tests.fakes import DeterministicExpert, context_logprobs, topk_of
 
@@ -298,18 +299,26 @@ async def test_stop_tokens_end_generation():
 
 
 @pytest.mark.parametrize(
-    "request_, message",
+    "request_, message, param, code",
     [
-        (GenerationRequest("x", (), GenerationParams()), "empty"),
-        (GenerationRequest("x", (0, 999), GenerationParams()), "outside the vocabulary"),
-        (GenerationRequest("x", (0, 1), GenerationParams(max_tokens=1000)), "context length"),
-        (GenerationRequest("x", (0, 1), GenerationParams(), model="nope"), "unknown model"),
+        (GenerationRequest("x", (), GenerationParams()), "empty", "prompt", None),
+        (GenerationRequest("x", (0, 999), GenerationParams()), "outside the vocabulary", "prompt", None),
+        (GenerationRequest("x", (0, 1), GenerationParams(max_tokens=1000)), "maximum context length", "max_tokens",
+         "context_length_exceeded"),
+        (GenerationRequest("x", (0, 1), GenerationParams(), model="nope"), "does not exist", "model", "model_not_found"),
+        (GenerationRequest("x", (0, 1), GenerationParams(), experts_per_token=9), r"must be in \[1, ",
+         "experts_per_token", "invalid_parameter"),
+        (GenerationRequest("x", (0, 1), GenerationParams(), model="code", experts_per_token=1), "applies to model",
+         "experts_per_token", "invalid_parameter"),
     ],
 )
-async def test_bad_requests_are_rejected_with_clear_errors(request_, message):
+async def test_bad_requests_are_rejected_with_clear_errors(request_, message, param, code):
+    """The engine refuses them itself (orchestrator/request_checks.py), whoever calls it: the gateway maps the
+    same refusal to an OpenAI error with this param and code (tests/unit/test_hostile_input.py)."""
     engine, _ = await started()
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(RequestRejected, match=message) as info:
         await collect(engine, request_)
+    assert (info.value.param, info.value.code) == (param, code)
 
 
 async def test_echo_scores_match_the_generation_path():

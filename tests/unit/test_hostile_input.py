@@ -88,6 +88,13 @@ HOSTILE = [
     ("chat_max_completion_tokens_beyond_the_context", H, chat(max_completion_tokens=MAX_MODEL_LEN), 400,
      "max_tokens", CONTEXT),
     ("prompt_beyond_the_context", C, completion(prompt="word " * 400), 400, "prompt", CONTEXT),
+    ("chat_beyond_the_context", H, chat(messages=[{"role": "user", "content": "word " * 400}]), 400, "messages",
+     CONTEXT),
+    ("chat_beyond_the_context_without_max_tokens", H, json.dumps(
+        {"model": "ensemble", "messages": [{"role": "user", "content": "word " * 400}]}).encode(), 400, "messages",
+     CONTEXT),
+    ("experts_per_token_for_one_expert", C, completion(model="code", experts_per_token=1), 400, "experts_per_token",
+     PARAM),
     ("empty_prompt", C, completion(prompt=""), 400, "prompt", PARAM),
     ("empty_token_list", C, completion(prompt=[]), 400, "prompt", PARAM),
     ("empty_nested_token_list", C, completion(prompt=[[]]), 400, "prompt", PARAM),
