@@ -150,6 +150,16 @@ async def test_echo_with_zero_max_tokens_returns_prompt_logprobs(gw) -> None:
     assert all(1 <= len(t) <= 3 for t in lp["top_logprobs"][1:])
 
 
+async def test_echo_scores_a_prompt_that_fills_the_whole_context(gw) -> None:
+    """Scoring generates nothing, so a prompt of exactly the context length can be scored (echo, max_tokens 0);
+    one token more is refused as beyond the context."""
+    ids = [5 + i % 50 for i in range(MAX_MODEL_LEN)]
+    body = (await post(gw, "/v1/completions", completion(prompt=ids, echo=True, max_tokens=0, logprobs=1))).json()
+    assert len(body["choices"][0]["logprobs"]["token_logprobs"]) == MAX_MODEL_LEN, body
+    over = await post(gw, "/v1/completions", completion(prompt=ids + [5], echo=True, max_tokens=0, logprobs=1))
+    assert over.status_code == 400 and over.json()["error"]["code"] == "context_length_exceeded"
+
+
 async def test_echo_with_generation_returns_prompt_then_completion_logprobs(gw) -> None:
     prompt = "The quick brown fox"
     only = (await post(gw, "/v1/completions", completion(prompt=prompt, echo=True, max_tokens=0, logprobs=2))).json()
