@@ -4,7 +4,8 @@ Sessions are pinned: every step after a session's `open` carries `replica=`, whi
 routes to the replica holding its KV cache (or goes over that replica's data plane). An `open` goes to the
 replica this client holds the fewest sessions on among those it has a live data-plane connection to, over
 that connection, except one open every `rediscover_s` (and any open while it knows no replica): that one goes
-wherever Serve's router sends it, by load, which is how replicas added later come into use. A batch of
+wherever Serve's router sends it, by load, which is how replicas added later come into use. A native
+generation's `start` is placed the same way, by this client's generations per replica. A batch of
 advances is split by replica: one call per replica, all at once. Native generations are
 multiplexed: the replica pushes the new tokens of every stream this client runs there, one message per
 engine step, over a `watch` on its data plane (or, without one, one `poll` in flight carries them).
@@ -78,7 +79,7 @@ class ServeExpertClient:
         self._connecting: dict[str, asyncio.Lock] = {}
         self._no_direct: dict[str, float] = {}                            # replica -> loop time to retry direct
         self.rediscover_s = REDISCOVER_S
-        self._routed_open_at = float("-inf")                              # loop time of the last Serve-placed open
+        self._routed_at = float("-inf")                  # loop time of the last Serve-placed open or start
 
     def __repr__(self) -> str:
         return f"ServeExpertClient({self.name!r})"
@@ -147,27 +148,26 @@ class ServeExpertClient:
         """New sessions, on the replica `_placement` picks; the reply pins them there."""
         if not steps:
             return []
-        outputs = await self._step_call("open", steps, top_k, replica=self._placement())
+        outputs = await self._step_call("open", steps, top_k, replica=self._placement(self.pinned_replicas()))
         for out in outputs:
             if out.error is None:
                 self._pins[out.session_id] = out.replica
         return outputs
 
-    def _placement(self) -> str | None:
-        """Where new sessions go: the replica with the fewest of this client's sessions among those reachable
-        over a live data-plane connection (a Serve-routed call costs several ms more, each time), or None
-        (Serve's router picks by load) when none is, or when the last Serve-placed open is `rediscover_s` old.
-        A replica that lost its connection, left sessions abandoned after a timeout, or that Serve no longer
-        routes to (it is being stopped) is not picked."""
+    def _placement(self, held: dict[str, int]) -> str | None:
+        """Where new sessions (or generations) go: the replica with the fewest of this client's (`held`) among
+        those reachable over a live data-plane connection (a Serve-routed call costs several ms more, each
+        time), or None (Serve's router picks by load) when none is, or when the last Serve-placed open or start
+        is `rediscover_s` old. A replica that lost its connection, left sessions abandoned after a timeout, or
+        that Serve no longer routes to (it is being stopped) is not picked."""
         now = asyncio.get_running_loop().time()
         running = self._running()
         live = [r for r, conn in self._conns.items()
                 if not conn.lost and r not in self.abandoned and self._no_direct.get(r, 0.0) <= now
                 and (running is None or r in running)]
-        if not live or now - self._routed_open_at >= self.rediscover_s:
-            self._routed_open_at = now
+        if not live or now - self._routed_at >= self.rediscover_s:
+            self._routed_at = now
             return None
-        held = self.pinned_replicas()
         return min(live, key=lambda r: held.get(r, 0))
 
     async def advance(self, steps: list[SessionStep], top_k: int) -> list[StepOutput]:
@@ -249,6 +249,14 @@ class ServeExpertClient:
     def _running(self) -> frozenset[str] | None:
         return running_replicas.running(*self._deployment) if self._deployment is not None else None
 
+    def generations_by_replica(self) -> dict[str, int]:
+        """Native generations of this client running per replica."""
+        counts: dict[str, int] = {}
+        for replica, _ in self._streams.values():
+            if replica is not None:
+                counts[replica] = counts.get(replica, 0) + 1
+        return counts
+
     def pinned_replicas(self) -> dict[str, int]:
         """Open sessions of this client per replica (for /metrics)."""
         counts: dict[str, int] = {}
@@ -272,16 +280,21 @@ class ServeExpertClient:
     # ---- native generation ------------------------------------------------------------------------------
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateDelta]:
-        """Start on a replica Serve picks, then receive the deltas through that replica's poller."""
+        """Start on the replica `_placement` picks (over its data plane) or Serve picks, then receive the deltas
+        through that replica's poller."""
         rid = request.request_id
         queue: asyncio.Queue[GenerateDelta] = asyncio.Queue()
         # Registered before the start call: a poll already in flight on that replica may bring this request's
         # first deltas back before `start` itself returns; they must find their queue, not be dropped.
         self._streams[rid] = (None, queue)
+        placed = self._placement(self.generations_by_replica())
         try:
-            reply: StartReply = await self._call("start", [request], self.caller)
+            reply: StartReply = await self._call("start", [request], self.caller, replica=placed)
         except Exception as exc:  # noqa: BLE001
             self._streams.pop(rid, None)
+            if placed is not None and isinstance(exc, (TimeoutError, DataPlaneLost)):
+                self._aborts.setdefault(placed, []).append(rid)    # it may have started there: end it
+                self._ensure_poller(placed)
             yield GenerateDelta(rid, error=f"expert {self.name} unavailable ({type(exc).__name__}: {exc})",
                                 error_kind="unavailable")
             return

@@ -4,8 +4,8 @@ Why: on the 2-core dev machine a Ray Serve handle call costs ≈ 4 ms round trip
 nothing (`scripts/measure_call_overhead.py`: 4.7 ms), about a whole session step of the engine, while the same
 call over a plain asyncio socket costs ≈ 0.2 ms. Serve stays the control plane: it places replicas, routes
 new sessions and generations by load, checks health and hands out each replica's endpoint. The per-token
-calls pinned to a known replica (`advance`, `poll`, `close`, and `open` when the caller picks the replica,
-experts/client.py) then go straight to it over this channel.
+calls pinned to a known replica (`advance`, `poll`, `close`, and `open` and `start` when the caller picks the
+replica, experts/client.py) then go straight to it over this channel.
 
 Wire format: frames of a 4-byte little-endian length and a msgpack body (msgspec, typed on both ends; no
 pickle, so a stranger reaching the port cannot run code). A connection starts with one frame holding the
@@ -34,7 +34,7 @@ from typing import Any
 
 import msgspec
 
-from experts.protocol import PollReply, SessionStep, StepReply
+from experts.protocol import GenerateRequest, PollReply, SessionStep, StartReply, StepReply
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ METHODS: dict[str, tuple[Any, Any]] = {
     "poll": (tuple[str, list[str], float], PollReply),
     "close": (tuple[list[str]], None),
     "watch": (tuple[str], PollReply),
+    "start": (tuple[list[GenerateRequest], str], StartReply),
 }
 # Streaming methods: the handler also gets `emit` (one reply frame per call) and returns when the stream ends.
 STREAMS = frozenset({"watch"})

@@ -84,7 +84,8 @@ class ExpertServer:
             import ray
 
             self._data_plane = DataPlaneServer({"open": self.open, "advance": self.advance, "poll": self.poll,
-                                                "close": self.close, "watch": self._watch}, ray.util.get_node_ip_address())
+                                                "close": self.close, "watch": self._watch, "start": self.start},
+                                               ray.util.get_node_ip_address())
         return await self._data_plane.start()
 
     async def cut_data_plane(self, replica: str | None = None) -> int:

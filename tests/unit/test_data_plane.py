@@ -6,6 +6,7 @@ ServeExpertClient sending pinned calls over it (and falling back to the handle w
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import msgspec
 import pytest
@@ -22,7 +23,16 @@ from experts.data_plane import (
     frame,
     read_frame,
 )
-from experts.protocol import GenerateDelta, PollReply, SessionStep, StepOutput, StepReply, TopK
+from experts.protocol import (
+    GenerateDelta,
+    GenerateRequest,
+    PollReply,
+    SessionStep,
+    StartReply,
+    StepOutput,
+    StepReply,
+    TopK,
+)
 from experts.running_replicas import RUNNING
 from tests.serve_fakes import FakeHandle
 
@@ -287,6 +297,80 @@ async def test_client_opens_sessions_over_the_data_plane_once_it_knows_a_replica
     await client.open([SessionStep("s6", (1, 2))], 2)                   # its connection is lost: Serve again
     assert handle.through_serve == ["open", "endpoint", "open", "open"] and "s6" not in replica.opened
     await client.aclose()
+
+
+class GeneratingReplica:
+    """A replica's native generations: `start` takes them, each finishes with one token, pushed over the
+    caller's watch (or handed to its next poll when it has none yet)."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self._emit: dict[str, Callable] = {}
+        self._pending: dict[str, list[GenerateDelta]] = {}
+
+    async def start(self, requests: list[GenerateRequest], caller: str) -> StartReply:
+        self.started += [r.request_id for r in requests]
+        for r in requests:
+            self._push(caller, GenerateDelta(r.request_id, token_ids=(3,), logprobs=(-0.1,), finish_reason="length"))
+        return StartReply("r1", tuple(None for _ in requests))
+
+    def _push(self, caller: str, delta: GenerateDelta) -> None:
+        if caller in self._emit:
+            self._emit[caller](PollReply("r1", (delta,)))
+        else:
+            self._pending.setdefault(caller, []).append(delta)
+
+    async def watch(self, caller: str, emit: Callable) -> None:
+        self._emit[caller] = emit
+        for delta in self._pending.pop(caller, []):
+            emit(PollReply("r1", (delta,)))
+        await asyncio.Event().wait()
+
+    async def poll(self, caller: str, aborts: list[str], wait_s: float) -> PollReply:
+        return PollReply("r1", tuple(self._pending.pop(caller, [])))
+
+
+class GeneratingHandle(FakeHandle):
+    def __init__(self, endpoint: Endpoint, replica: GeneratingReplica) -> None:
+        self.endpoint_, self.replica = endpoint, replica
+        self.through_serve: list[str] = []
+
+    async def _endpoint(self, replica=None):
+        self.through_serve.append("endpoint")
+        return self.endpoint_
+
+    async def _start(self, requests, caller, replica=None):
+        self.through_serve.append("start")
+        return await self.replica.start(requests, caller)
+
+
+async def test_client_starts_generations_over_the_data_plane_once_it_knows_a_replica() -> None:
+    """A native generation's start goes to a replica this client reaches directly, like a session's open: the
+    first (it knows no replica) and one every rediscover_s go through Serve's router, the others straight to
+    the replica; every generation gets its tokens either way."""
+    replica = GeneratingReplica()
+    server = DataPlaneServer({"start": replica.start, "poll": replica.poll, "watch": replica.watch}, "127.0.0.1")
+    handle = GeneratingHandle(await server.start(), replica)
+    client = ServeExpertClient(handle, "code", call_timeout_s=5)
+    client.rediscover_s = 3600.0
+
+    async def generate(rid: str) -> list[GenerateDelta]:
+        return await asyncio.wait_for(_collect(client.generate(GenerateRequest(rid, (1, 2), 1))), 5)
+
+    assert [d.token_ids for d in await generate("g1")] == [(3,)]       # through Serve; then connects
+    assert handle.through_serve == ["start", "endpoint"]
+    for rid in ("g2", "g3"):
+        assert [d.finish_reason for d in await generate(rid)] == ["length"]
+    assert handle.through_serve == ["start", "endpoint"] and replica.started == ["g1", "g2", "g3"]
+    client.rediscover_s = 0.0
+    await generate("g4")
+    assert handle.through_serve == ["start", "endpoint", "start"]
+    await client.aclose()
+    await server.close()
+
+
+async def _collect(stream) -> list:
+    return [d async for d in stream]
 
 
 class TwoReplicas(FakeHandle):
