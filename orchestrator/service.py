@@ -266,9 +266,11 @@ class GatewayCore:
             seed=None if req.seed is None else req.seed % 2**63, ignore_eos=req.ignore_eos,
             top_logprobs=top_logprobs)
         request = GenerationRequest(trace.request_id, tuple(ids), params, req.model, req.experts_per_token)
-        self._check(request, prompt_param)
-        if prompt_text is None:                 # token ids, now known to be in the vocabulary
-            trace.prompt_text = prompt_text = self.codec.decode(ids)
+        try:
+            self._check(request, prompt_param)
+        finally:                                # token ids: logged as text too when they decode (refused or not)
+            if prompt_text is None and all(0 <= t < self.engine.vocab_size for t in ids):
+                trace.prompt_text = prompt_text = self.codec.decode(ids)
         return _Prepared(request, prompt_text, tuple(stops), req.stream, req.include_usage(), req.return_routing,
                          logprobs, echo, prompt_param)
 

@@ -251,3 +251,13 @@ async def test_every_numeric_field_at_and_beyond_its_bounds_gets_an_answer_or_a_
     logged_ids = {r.request_id for r in iter_records(gw.db)}
     assert not [i for i in ids if i not in logged_ids], "requests missing from the traffic log"
     await ensure_unharmed(gw)
+
+
+async def test_a_refused_token_prompt_is_logged_with_its_ids_and_text(gw) -> None:
+    """A prompt of token ids beyond the context is refused (400) and still logged whole: its ids, and its text
+    since they are all in the vocabulary."""
+    ids = [72, 105] * 100                                           # "Hi" * 100: 200 tokens, beyond 128
+    r = await gw.client.post(COMPLETIONS, content=completion(prompt=ids))
+    assert r.status_code == 400 and r.json()["error"]["code"] == CONTEXT
+    rec = await logged(gw, r.headers[REQUEST_ID_HEADER])
+    assert rec.prompt_ids == tuple(ids) and rec.prompt_text == gw.core.codec.decode(ids) and rec.prompt_text
