@@ -50,7 +50,7 @@ def check_request(req: GenerationRequest, limits: Limits) -> None:
     ids = req.prompt_ids
     if not ids:
         raise RequestRejected("the prompt is empty", param="prompt")
-    bad = next((t for t in ids if not 0 <= t < limits.vocab_size), None)
+    bad = outside_vocabulary(ids, limits.vocab_size)
     if bad is not None:
         raise RequestRejected(f"prompt token id {bad} is outside the vocabulary [0, {limits.vocab_size})",
                               param="prompt")
@@ -61,3 +61,8 @@ def check_request(req: GenerationRequest, limits: Limits) -> None:
             f"tokens ({len(ids)} in the prompt, {asked} for the completion). Please reduce the length of the "
             "prompt or max_tokens.",
             param="max_tokens" if len(ids) < ctx else "prompt", code="context_length_exceeded")
+
+
+def outside_vocabulary(ids: tuple[int, ...] | list[int], vocab_size: int) -> int | None:
+    """The first token id not in [0, vocab_size), or None when they all are."""
+    return next((t for t in ids if not 0 <= t < vocab_size), None)

@@ -22,7 +22,7 @@ from orchestrator import api, responses
 from orchestrator.admission import Admission
 from orchestrator.api import OpenAIError, read_json
 from orchestrator.metrics import GatewayMetrics
-from orchestrator.request_checks import RequestRejected
+from orchestrator.request_checks import RequestRejected, outside_vocabulary
 from orchestrator.responses import ClosingStreamingResponse, sse
 from orchestrator.store import StoreError, TrafficLog, TrafficRecord
 from orchestrator.stream import StopMatcher, TextCodec, TextDelta, stream_text
@@ -266,11 +266,16 @@ class GatewayCore:
             seed=None if req.seed is None else req.seed % 2**63, ignore_eos=req.ignore_eos,
             top_logprobs=top_logprobs)
         request = GenerationRequest(trace.request_id, tuple(ids), params, req.model, req.experts_per_token)
+        refused = None
         try:
             self._check(request, prompt_param)
-        finally:                                # token ids: logged as text too when they decode (refused or not)
-            if prompt_text is None and all(0 <= t < self.engine.vocab_size for t in ids):
-                trace.prompt_text = prompt_text = self.codec.decode(ids)
+        except OpenAIError as exc:
+            refused = exc
+        # Token ids are logged as text too whenever they decode, refused or not (accepted ones are in the vocabulary).
+        if prompt_text is None and (refused is None or outside_vocabulary(ids, self.engine.vocab_size) is None):
+            trace.prompt_text = prompt_text = self.codec.decode(ids)
+        if refused is not None:
+            raise refused
         return _Prepared(request, prompt_text, tuple(stops), req.stream, req.include_usage(), req.return_routing,
                          logprobs, echo, prompt_param)
 
