@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -250,19 +251,12 @@ class ServeExpertClient:
         return running_replicas.running(*self._deployment) if self._deployment is not None else None
 
     def generations_by_replica(self) -> dict[str, int]:
-        """Native generations of this client running per replica."""
-        counts: dict[str, int] = {}
-        for replica, _ in self._streams.values():
-            if replica is not None:
-                counts[replica] = counts.get(replica, 0) + 1
-        return counts
+        """Native generations of this client running per replica (a starting one has none yet)."""
+        return dict(Counter(replica for replica, _ in self._streams.values() if replica is not None))
 
     def pinned_replicas(self) -> dict[str, int]:
         """Open sessions of this client per replica (for /metrics)."""
-        counts: dict[str, int] = {}
-        for replica in self._pins.values():
-            counts[replica] = counts.get(replica, 0) + 1
-        return counts
+        return dict(Counter(self._pins.values()))
 
     async def _step_call(self, method: str, steps: list[SessionStep], top_k: int, replica: str | None) -> list[StepOutput]:
         try:

@@ -330,14 +330,8 @@ class GeneratingReplica:
         return PollReply("r1", tuple(self._pending.pop(caller, [])))
 
 
-class GeneratingHandle(FakeHandle):
-    def __init__(self, endpoint: Endpoint, replica: GeneratingReplica) -> None:
-        self.endpoint_, self.replica = endpoint, replica
-        self.through_serve: list[str] = []
-
-    async def _endpoint(self, replica=None):
-        self.through_serve.append("endpoint")
-        return self.endpoint_
+class GeneratingHandle(DirectReplica):
+    """DirectReplica over a GeneratingReplica: starts through Serve are counted too."""
 
     async def _start(self, requests, caller, replica=None):
         self.through_serve.append("start")
