@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable
 from collections.abc import Sequence as Seq
 
@@ -62,6 +63,10 @@ class DecodeLoop:
         self._side_tasks: set[asyncio.Task] = set()
         self.rounds = 0
         self.migrations = 0            # sessions re-opened on another replica after theirs failed
+        # What the experts were asked to compute, by kind of call: (kind, "rows" | "tokens"). Kinds: "prompt"
+        # (a session opened before the request's first token), "join" (opened later, when the gate first picks
+        # that expert: the whole context so far), "advance" (new tokens of an open session, catch-up included).
+        self.work: Counter[tuple[str, str]] = Counter()
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -275,6 +280,13 @@ class DecodeLoop:
         opens = [i for i in rows if e not in seqs[i].synced]
         advances = [i for i in rows if e in seqs[i].synced]
         calls = []
+        for i in opens:
+            kind = "join" if seqs[i].produced else "prompt"
+            self.work[kind, "rows"] += 1
+            self.work[kind, "tokens"] += len(seqs[i].tokens)
+        if advances:
+            self.work["advance", "rows"] += len(advances)
+            self.work["advance", "tokens"] += sum(len(seqs[i].tokens) - seqs[i].synced[e] for i in advances)
         if opens:
             calls.append((opens, expert.open([SessionStep(seqs[i].session_of(e), tuple(seqs[i].tokens))
                                               for i in opens], self.logprobs_k)))

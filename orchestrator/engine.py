@@ -118,6 +118,10 @@ class EnsembleEngine:
     def migrations(self) -> int:
         return self._loop.migrations if self._loop is not None else 0
 
+    def expert_work(self) -> dict[tuple[str, str], int]:
+        """(kind, "rows" | "tokens") -> what the experts were asked to compute so far (DecodeLoop.work)."""
+        return dict(self._loop.work) if self._loop is not None else {}
+
     def sessions_by_replica(self) -> dict[str, dict[str, int]]:
         """expert -> replica id -> decode sessions this gateway holds there (for /metrics)."""
         return {name: e.pinned_replicas() for name, e in zip(self.expert_names, self._experts)

@@ -161,6 +161,15 @@ class _EngineCollector:
         for expert, n in sorted(self.engine.routable_replicas().items()):
             routable.add_metric([expert], n)
         yield routable
+        work = {unit: CounterMetricFamily(f"ensemble_expert_work_{unit}", f"{unit} the experts were asked to "
+                                          "compute for lockstep sequences, by kind of call: prompt (a session "
+                                          "opened with the prompt), join (opened when the gate first picks an "
+                                          "expert mid-sequence: the whole context so far), advance (new tokens "
+                                          "of an open session)", labels=["kind"])
+                for unit in ("rows", "tokens")}
+        for (kind, unit), n in sorted(self.engine.expert_work().items()):
+            work[unit].add_metric([kind], n)
+        yield from work.values()
         yield CounterMetricFamily("ensemble_session_migrations", "sessions re-opened on another replica of their "
                                   "expert (replaying the tokens so far) after theirs died or timed out",
                                   value=self.engine.migrations)

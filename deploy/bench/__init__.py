@@ -194,6 +194,10 @@ def run(args) -> int:
     print(report.format_table(rows))
     print()
     print(report.format_phases(breakdown))
+    work = report.format_work(breakdown)
+    if work:
+        print()
+        print(work)
     print("\nratios to vLLM alone:", json.dumps(result["ratios"]))
     print("peak resident memory (GiB, sum of RSS over each service's processes):", json.dumps(memory))
     if args.plot:

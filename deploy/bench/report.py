@@ -89,6 +89,23 @@ def format_phases(breakdown: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_work(breakdown: list[dict]) -> str:
+    """One line per lockstep (target, concurrency): what the experts computed per generated token."""
+    rows = [b for b in breakdown if b.get("expert_work")]
+    if not rows:
+        return ""
+    head = (f"{'expert work':<16}{'conc':>5}{'prefill tok':>13}{'x one model':>13}{'prompt opens':>14}"
+            f"{'join opens':>12}{'adv rows':>10}{'adv tok':>9}   (per generated token)")
+    lines = [head, "-" * len(head)]
+    for b in rows:
+        w = b["expert_work"]
+        x = "-" if w["prefill_x_one_model"] is None else f"{w['prefill_x_one_model']:.2f}"
+        lines.append(f"{b['target']:<16}{b['concurrency']:>5}{w['prefill_tokens']:>13.2f}{x:>13}"
+                     f"{w['prompt_opens']:>14.4f}{w['join_opens']:>12.4f}{w['advance_rows']:>10.3f}"
+                     f"{w['advance_tokens']:>9.3f}")
+    return "\n".join(lines)
+
+
 def _phase_order(name: str) -> tuple[int, str]:
     order = ("round", "gate", "expert", "rpc", "mix", "sample", "emit", "gate_step", "detokenize", "sse", "log")
     return (order.index(name) if name in order else len(order), name)

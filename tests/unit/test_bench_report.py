@@ -66,3 +66,40 @@ def test_plot_writes_a_png(tmp_path) -> None:
     rows = [summarise([level(n, c, 1.0, 10, 0.01, 0.001)]) for n in report.ORDER for c in (1, 8)]
     report.plot(rows, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_expert_work_is_per_generated_token_and_prefill_is_compared_with_the_prompt() -> None:
+    before = {"_tokens": 0, "_prompt_tokens": 0}
+    after = {"_tokens": 64, "_prompt_tokens": 100, "_work_prompt_rows": 2, "_work_prompt_tokens": 200,
+             "_work_join_rows": 2, "_work_join_tokens": 320, "_work_advance_rows": 124, "_work_advance_tokens": 190}
+    w = phases.per_token("ensemble_top2", 32, phases.delta(before, after))["expert_work"]
+    assert w["prefill_tokens"] == pytest.approx(520 / 64, abs=0.01)
+    assert w["prefill_x_one_model"] == pytest.approx(5.2)              # one model prefills the 100 prompt tokens
+    assert w["join_opens"] == pytest.approx(2 / 64, abs=1e-4) and w["advance_rows"] == pytest.approx(124 / 64, abs=1e-3)
+    assert "5.20" in report.format_work([phases.per_token("ensemble_top2", 32, phases.delta(before, after))])
+    native = phases.per_token("gateway_single", 32, phases.delta(before, {"_tokens": 64, "_prompt_tokens": 100}))
+    assert native["expert_work"] is None and report.format_work([native]) == ""
+
+
+async def test_the_gateways_expert_work_counters_reach_the_bench_as_the_engine_counted_them() -> None:
+    """Decode loop -> /metrics text -> the bench's parser: the same numbers at the far end."""
+    from orchestrator.metrics import GatewayMetrics
+    from tests.unit.test_engine import collect, req, started
+
+    engine, _ = await started()
+    metrics = GatewayMetrics()
+    metrics.attach_engine(engine)
+    prompt = (0, 5, 6, 7)
+    before = phases.parse(metrics.render()[0].decode())
+    events = await collect(engine, req(prompt=prompt, max_tokens=20, temperature=1.0, seed=3))
+    metrics.prompt_tokens.labels(model="ensemble").inc(len(prompt))        # as the service counts them
+    for i, ev in enumerate(events):
+        metrics.token("ensemble", ev, 0.01, i == 0)
+    d = phases.delta(before, phases.parse(metrics.render()[0].decode()))
+    counted = engine.expert_work()
+    assert {k: v for k, v in d.items() if k.startswith("_work_")} == {
+        f"_work_{kind}_{unit}": n for (kind, unit), n in counted.items()}
+    w = phases.per_token("ensemble_top2", 1, d)["expert_work"]
+    prefill = counted["prompt", "tokens"] + counted.get(("join", "tokens"), 0)
+    assert w["prefill_tokens"] == pytest.approx(prefill / 20, abs=0.01)
+    assert w["prefill_x_one_model"] == pytest.approx(prefill / len(prompt), abs=0.01)

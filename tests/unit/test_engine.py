@@ -142,6 +142,26 @@ async def test_concurrent_streams_share_round_trips():
     assert calls < steps / 4, f"{calls} round trips for {steps} steps: steps are not being batched"
 
 
+async def test_expert_work_counts_prompt_opens_joins_and_advances_as_the_routing_implies():
+    """What /metrics and the bench report as the experts' work, checked against each token's routing: the first
+    token's experts open with the prompt, an expert the gate first picks later joins with the whole context,
+    and one picked again advances by every token it missed."""
+    engine, _ = await started()
+    prompt = (0, 5, 6, 7)
+    events = await collect(engine, req(prompt=prompt, max_tokens=24, temperature=1.0, seed=3))
+    expected: dict[tuple[str, str], int] = {}
+    synced: dict[str, int] = {}
+    for t, ev in enumerate(events):
+        context = len(prompt) + t
+        for name in ev.routing.experts:
+            kind = "advance" if name in synced else ("join" if t else "prompt")
+            expected[kind, "rows"] = expected.get((kind, "rows"), 0) + 1
+            expected[kind, "tokens"] = expected.get((kind, "tokens"), 0) + context - synced.get(name, 0)
+            synced[name] = context
+    assert expected.get(("join", "rows")), "this seed's gate never brings in a third expert: pick another"
+    assert engine.expert_work() == expected
+
+
 def fake_clock(monkeypatch) -> list[float]:
     """The decode loop's and the phase clock's time: a microsecond per reading, plus what a test adds to now[0]."""
     now = [0.0]
