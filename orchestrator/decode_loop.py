@@ -66,6 +66,8 @@ class DecodeLoop:
         # What the experts were asked to compute, by kind of call: (kind, "rows" | "tokens"). Kinds: "prompt"
         # (a session opened before the request's first token), "join" (opened later, when the gate first picks
         # that expert: the whole context so far), "advance" (new tokens of an open session, catch-up included).
+        # A session re-opened after its replica failed (migration) counts as a join, or as a prompt before the
+        # request's first token.
         self.work: Counter[tuple[str, str]] = Counter()
 
     # ---- lifecycle -------------------------------------------------------------------------------------
