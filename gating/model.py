@@ -68,6 +68,13 @@ class Gate(nn.Module):
         h, state = self.rnn(self._inputs(tokens, features), state)    # [B, T, H]
         return self.head(self.drop(h)), state
 
+    def states(self, tokens: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] long, features [B, T, F] (observed gates) -> the GRU state after each position, from a
+        zero state: [B, T, H] (one layer, so its outputs are its states). Right-padded rows of different lengths
+        can share a pass: position t never sees the positions after it."""
+        h, _ = self.rnn(self._inputs(tokens, features))
+        return h
+
     def _inputs(self, tokens: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
         """tokens [...] long, features [..., F] -> GRU inputs [..., D (+ F for observed gates)]."""
         x = self.embed(tokens)

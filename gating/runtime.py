@@ -79,6 +79,31 @@ class GateRuntime:
     def prefill(self, tokens: list[int]) -> GateState:
         return self.feed(GateState(), tokens)
 
+    @torch.inference_mode()
+    def prefill_many(self, prompts: list[list[int]]) -> list[GateState]:
+        """`prefill` of several prompts in one pass of the GRU over the longest (right-padded; each row's state is
+        read at its own last token). The GRU is a loop over positions, so one pass costs about what one prompt
+        costs: ≈ 1.5 ms of CPU per 133-token prompt on the demo gate, which an admission of B prompts spent B
+        times, on the event loop, just before the main round's expert calls. Equal to `prefill` of each prompt
+        to float32 rounding (batched products)."""
+        if len(prompts) < 2 or not all(prompts):
+            return [self.prefill(p) for p in prompts]
+        e = len(self.expert_names)
+        b, lengths = len(prompts), torch.tensor([len(p) for p in prompts])
+        x = torch.zeros(b, int(lengths.max()), dtype=torch.long)                       # [B, T]
+        for i, p in enumerate(prompts):
+            x[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        feats = unobserved_features(Memory.initial(b, e), x.shape[1])[0] if self.gate.uses_observations else None
+        last = self.gate.states(x, feats)[torch.arange(b), lengths - 1]                 # [B, H]
+        logits = self.gate.head(self.gate.drop(last))                                   # [B, E]
+        states = []
+        for i, n in enumerate(lengths.tolist()):
+            parts = [last[i:i + 1]]
+            if self.gate.uses_observations:                            # the memory after n unobserved tokens
+                parts += list(unobserved_features(Memory.initial(1, e), n)[1])
+            states.append(GateState(torch.cat(parts, 1)[0].numpy().copy(), logits[i].numpy().copy(), n))
+        return states
+
     def step(self, states: list[GateState], tokens: list[int],
              observed: list[dict[int, TopK]] | None = None) -> list[GateState]:
         """One new token for each of B sequences, in one batched step (gating.gate_step).

@@ -118,10 +118,14 @@ class DecodeLoop:
 
     async def _admit(self, seqs: list[Sequence]) -> None:
         try:
-            with self.clock.phase("admit_gate"):
+            with self.clock.phase("admit_gate"):       # each gate version reads its new prompts in one pass
+                by_gate: dict[int, list[Sequence]] = {}
                 for s in seqs:
                     if s.gate is not None and s.gate_state is None:
-                        s.gate_state = s.gate.prefill(s.tokens)
+                        by_gate.setdefault(id(s.gate), []).append(s)
+                for group in by_gate.values():
+                    for s, state in zip(group, group[0].gate.prefill_many([s.tokens for s in group])):
+                        s.gate_state = state
             await self._round(seqs, "admit")
         except Exception as exc:
             log.exception("admission round failed")

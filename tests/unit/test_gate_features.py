@@ -104,6 +104,27 @@ def test_sequences_stepped_together_route_as_each_stepped_alone():
             assert np.array_equal(together[d].packed[h:], alone[d][-1].packed[h:]), (step, d)
 
 
+@pytest.mark.parametrize("features", ["tokens", "observed"])
+def test_prompts_prefilled_together_give_each_prompts_own_state(features):
+    """An admission prefills its new prompts in one pass (GateRuntime.prefill_many): each state, and the routing
+    it then steps to, must be what that prompt alone gives, whatever the other prompts' lengths."""
+    corpus = synthetic_corpus(n_docs=4, length=40)
+    torch.manual_seed(3)
+    gate = observed_gate(3) if features == "observed" else Gate(GateArgs(V, len(NAMES), 8, 16))
+    ckpt = GateCheckpoint("gate-v1", gate.args, gate.state_dict(), NAMES, "fp", top_k=2, mix_space="probs")
+    rt = GateRuntime.from_checkpoint(ckpt)
+    prompts = [corpus.sequences[d][:n] for d, n in zip(range(4), (3, 17, 1, 29))]
+    together, alone = rt.prefill_many(prompts), [rt.prefill(p) for p in prompts]
+    h = gate.args.hidden_dim
+    for p, t, a in zip(prompts, together, alone):
+        assert t.fed == a.fed == len(p)
+        assert np.allclose(t.logits, a.logits, atol=1e-6) and np.allclose(t.packed[:h], a.packed[:h], atol=1e-6)
+        assert np.array_equal(t.packed[h:], a.packed[h:])               # the feature memory (observed gates)
+        nxt = [t.fed % 7 + 4]
+        assert np.allclose(rt.step([t], nxt)[0].logits, rt.step([a], nxt)[0].logits, atol=1e-6)
+    assert not np.allclose(together[0].logits, together[1].logits)     # the rows are not all one prompt's
+
+
 def test_echo_scoring_and_offline_evaluation_route_alike():
     corpus = synthetic_corpus(n_docs=4, length=25)
     gate = observed_gate(1)
