@@ -286,21 +286,20 @@ class DecodeLoop:
         opens = [i for i in rows if e not in seqs[i].synced]
         advances = [i for i in rows if e in seqs[i].synced]
         calls = []
-        for i in opens:
-            kind = "join" if seqs[i].produced else "prompt"
-            self.work[kind, "rows"] += 1
-            self.work[kind, "tokens"] += len(seqs[i].tokens)
-        if advances:
-            self.work["advance", "rows"] += len(advances)
-            self.work["advance", "tokens"] += sum(len(seqs[i].tokens) - seqs[i].synced[e] for i in advances)
         if opens:
-            calls.append((opens, expert.open([SessionStep(seqs[i].session_of(e), tuple(seqs[i].tokens))
-                                              for i in opens], self.logprobs_k)))
+            steps = [SessionStep(seqs[i].session_of(e), tuple(seqs[i].tokens)) for i in opens]
+            for i, step in zip(opens, steps):
+                self._count_work("join" if seqs[i].produced else "prompt", [step])
+            calls.append((opens, expert.open(steps, self.logprobs_k)))
         if advances:
-            calls.append((advances, expert.advance([SessionStep(seqs[i].session_of(e),
-                                                                tuple(seqs[i].tokens[seqs[i].synced[e]:]))
-                                                    for i in advances], self.logprobs_k)))
+            steps = [SessionStep(seqs[i].session_of(e), tuple(seqs[i].tokens[seqs[i].synced[e]:])) for i in advances]
+            self._count_work("advance", steps)
+            calls.append((advances, expert.advance(steps, self.logprobs_k)))
         return calls
+
+    def _count_work(self, kind: str, steps: list[SessionStep]) -> None:
+        self.work[kind, "rows"] += len(steps)
+        self.work[kind, "tokens"] += sum(len(step.token_ids) for step in steps)
 
     def _mix_and_sample(self, seqs, routes, answers, rows: list[int], tokens: dict, phase: dict[str, str]) -> None:
         """Phases 3 and 4 for `rows`: the round's mixes (gating/mix_row.py: row by row, or a top-2 group at once as
