@@ -23,33 +23,31 @@ sys.path.insert(0, str(ROOT))
 
 
 def sticky_rule(margin: float):
-    """A Select (gating.rollout) for one document at a time: top-2 of the gate logits plus `margin` for every
-    expert selected earlier in the document."""
+    """-> (a Select for gating.rollout, the list its choices are appended to), for one document at a time:
+    top-2 of the gate logits plus `margin` for every expert selected earlier in the document."""
     import torch
 
-    opened: list[torch.Tensor] = []
+    chosen: list[torch.Tensor] = []                     # [1, E] bool per position, in order
 
     def select(logits: torch.Tensor) -> torch.Tensor:
-        if not opened:
-            opened.append(torch.zeros_like(logits, dtype=torch.bool))
-        idx = (logits + margin * opened[0].float()).topk(2, -1).indices
-        chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, idx, True)
-        opened[0] |= chosen
-        return chosen
+        opened = torch.stack(chosen).any(0) if chosen else torch.zeros_like(logits, dtype=torch.bool)
+        idx = (logits + margin * opened.float()).topk(2, -1).indices
+        chosen.append(torch.zeros_like(logits, dtype=torch.bool).scatter_(1, idx, True))
+        return chosen[-1]
 
-    return select
+    return select, chosen
 
 
 def route_document(gate, corpus, doc: int, margin: float):
     """-> (gate logits with the unselected experts at -1e9, so that top-2 mixing takes the selected pair with
-    Mixtral's weights; selection mask [T, E])."""
+    Mixtral's weights; selection mask [T, E], as the rollout chose)."""
     import torch
 
     from gating.evaluate import gate_logits_for
 
-    logits = gate_logits_for(gate, corpus, docs=[doc], select=sticky_rule(margin))
-    replay = sticky_rule(margin)                        # the same rule over the same logits: the rollout's choices
-    masks = torch.cat([replay(logits[j:j + 1]) for j in range(len(logits))])
+    select, chosen = sticky_rule(margin)
+    logits = gate_logits_for(gate, corpus, docs=[doc], select=select)
+    masks = torch.cat(chosen)
     return torch.where(masks, logits, torch.full_like(logits, -1e9)), masks
 
 
@@ -66,10 +64,12 @@ async def main(argv: list[str] | None = None) -> int:
     add_arguments(p)
     p.add_argument("--margins", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 4.0, 6.0])
     args = p.parse_args(argv)
-    ckpt = load_checkpoint(resolve_gate_path(args.gate or args.demo / "gate"))
+    gate_arg = args.gate or args.demo / "gate"
+    ckpt = load_checkpoint(resolve_gate_path(gate_arg))
     configs = demo_expert_configs(args.demo, tuple(ckpt.expert_names), top_k=args.top_logprobs)
+    cache = (gate_arg if gate_arg.is_dir() else gate_arg.parent) / "cache"     # where `ensemble eval` keeps it
     corpora = await score_files(data_files(args), args, configs, generalist_config(args.demo, top_k=args.top_logprobs),
-                                args.demo / "gate" / "cache", args.max_docs)
+                                cache, args.max_docs)
     gate, vocab = ckpt.build(), vocab_size_of(configs[0].model_path)
     gate.eval()
     for f, (corpus, _generalist) in corpora.items():
