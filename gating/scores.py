@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from experts.answer_checks import score_problem
 from experts.protocol import Expert, ScoreOutput
 
 
@@ -85,6 +86,9 @@ def per_document(names: list[str], chunk: list[list[int]], results: list[list[Sc
         for n, o in zip(names, outs):
             if o.error:
                 raise RuntimeError(f"expert {n} could not score a sequence of {len(seq)} tokens: {o.error}")
+            problem = score_problem(o.topk_ids, o.topk_logprobs, None)
+            if problem is not None:         # e.g. a corrupt checkpoint's NaN: it would poison every fit
+                raise RuntimeError(f"expert {n} answered a sequence of {len(seq)} tokens unsoundly: {problem}")
         per_doc.append(outs)
     return per_doc
 

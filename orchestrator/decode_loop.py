@@ -32,8 +32,10 @@ from collections import Counter
 from collections.abc import Awaitable
 from collections.abc import Sequence as Seq
 
+import msgspec
 import numpy as np
 
+from experts.answer_checks import topk_problems
 from experts.protocol import Expert, SessionStep, StepOutput, TopK
 from gating.mix_row import mix_round
 from orchestrator.expert_health import ExpertHealth
@@ -63,6 +65,7 @@ class DecodeLoop:
         self._side_tasks: set[asyncio.Task] = set()
         self.rounds = 0
         self.migrations = 0            # sessions re-opened on another replica after theirs failed
+        self.unsound_answers = 0       # answers rejected by experts/answer_checks.py
         # What the experts were asked to compute, by kind of call: (kind, "rows" | "tokens"). Kinds: "prompt"
         # (a session opened before the request's first token), "join" (opened later, when the gate first picks
         # that expert: the whole context so far), "advance" (new tokens of an open session, catch-up included).
@@ -247,6 +250,7 @@ class DecodeLoop:
             outputs: dict[int, list[tuple[int, StepOutput]]] = {}
             for (e, rows, _), outs in zip(calls, results):
                 outputs.setdefault(e, []).extend(zip(rows, outs))
+            unsound = self._reject_unsound(outputs)
             lost: list[Pair] = []
             for e, answered in outputs.items():
                 failures = []
@@ -257,7 +261,9 @@ class DecodeLoop:
                         answers[(i, e)] = out.topk
                         s.synced[e] = len(s.tokens)
                         continue
-                    s.forget(e)
+                    sid = s.forget(e)
+                    if (i, e) in unsound and sid is not None:      # still open on the replica: end it there
+                        unsound[(i, e)] = sid
                     kind = out.error_kind or "input"
                     if kind == "input":
                         s.fail(RequestRejected(f"expert {self.names[e]}: {out.error}", param="prompt"))
@@ -270,12 +276,47 @@ class DecodeLoop:
                     self.health.answered(e)
                 elif failures and all(kind_of(o) in MIGRATABLE for _, o in answered if o.error):
                     self.health.failed(e, failures[0])
+            self._close_unsound(unsound)
             if not lost:
                 break
             log.warning("re-opening %d sessions whose replica failed (migration)", len(lost))
             self.migrations += len(lost)
             pairs = lost
         return answers, capacity, server_s
+
+    def _reject_unsound(self, outputs: dict[int, list[tuple[int, StepOutput]]]) -> dict[Pair, str | None]:
+        """Answers that are no next-token distribution (experts/answer_checks.py: a corrupt checkpoint
+        answers NaN) become engine failures of their expert, in place: re-opened once elsewhere, then the expert is
+        marked down and its rows keep their other expert or are routed again, like a dead replica's. -> the
+        rejected pairs (their sessions, still open on the replica, are filled in by the caller)."""
+        where = [(e, j) for e, answered in outputs.items() for j, (_, out) in enumerate(answered)
+                 if out.error is None and out.topk is not None]
+        problems = topk_problems([outputs[e][j][1].topk for e, j in where], self.vocab_size)
+        unsound: dict[Pair, str | None] = {}
+        for n, why in problems.items():
+            e, j = where[n]
+            i, out = outputs[e][j]
+            log.warning("expert %s, replica %s: unsound answer (%s); treating it as an engine fault",
+                        self.names[e], out.replica or "?", why)
+            outputs[e][j] = (i, msgspec.structs.replace(out, topk=None, error=f"unsound answer from the replica: {why}",
+                                                        error_kind="engine"))
+            unsound[(i, e)] = None
+        self.unsound_answers += len(problems)
+        return unsound
+
+    def _close_unsound(self, unsound: dict[Pair, str | None]) -> None:
+        by_expert: dict[int, list[str]] = {}
+        for (_, e), sid in unsound.items():
+            if sid is not None:
+                by_expert.setdefault(e, []).append(sid)
+        for e, ids in by_expert.items():
+            self._spawn(self._close_quietly(e, ids))
+
+    async def _close_quietly(self, e: int, session_ids: list[str]) -> None:
+        try:
+            await self._experts[e].close(session_ids)
+        except Exception as exc:  # noqa: BLE001 - the replica may be the broken one; its reaper ends them
+            log.warning("closing %d sessions on expert %s failed: %r", len(session_ids), self.names[e], exc)
 
     def _calls(self, e: int, rows: list[int],
                seqs: list[Sequence]) -> list[tuple[list[int], Awaitable[list[StepOutput]]]]:

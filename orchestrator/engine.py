@@ -11,10 +11,12 @@ It speaks token ids only (text lives in orchestrator/stream.py). Two paths:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import AsyncIterator
 
-from experts.protocol import Expert, ExpertInfo
+from experts.answer_checks import score_problem, topk_problems
+from experts.protocol import Expert, ExpertInfo, SessionStep
 from gating.mix import MIX_SPACES, logprob_of, mix
 from gating.mix_row import rows_of
 from gating.objective import select_experts
@@ -55,6 +57,7 @@ class EnsembleEngine:
         self._gate: GateRuntime | None = None
         self._loop: DecodeLoop | None = None
         self._prober: asyncio.Task | None = None
+        self._probe_ids = itertools.count()
         self.infos: list[ExpertInfo] = []
         if gate is not None:
             self.set_gate(gate)
@@ -118,6 +121,10 @@ class EnsembleEngine:
     def migrations(self) -> int:
         return self._loop.migrations if self._loop is not None else 0
 
+    @property
+    def unsound_answers(self) -> int:
+        return self._loop.unsound_answers if self._loop is not None else 0
+
     def expert_work(self) -> dict[tuple[str, str], int]:
         """(kind, "rows" | "tokens") -> what the experts were asked to compute so far (DecodeLoop.work)."""
         return dict(self._loop.work) if self._loop is not None else {}
@@ -148,7 +155,7 @@ class EnsembleEngine:
         if self._native(req):
             e = self.expert_names.index(req.model)
             try:
-                async for ev in native_events(self._experts[e], req.model, req):
+                async for ev in native_events(self._experts[e], req.model, req, self.vocab_size):
                     yield ev
             except ExpertsUnavailable as exc:
                 self.health.failed(e, str(exc))
@@ -198,14 +205,30 @@ class EnsembleEngine:
             await asyncio.gather(*probes.values(), return_exceptions=True)
 
     async def _probe(self, e: int) -> None:
+        """A down expert is back once a replica answers a one-token step soundly: answering at all is not enough
+        from a replica that serves NaN (experts/answer_checks.py)."""
         try:
             async with asyncio.timeout(self.probe_timeout_s):
                 await self._experts[e].info()
+                problem = await self._probe_step(e)
         except Exception as exc:  # noqa: BLE001 - still down; the next round probes again
             log.debug("expert %s still down: %r", self.expert_names[e], exc)
             return
+        if problem is not None:
+            log.debug("expert %s still down: %s", self.expert_names[e], problem)
+            return
         self.health.answered(e)
         log.warning("expert %s answers again", self.expert_names[e])
+
+    async def _probe_step(self, e: int) -> str | None:
+        """Open a one-token session on expert e and close it -> what was wrong with the answer, or None."""
+        sid = f"probe.{self.expert_names[e]}.{next(self._probe_ids)}"
+        token = self.infos[e].eos_token_id or 0
+        (out,) = await self._experts[e].open([SessionStep(sid, (token,))], self.logprobs_k)
+        if out.error is None:
+            await self._experts[e].close([sid])
+            return topk_problems([out.topk], self.vocab_size).get(0) if out.topk is not None else "no top-k"
+        return out.error
 
     # ---- teacher-forced scoring (echo) -----------------------------------------------------------------
 
@@ -224,6 +247,9 @@ class EnsembleEngine:
         for e, (out,) in zip(members, outs):
             if out.error:
                 raise RequestRejected(f"expert {self.expert_names[e]}: {out.error}", param="prompt")
+            problem = score_problem(out.topk_ids, out.topk_logprobs, self.vocab_size)
+            if problem is not None:
+                raise ExpertsUnavailable(f"expert {self.expert_names[e]}: unsound answer from the replica: {problem}")
         all_ids, all_lps, targets = stack_scores([o[0] for o in outs])             # [N, E', K], [N]
         n = len(targets)
         gate = self._gate

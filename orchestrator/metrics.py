@@ -173,6 +173,10 @@ class _EngineCollector:
         yield CounterMetricFamily("ensemble_session_migrations", "sessions re-opened on another replica of their "
                                   "expert (replaying the tokens so far) after theirs died or timed out",
                                   value=self.engine.migrations)
+        yield CounterMetricFamily("ensemble_unsound_answers", "expert answers rejected as no next-token "
+                                  "distribution (NaN or infinite logprobs, ids outside the vocabulary: e.g. a "
+                                  "corrupt checkpoint) and treated as a failure of that expert",
+                                  value=self.engine.unsound_answers)
 
 
 class _StoreCollector:

@@ -4,7 +4,8 @@ on its own and we relay the tokens as TokenEvents.
 If the replica dies mid-request, the generation restarts on another replica from the prompt plus the tokens
 already produced (migration; at temperature 0 the text is the same as without the fault). Two attempts in a
 row that produce nothing mean no replica is answering: the request then fails (a 503) instead of waiting
-out every attempt on a hung replica.
+out every attempt on a hung replica. A delta that no model could have sent (experts/answer_checks.py: a
+corrupt checkpoint's NaN logprobs) counts as a lost generation: its tokens are not relayed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
+from experts.answer_checks import token_problem
 from experts.protocol import Expert, GenerateRequest
 from orchestrator.request_checks import RequestRejected
 from orchestrator.types import AtCapacity, ExpertsUnavailable, GateDecision, GenerationRequest, TokenEvent
@@ -21,7 +23,8 @@ MAX_MIGRATIONS = 3
 MAX_BARREN_ATTEMPTS = 2     # attempts in a row without a token before the expert counts as not answering
 
 
-async def native_events(expert: Expert, name: str, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
+async def native_events(expert: Expert, name: str, req: GenerationRequest,
+                        vocab_size: int) -> AsyncIterator[TokenEvent]:
     p = req.params
     routing = GateDecision((name,), (1.0,))
     produced: list[int] = []
@@ -40,6 +43,11 @@ async def native_events(expert: Expert, name: str, req: GenerationRequest) -> As
                 if d.error_kind == "capacity":
                     raise AtCapacity(f"expert {name}: {d.error}")
                 lost = d.error
+                break
+            problem = token_problem(d.token_ids, d.logprobs, vocab_size)
+            if problem is not None:                   # e.g. a corrupt checkpoint: NaN logprobs, token 0 forever
+                lost = f"unsound answer from the replica: {problem}"
+                log.warning("request %s: expert %s: %s", req.request_id, name, lost)
                 break
             for j, token in enumerate(d.token_ids):
                 last = j == len(d.token_ids) - 1

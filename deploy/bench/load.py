@@ -141,6 +141,8 @@ def summarise(results: Sequence[LevelResult]) -> dict:
 
     return {"target": results[0].target, "concurrency": results[0].concurrency, "requests": len(reqs),
             "tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 1) if wall else 0.0,
+            "rounds_tokens_per_s": [round(sum(r.tokens for r in res.requests if r.ok) / res.wall_s, 1)
+                                    if res.wall_s else 0.0 for res in results],
             "ttft_ms_p50": ms(percentile(ttft, 50)), "ttft_ms_p99": ms(percentile(ttft, 99)),
             "itl_ms_p50": ms(percentile(tpot, 50)), "itl_ms_p99": ms(percentile(tpot, 99)),
             "chunk_gap_ms_p50": ms(percentile(itl, 50)), "chunk_gap_ms_p99": ms(percentile(itl, 99)),

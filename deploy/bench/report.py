@@ -36,8 +36,18 @@ def ratios(rows: list[dict]) -> dict:
             return None
         return round(ours[field] - base[field], 2)
 
+    def per_round(target: str, c: int) -> list[float] | None:
+        ours, base = table.get((target, c)), table.get((BASELINE, c))
+        if not ours or not base or len(ours.get("rounds_tokens_per_s", ())) != len(base.get("rounds_tokens_per_s", ())):
+            return None
+        return [round(o / b, 3) if b else None for o, b in zip(ours["rounds_tokens_per_s"], base["rounds_tokens_per_s"])]
+
     return {
         "concurrency_high": hi, "concurrency_low": lo,
+        # The throughput ratios above are of sums over the ABBA rounds; these are round by round (round r of
+        # ours against round r of vLLM, run next to each other), to show how far one run's ratio can move.
+        "gateway_single_tp_rounds": per_round("gateway_single", hi),
+        "ensemble_top2_tp_rounds": per_round("ensemble_top2", hi),
         "gateway_single_tp": ratio("gateway_single", hi, "tokens_per_s"),
         "ensemble_top1_tp": ratio("ensemble_top1", hi, "tokens_per_s"),
         "ensemble_top2_tp": ratio("ensemble_top2", hi, "tokens_per_s"),

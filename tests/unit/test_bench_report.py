@@ -46,6 +46,17 @@ def test_ratios_compare_each_side_with_vllm_at_the_same_concurrency() -> None:
     assert "gateway_single" in table and "0.75" in table
 
 
+def test_throughput_ratios_are_also_given_round_by_round() -> None:
+    rounds = {"vllm": (4.0, 2.0), "gateway_single": (3.0, 3.0), "ensemble_top2": (1.0, 1.0)}  # wall s per round
+    rows = [summarise([level(name, c, wall_s=w, tokens=10, ttft_s=0.01, tpot_s=0.001) for w in walls])
+            for c in (1, 32) for name, walls in rounds.items()]
+    r = report.ratios(rows)
+    assert rows[0]["rounds_tokens_per_s"] == [10.0, 20.0]
+    assert r["gateway_single_tp_rounds"] == [pytest.approx(4 / 3, abs=0.01), pytest.approx(2 / 3, abs=0.01)]
+    assert r["ensemble_top2_tp_rounds"] == [4.0, 2.0]
+    assert r["gateway_single_tp"] == pytest.approx(1.0, abs=1e-3)      # the sums: 80 tokens in 6 s on both sides
+
+
 def test_a_missing_side_gives_no_ratio_rather_than_a_wrong_one() -> None:
     rows = [summarise([level("gateway_single", 1, 1.0, 10, 0.01, 0.001)])]
     assert report.ratios(rows)["gateway_single_tp"] is None

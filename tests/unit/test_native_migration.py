@@ -35,7 +35,7 @@ def _req(max_tokens: int = 6) -> GenerationRequest:
 
 
 async def _run(expert) -> list[int]:
-    return [ev.token_id async for ev in native_events(expert, "code", _req())]
+    return [ev.token_id async for ev in native_events(expert, "code", _req(), 4096)]
 
 
 async def test_a_hung_expert_fails_after_two_barren_attempts_not_after_every_migration() -> None:

@@ -1,0 +1,203 @@
+"""Unsound answers from an expert replica (a corrupt checkpoint answers NaN; vLLM raises nothing) fail only the
+rows that got them: the expert counts as faulty, its rows keep their other expert, nothing unsound reaches a
+client, and the expert stays down until a probe step is sound again. In-process experts that turn unsound on
+purpose; tests/integration/test_gateway_unsound_expert.py does the same with a real corrupt checkpoint."""
+
+import asyncio
+import math
+
+import pytest
+
+from experts.answer_checks import score_problem, token_problem, topk_problems
+from experts.protocol import StepOutput, TopK
+from gating.mix_row import mix_round
+from orchestrator.engine import EnsembleEngine
+from orchestrator.types import ExpertsUnavailable, GenerationParams, GenerationRequest
+from tests.fakes import DeterministicExpert, context_logprobs, topk_of
+
+NAMES = ["code", "prose", "math"]
+V = 64
+
+
+def sound(k: int = 8) -> TopK:
+    return topk_of(context_logprobs(0, [1, 2, 3], V), k)
+
+
+UNSOUND = {
+    "NaN logprobs": TopK.of(range(8), [math.nan] * 8),
+    "outside the vocabulary": TopK.of([V + 3, *range(7)], sound().lp_array),
+    "below 0 is no id": TopK.of([-1, *range(1, 8)], sound().lp_array),
+    "listed twice": TopK.of([5] * 8, sound().lp_array),
+    "above 0": TopK.of(range(8), [2.0] * 8),
+    "more than all the mass": TopK.of(range(8), [-0.01] * 8),
+    "infinite logprobs": TopK.of(range(8), [-0.01] + [-math.inf] * 7),
+    "no candidates": TopK.of([], []),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSOUND))
+def test_each_kind_of_unsound_top_k_is_found_and_named_and_sound_ones_pass(case):
+    tops = [sound(), UNSOUND[case], sound()]
+    problems = topk_problems(tops, V)
+    assert list(problems) == [1], problems
+    assert problems[1]
+
+
+def test_a_real_models_top_k_passes_whatever_its_shape():
+    lp = context_logprobs(3, [4, 5], V)
+    assert topk_problems([topk_of(lp, k) for k in (1, 8, V)], V) == {}
+    assert topk_problems([topk_of(lp, 8)] * 40, V) == {}
+    assert topk_problems([], V) == {}
+
+
+def test_a_generated_tokens_logprob_must_be_finite_and_its_id_in_the_vocabulary():
+    assert token_problem((3, 4), (-0.5, -1.0), V) is None
+    assert "NaN" in token_problem((0,), (math.nan,), V)
+    assert "outside the vocabulary" in token_problem((V,), (-0.5,), V)
+    assert token_problem((0,), (-math.inf,), V) is not None
+
+
+def test_a_score_names_its_first_unsound_position():
+    good = sound()
+    assert score_problem([good.token_ids] * 3, [good.logprobs] * 3, V) is None
+    assert score_problem([good.token_ids] * 3, [good.logprobs, (math.nan,) * 8, good.logprobs], None) == \
+        "position 1: NaN logprobs (8 of 8)"
+
+
+def test_unchecked_the_mix_would_fail_a_whole_round_or_pass_nan_on():
+    """Why the checks exist: what mix and sample do with a NaN answer (both outcomes are now unreachable)."""
+    with pytest.raises(IndexError):
+        from orchestrator.sample import make_rng, sample_round
+
+        mixed = mix_round([[sound(), UNSOUND["NaN logprobs"]]], [(0.5, 0.5)], V, ["probs"])
+        sample_round(mixed, [GenerationParams()], [make_rng(0)])
+
+
+class TurningExpert(DeterministicExpert):
+    """Answers soundly until `unsound` is set, then with NaN logprobs (as vLLM does on a corrupt checkpoint)."""
+
+    def __init__(self, name: str, seed: int) -> None:
+        super().__init__(name, seed, vocab=V)
+        self.unsound = False
+        self.closed: list[str] = []
+
+    async def close(self, session_ids):
+        self.closed += session_ids
+        await super().close(session_ids)
+
+    def _next(self, sid: str, k: int) -> StepOutput:
+        out = super()._next(sid, k)
+        if self.unsound:
+            return StepOutput(sid, TopK.of(out.topk.token_ids, [math.nan] * out.topk.k), length=out.length)
+        return out
+
+
+def request(rid: str, model: str = "ensemble", max_tokens: int = 24) -> GenerationRequest:
+    return GenerationRequest(rid, (0, 5, 6, 7), GenerationParams(max_tokens=max_tokens, ignore_eos=True,
+                                                                 temperature=0.0, top_logprobs=3), model)
+
+
+async def started(**kw):
+    experts = {n: TurningExpert(n, seed=i) for i, n in enumerate(NAMES)}
+    engine = EnsembleEngine(experts, None, top_k=len(NAMES), logprobs_k=8, **kw)   # no gate: every expert, every token
+    await engine.start()
+    return engine, experts
+
+
+async def test_an_expert_turning_unsound_mid_stream_fails_no_stream_and_emits_nothing_unsound():
+    engine, experts = await started(probe_interval_s=3600)
+    try:
+        seen: list = []
+        turned = asyncio.Event()
+
+        async def stream(rid: str) -> list:
+            events = []
+            async for ev in engine.generate(request(rid)):
+                events.append(ev)
+                seen.append(ev)
+                if len(seen) == 12 and not turned.is_set():      # mid-stream, sessions open on every expert
+                    experts["math"].unsound = True
+                    turned.set()
+            return events
+
+        runs = await asyncio.gather(*(stream(f"r{i}") for i in range(4)))
+        assert turned.is_set()
+        for events in runs:
+            assert len(events) == 24 and events[-1].finish_reason == "length"
+            for ev in events:
+                assert math.isfinite(ev.logprob) and ev.top_logprobs and all(math.isfinite(lp) for _, lp in ev.top_logprobs)
+        late = [ev for events in runs for ev in events[8:]]
+        assert any("math" not in ev.routing.experts for ev in late), "math's unsound answers were mixed in"
+        assert engine.health.down() == [NAMES.index("math")]
+        assert "unsound answer" in engine.health.report()["experts"]["math"]["last_error"]
+        assert engine._loop.unsound_answers > 0
+        # The sessions whose answers were rejected are closed on the replica, not left to its reaper.
+        await asyncio.sleep(0)
+        assert experts["math"].closed and not experts["math"].sessions
+    finally:
+        await engine.stop()
+
+
+async def test_an_unsound_expert_stays_down_until_a_probe_step_is_sound_again():
+    engine, experts = await started(probe_interval_s=0.02)
+    try:
+        experts["math"].unsound = True
+        await collect_all(engine, request("a", max_tokens=4))
+        assert engine.health.down() == [NAMES.index("math")]
+        probed = experts["math"].calls
+        async with asyncio.timeout(10):
+            while experts["math"].calls < probed + 3:            # three probes open a session ...
+                await asyncio.sleep(0.02)
+        assert engine.health.down() == [NAMES.index("math")]   # ... and each answer is unsound: still down
+        experts["math"].unsound = False
+        async with asyncio.timeout(10):
+            while engine.health.down():
+                await asyncio.sleep(0.02)
+        assert not experts["math"].sessions                      # the probes closed their sessions
+    finally:
+        await engine.stop()
+
+
+async def test_the_single_expert_fast_path_relays_no_unsound_token_and_fails_with_a_503():
+    engine, experts = await started(probe_interval_s=3600)
+    try:
+        orig = experts["prose"].generate
+
+        async def unsound_generate(req):
+            async for d in orig(req):
+                yield type(d)(d.request_id, d.token_ids, tuple(math.nan for _ in d.logprobs), d.top_logprobs,
+                              d.finish_reason)
+
+        experts["prose"].generate = unsound_generate
+        with pytest.raises(ExpertsUnavailable, match="unsound answer"):
+            await collect_all(engine, request("n", model="prose"))
+    finally:
+        await engine.stop()
+
+
+async def collect_all(engine, req) -> list:
+    return [ev async for ev in engine.generate(req)]
+
+
+
+class UnsoundScorer(DeterministicExpert):
+    async def score(self, sequences, top_k):
+        outs = await super().score(sequences, top_k)
+        return [type(o)(o.token_ids, o.topk_ids, tuple((math.nan,) * len(r) for r in o.topk_logprobs),
+                        o.target_logprobs) for o in outs]
+
+
+async def test_teacher_forced_scores_with_an_unsound_expert_fail_loudly_not_with_nan():
+    from gating.scores import score_sequences
+
+    experts = {"code": DeterministicExpert("code", 0, vocab=V), "prose": UnsoundScorer("prose", 1, vocab=V)}
+    engine = EnsembleEngine(experts, None, top_k=2, logprobs_k=8)
+    await engine.start()
+    try:
+        with pytest.raises(ExpertsUnavailable, match="expert prose: unsound answer from the replica: position 0: NaN"):
+            await engine.score("e", [0, 5, 6, 7], "ensemble")             # echo: a 503, not NaN in the response
+        assert len(await engine.score("c", [0, 5, 6, 7], "code")) == 4    # the sound expert alone still scores
+    finally:
+        await engine.stop()
+    with pytest.raises(RuntimeError, match="expert prose answered a sequence of 4 tokens unsoundly"):
+        await score_sequences(experts, [[0, 5, 6, 7]], 8)                 # eval and retraining: no fit on NaN
