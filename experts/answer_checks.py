@@ -76,12 +76,14 @@ def _describe(ids: np.ndarray, lps: np.ndarray, vocab_size: int | None) -> str:
     return f"top-{len(ids)} probability mass {math.exp(float(np.logaddexp.reduce(lps))):.4g} above 1"
 
 
-def token_problem(token_ids: Sequence[int], logprobs: Sequence[float], vocab_size: int) -> str | None:
-    """What is wrong with a generated delta's tokens (the fast path, where the engine samples on its own)."""
-    for t in token_ids:
+def token_problem(token_ids: Sequence[int], logprobs: Sequence[float], vocab_size: int,
+                  alternatives: Sequence[Sequence[tuple[int, float]]] = ()) -> str | None:
+    """What is wrong with a generated delta's tokens and their top alternatives (the fast path, where the
+    engine samples on its own)."""
+    for t in (*token_ids, *(a for alts in alternatives for a, _ in alts)):
         if not 0 <= t < vocab_size:
             return f"token id {t} outside the vocabulary of {vocab_size}"
-    for lp in logprobs:
+    for lp in (*logprobs, *(lp for alts in alternatives for _, lp in alts)):
         if math.isnan(lp):
             return "NaN logprob of a generated token"
         if not (math.isfinite(lp) and lp <= LOGPROB_SLACK):

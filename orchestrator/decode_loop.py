@@ -274,7 +274,11 @@ class DecodeLoop:
                         failures.append(out.error or kind)
                 if any((i, e) in answers for i, _ in answered):
                     self.health.answered(e)
-                elif failures and all(kind_of(o) in MIGRATABLE for _, o in answered if o.error):
+                elif (failures and all(kind_of(o) in MIGRATABLE for _, o in answered if o.error)
+                      and not any(x == e for _, x in answers)):
+                    # No row of e was answered in this call, first attempt included: a replica that answers
+                    # other rows soundly is not down because one context makes it fail twice (those rows keep
+                    # their other experts or are routed again).
                     self.health.failed(e, failures[0])
             self._close_unsound(unsound)
             if not lost:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import uuid
 from collections.abc import AsyncIterator
 
 from experts.answer_checks import score_problem, topk_problems
@@ -58,6 +59,7 @@ class EnsembleEngine:
         self._loop: DecodeLoop | None = None
         self._prober: asyncio.Task | None = None
         self._probe_ids = itertools.count()
+        self._probe_prefix = uuid.uuid4().hex[:12]
         self.infos: list[ExpertInfo] = []
         if gate is not None:
             self.set_gate(gate)
@@ -210,6 +212,11 @@ class EnsembleEngine:
         try:
             async with asyncio.timeout(self.probe_timeout_s):
                 await self._experts[e].info()
+            # The step's own bound is the client's call timeout (the gateway's expert_timeout_s, as
+            # probe_timeout_s), which closes on the replica a session it gave up on; cancelling it from out here
+            # would leave that session to the replica's idle reaper, so this bound only catches a client
+            # without one.
+            async with asyncio.timeout(2 * self.probe_timeout_s):
                 problem = await self._probe_step(e)
         except Exception as exc:  # noqa: BLE001 - still down; the next round probes again
             log.debug("expert %s still down: %r", self.expert_names[e], exc)
@@ -222,7 +229,7 @@ class EnsembleEngine:
 
     async def _probe_step(self, e: int) -> str | None:
         """Open a one-token session on expert e and close it -> what was wrong with the answer, or None."""
-        sid = f"probe.{self.expert_names[e]}.{next(self._probe_ids)}"
+        sid = f"probe.{self.expert_names[e]}.{self._probe_prefix}.{next(self._probe_ids)}"   # unique per gateway
         token = self.infos[e].eos_token_id or 0
         (out,) = await self._experts[e].open([SessionStep(sid, (token,))], self.logprobs_k)
         if out.error is None:

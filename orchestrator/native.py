@@ -44,7 +44,7 @@ async def native_events(expert: Expert, name: str, req: GenerationRequest,
                     raise AtCapacity(f"expert {name}: {d.error}")
                 lost = d.error
                 break
-            problem = token_problem(d.token_ids, d.logprobs, vocab_size)
+            problem = token_problem(d.token_ids, d.logprobs, vocab_size, d.top_logprobs)
             if problem is not None:                   # e.g. a corrupt checkpoint: NaN logprobs, token 0 forever
                 lost = f"unsound answer from the replica: {problem}"
                 log.warning("request %s: expert %s: %s", req.request_id, name, lost)

@@ -36,17 +36,21 @@ def ratios(rows: list[dict]) -> dict:
             return None
         return round(ours[field] - base[field], 2)
 
-    def per_round(target: str, c: int) -> list[float] | None:
-        ours, base = table.get((target, c)), table.get((BASELINE, c))
-        if not ours or not base or len(ours.get("rounds_tokens_per_s", ())) != len(base.get("rounds_tokens_per_s", ())):
+    def per_round(target: str, c: int) -> list[float | None] | None:
+        ours = (table.get((target, c)) or {}).get("rounds_tokens_per_s")
+        base = (table.get((BASELINE, c)) or {}).get("rounds_tokens_per_s")
+        if not ours or not base or len(ours) != len(base):
             return None
-        return [round(o / b, 3) if b else None for o, b in zip(ours["rounds_tokens_per_s"], base["rounds_tokens_per_s"])]
+        return [round(o / b, 3) if b else None for o, b in zip(ours, base)]
 
     return {
         "concurrency_high": hi, "concurrency_low": lo,
-        # The throughput ratios above are of sums over the ABBA rounds; these are round by round (round r of
-        # ours against round r of vLLM, run next to each other), to show how far one run's ratio can move.
+        # The throughput ratios below are of sums over the ABBA rounds; these are round by round (round r of
+        # ours against round r of vLLM), to show how far one run's ratio can move. Within a round the sides run
+        # in alternating order (vLLM first in odd rounds, last in even ones), so a single round's ratio leans
+        # with the machine's drift in alternating directions; only the sums cancel it.
         "gateway_single_tp_rounds": per_round("gateway_single", hi),
+        "ensemble_top1_tp_rounds": per_round("ensemble_top1", hi),
         "ensemble_top2_tp_rounds": per_round("ensemble_top2", hi),
         "gateway_single_tp": ratio("gateway_single", hi, "tokens_per_s"),
         "ensemble_top1_tp": ratio("ensemble_top1", hi, "tokens_per_s"),

@@ -10,7 +10,6 @@ import pytest
 
 from experts.answer_checks import score_problem, token_problem, topk_problems
 from experts.protocol import StepOutput, TopK
-from gating.mix_row import mix_round
 from orchestrator.engine import EnsembleEngine
 from orchestrator.types import ExpertsUnavailable, GenerationParams, GenerationRequest
 from tests.fakes import DeterministicExpert, context_logprobs, topk_of
@@ -23,24 +22,24 @@ def sound(k: int = 8) -> TopK:
     return topk_of(context_logprobs(0, [1, 2, 3], V), k)
 
 
-UNSOUND = {
-    "NaN logprobs": TopK.of(range(8), [math.nan] * 8),
-    "outside the vocabulary": TopK.of([V + 3, *range(7)], sound().lp_array),
-    "below 0 is no id": TopK.of([-1, *range(1, 8)], sound().lp_array),
-    "listed twice": TopK.of([5] * 8, sound().lp_array),
-    "above 0": TopK.of(range(8), [2.0] * 8),
-    "more than all the mass": TopK.of(range(8), [-0.01] * 8),
-    "infinite logprobs": TopK.of(range(8), [-0.01] + [-math.inf] * 7),
-    "no candidates": TopK.of([], []),
+UNSOUND = {     # what is wrong -> (the answer, what its problem says)
+    "NaN logprobs": (TopK.of(range(8), [math.nan] * 8), "NaN logprobs (8 of 8)"),
+    "outside the vocabulary": (TopK.of([V + 3, *range(7)], sound().lp_array), f"token id {V + 3} outside"),
+    "below 0 is no id": (TopK.of([-1, *range(1, 8)], sound().lp_array), "token id -1 outside"),
+    "listed twice": (TopK.of([5] * 8, sound().lp_array), "listed twice"),
+    "above 0": (TopK.of(range(8), [2.0] * 8), "logprob 2 above 0"),
+    "more than all the mass": (TopK.of(range(8), [-0.01] * 8), "probability mass 7.92 above 1"),
+    "infinite logprobs": (TopK.of(range(8), [-0.01] + [-math.inf] * 7), "infinite logprobs"),
+    "no candidates": (TopK.of([], []), "no candidates"),
 }
 
 
 @pytest.mark.parametrize("case", list(UNSOUND))
 def test_each_kind_of_unsound_top_k_is_found_and_named_and_sound_ones_pass(case):
-    tops = [sound(), UNSOUND[case], sound()]
-    problems = topk_problems(tops, V)
+    answer, says = UNSOUND[case]
+    problems = topk_problems([sound(), answer, sound()], V)
     assert list(problems) == [1], problems
-    assert problems[1]
+    assert says in problems[1], problems
 
 
 def test_a_real_models_top_k_passes_whatever_its_shape():
@@ -55,6 +54,8 @@ def test_a_generated_tokens_logprob_must_be_finite_and_its_id_in_the_vocabulary(
     assert "NaN" in token_problem((0,), (math.nan,), V)
     assert "outside the vocabulary" in token_problem((V,), (-0.5,), V)
     assert token_problem((0,), (-math.inf,), V) is not None
+    assert token_problem((3,), (-0.5,), V, (((3, -0.5), (4, math.nan)),)) == "NaN logprob of a generated token"
+    assert "outside the vocabulary" in token_problem((3,), (-0.5,), V, (((3, -0.5), (V, -2.0)),))
 
 
 def test_a_score_names_its_first_unsound_position():
@@ -64,21 +65,14 @@ def test_a_score_names_its_first_unsound_position():
         "position 1: NaN logprobs (8 of 8)"
 
 
-def test_unchecked_the_mix_would_fail_a_whole_round_or_pass_nan_on():
-    """Why the checks exist: what mix and sample do with a NaN answer (both outcomes are now unreachable)."""
-    with pytest.raises(IndexError):
-        from orchestrator.sample import make_rng, sample_round
-
-        mixed = mix_round([[sound(), UNSOUND["NaN logprobs"]]], [(0.5, 0.5)], V, ["probs"])
-        sample_round(mixed, [GenerationParams()], [make_rng(0)])
-
-
 class TurningExpert(DeterministicExpert):
-    """Answers soundly until `unsound` is set, then with NaN logprobs (as vLLM does on a corrupt checkpoint)."""
+    """Answers soundly until `unsound` is set, then with NaN logprobs (as vLLM does on a corrupt checkpoint);
+    or, with `poison` set, only for contexts whose prompt has that token second."""
 
     def __init__(self, name: str, seed: int) -> None:
         super().__init__(name, seed, vocab=V)
         self.unsound = False
+        self.poison: int | None = None
         self.closed: list[str] = []
 
     async def close(self, session_ids):
@@ -87,7 +81,7 @@ class TurningExpert(DeterministicExpert):
 
     def _next(self, sid: str, k: int) -> StepOutput:
         out = super()._next(sid, k)
-        if self.unsound:
+        if self.unsound or (self.poison is not None and self.sessions[sid][1] == self.poison):
             return StepOutput(sid, TopK.of(out.topk.token_ids, [math.nan] * out.topk.k), length=out.length)
         return out
 
@@ -126,8 +120,8 @@ async def test_an_expert_turning_unsound_mid_stream_fails_no_stream_and_emits_no
             assert len(events) == 24 and events[-1].finish_reason == "length"
             for ev in events:
                 assert math.isfinite(ev.logprob) and ev.top_logprobs and all(math.isfinite(lp) for _, lp in ev.top_logprobs)
-        late = [ev for events in runs for ev in events[8:]]
-        assert any("math" not in ev.routing.experts for ev in late), "math's unsound answers were mixed in"
+        late = [ev for events in runs for ev in events[8:]]             # well after the turn, in every stream
+        assert late and all("math" not in ev.routing.experts for ev in late), "math's unsound answers were mixed in"
         assert engine.health.down() == [NAMES.index("math")]
         assert "unsound answer" in engine.health.report()["experts"]["math"]["last_error"]
         assert engine._loop.unsound_answers > 0
@@ -158,6 +152,20 @@ async def test_an_unsound_expert_stays_down_until_a_probe_step_is_sound_again():
         await engine.stop()
 
 
+async def test_an_expert_unsound_on_one_context_only_stays_up_for_the_others():
+    engine, experts = await started(probe_interval_s=3600)
+    try:
+        experts["math"].poison = 9
+        poisoned = GenerationRequest("p", (0, 9, 6, 7), request("p").params, "ensemble")
+        bad, good = await asyncio.gather(collect_all(engine, poisoned), collect_all(engine, request("g")))
+        assert len(bad) == len(good) == 24
+        assert all("math" not in ev.routing.experts for ev in bad)
+        assert all("math" in ev.routing.experts for ev in good)     # math answered the other request throughout
+        assert engine.health.down() == []
+    finally:
+        await engine.stop()
+
+
 async def test_the_single_expert_fast_path_relays_no_unsound_token_and_fails_with_a_503():
     engine, experts = await started(probe_interval_s=3600)
     try:
@@ -169,8 +177,11 @@ async def test_the_single_expert_fast_path_relays_no_unsound_token_and_fails_wit
                               d.finish_reason)
 
         experts["prose"].generate = unsound_generate
+        relayed = []
         with pytest.raises(ExpertsUnavailable, match="unsound answer"):
-            await collect_all(engine, request("n", model="prose"))
+            async for ev in engine.generate(request("n", model="prose")):
+                relayed.append(ev)
+        assert relayed == []
     finally:
         await engine.stop()
 
