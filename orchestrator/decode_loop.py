@@ -251,6 +251,7 @@ class DecodeLoop:
             for (e, rows, _), outs in zip(calls, results):
                 outputs.setdefault(e, []).extend(zip(rows, outs))
             unsound = self._reject_unsound(outputs)
+            to_close: dict[int, list[str]] = {}                 # rejected sessions, still open on their replica
             lost: list[Pair] = []
             for e, answered in outputs.items():
                 failures = []
@@ -262,8 +263,8 @@ class DecodeLoop:
                         s.synced[e] = len(s.tokens)
                         continue
                     sid = s.forget(e)
-                    if (i, e) in unsound and sid is not None:      # still open on the replica: end it there
-                        unsound[(i, e)] = sid
+                    if (i, e) in unsound and sid is not None:
+                        to_close.setdefault(e, []).append(sid)
                     kind = out.error_kind or "input"
                     if kind == "input":
                         s.fail(RequestRejected(f"expert {self.names[e]}: {out.error}", param="prompt"))
@@ -280,7 +281,8 @@ class DecodeLoop:
                     # other rows soundly is not down because one context makes it fail twice (those rows keep
                     # their other experts or are routed again).
                     self.health.failed(e, failures[0])
-            self._close_unsound(unsound)
+            if to_close:
+                self._spawn(self._close_ids(to_close))
             if not lost:
                 break
             log.warning("re-opening %d sessions whose replica failed (migration)", len(lost))
@@ -288,15 +290,15 @@ class DecodeLoop:
             pairs = lost
         return answers, capacity, server_s
 
-    def _reject_unsound(self, outputs: dict[int, list[tuple[int, StepOutput]]]) -> dict[Pair, str | None]:
+    def _reject_unsound(self, outputs: dict[int, list[tuple[int, StepOutput]]]) -> set[Pair]:
         """Answers that are no next-token distribution (experts/answer_checks.py: a corrupt checkpoint
         answers NaN) become engine failures of their expert, in place: re-opened once elsewhere, then the expert is
         marked down and its rows keep their other expert or are routed again, like a dead replica's. -> the
-        rejected pairs (their sessions, still open on the replica, are filled in by the caller)."""
+        rejected pairs (their sessions are still open on the replica: the caller closes them)."""
         where = [(e, j) for e, answered in outputs.items() for j, (_, out) in enumerate(answered)
                  if out.error is None and out.topk is not None]
         problems = topk_problems([outputs[e][j][1].topk for e, j in where], self.vocab_size)
-        unsound: dict[Pair, str | None] = {}
+        unsound: set[Pair] = set()
         for n, why in problems.items():
             e, j = where[n]
             i, out = outputs[e][j]
@@ -304,23 +306,9 @@ class DecodeLoop:
                         self.names[e], out.replica or "?", why)
             outputs[e][j] = (i, msgspec.structs.replace(out, topk=None, error=f"unsound answer from the replica: {why}",
                                                         error_kind="engine"))
-            unsound[(i, e)] = None
+            unsound.add((i, e))
         self.unsound_answers += len(problems)
         return unsound
-
-    def _close_unsound(self, unsound: dict[Pair, str | None]) -> None:
-        by_expert: dict[int, list[str]] = {}
-        for (_, e), sid in unsound.items():
-            if sid is not None:
-                by_expert.setdefault(e, []).append(sid)
-        for e, ids in by_expert.items():
-            self._spawn(self._close_quietly(e, ids))
-
-    async def _close_quietly(self, e: int, session_ids: list[str]) -> None:
-        try:
-            await self._experts[e].close(session_ids)
-        except Exception as exc:  # noqa: BLE001 - the replica may be the broken one; its reaper ends them
-            log.warning("closing %d sessions on expert %s failed: %r", len(session_ids), self.names[e], exc)
 
     def _calls(self, e: int, rows: list[int],
                seqs: list[Sequence]) -> list[tuple[list[int], Awaitable[list[StepOutput]]]]:
@@ -403,6 +391,10 @@ class DecodeLoop:
                 by_expert.setdefault(e, []).append(sid)
             s.sessions.clear()
             s.synced.clear()
+        await self._close_ids(by_expert)
+
+    async def _close_ids(self, by_expert: dict[int, list[str]]) -> None:
+        """Close sessions on their experts' replicas; a failure is logged (the replica's reaper ends them)."""
         results = await asyncio.gather(*(self._experts[e].close(ids) for e, ids in by_expert.items()),
                                        return_exceptions=True)
         for r in results:
