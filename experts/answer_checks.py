@@ -6,6 +6,11 @@ raises nothing, returns NaN for every raw logprob and samples token 0 forever. M
 the whole round (an IndexError in the mix for a lone row, so every running request of the gateway replica
 failed) or, in a round of four rows or more, emitted a token with a NaN logprob (which JSON cannot carry).
 
+A sound distribution can still be for the wrong context: a session that holds other tokens on the replica than
+its caller sent (a step applied twice or in part, a session id reused) answers for a context the caller never
+sent, and every later answer of that session with it. Each answer carries how many tokens its session holds by
+the replica's count (StepOutput.length); it must be exactly how many the caller has sent.
+
 The checks are pure functions over a round's answers, one numpy pass; the decode loop treats an answer that
 fails them as an engine fault of its expert (orchestrator/decode_loop.py), and the single-expert fast path as a
 lost generation (orchestrator/native.py).
@@ -46,6 +51,13 @@ def topk_problems(tops: Sequence[TopK], vocab_size: int | None) -> dict[int, str
         elif _bad_rows(ids, lps, vocab_size)[0]:
             problems[i] = _describe(ids[0], lps[0], vocab_size)
     return problems
+
+
+def length_problem(held: int, sent: int) -> str | None:
+    """What is wrong with an answer from a session that holds `held` tokens when the caller has sent `sent`."""
+    if held == sent:
+        return None
+    return f"answer for a context of {held} tokens, not the {sent} sent (the session diverged on the replica)"
 
 
 def _bad_rows(ids: np.ndarray, lps: np.ndarray, vocab_size: int | None) -> np.ndarray:

@@ -35,7 +35,7 @@ from collections.abc import Sequence as Seq
 import msgspec
 import numpy as np
 
-from experts.answer_checks import topk_problems
+from experts.answer_checks import length_problem, topk_problems
 from experts.protocol import Expert, SessionStep, StepOutput, TopK
 from gating.mix_row import mix_round
 from orchestrator.expert_health import ExpertHealth
@@ -250,7 +250,7 @@ class DecodeLoop:
             outputs: dict[int, list[tuple[int, StepOutput]]] = {}
             for (e, rows, _), outs in zip(calls, results):
                 outputs.setdefault(e, []).extend(zip(rows, outs))
-            unsound = self._reject_unsound(outputs)
+            unsound = self._reject_unsound(outputs, seqs)
             to_close: dict[int, list[str]] = {}                 # rejected sessions, still open on their replica
             lost: list[Pair] = []
             for e, answered in outputs.items():
@@ -290,14 +290,20 @@ class DecodeLoop:
             pairs = lost
         return answers, capacity, server_s
 
-    def _reject_unsound(self, outputs: dict[int, list[tuple[int, StepOutput]]]) -> set[Pair]:
+    def _reject_unsound(self, outputs: dict[int, list[tuple[int, StepOutput]]], seqs: list[Sequence]) -> set[Pair]:
         """Answers that are no next-token distribution (experts/answer_checks.py: a corrupt checkpoint
-        answers NaN) become engine failures of their expert, in place: re-opened once elsewhere, then the expert is
-        marked down and its rows keep their other expert or are routed again, like a dead replica's. -> the
+        answers NaN), or one for another context than the row's (a session that diverged on the replica), become
+        engine failures of their expert, in place: re-opened once elsewhere from the row's tokens, then the expert
+        is marked down and its rows keep their other expert or are routed again, like a dead replica's. -> the
         rejected pairs (their sessions are still open on the replica: the caller closes them)."""
         where = [(e, j) for e, answered in outputs.items() for j, (_, out) in enumerate(answered)
                  if out.error is None and out.topk is not None]
         problems = topk_problems([outputs[e][j][1].topk for e, j in where], self.vocab_size)
+        for n, (e, j) in enumerate(where):
+            i, out = outputs[e][j]
+            why = problems.get(n) or length_problem(out.length, len(seqs[i].tokens))
+            if why is not None:
+                problems[n] = why
         unsound: set[Pair] = set()
         for n, why in problems.items():
             e, j = where[n]

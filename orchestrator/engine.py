@@ -16,7 +16,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 
-from experts.answer_checks import score_problem, topk_problems
+from experts.answer_checks import length_problem, score_problem, topk_problems
 from experts.protocol import Expert, ExpertInfo, SessionStep
 from gating.mix import MIX_SPACES, logprob_of, mix
 from gating.mix_row import rows_of
@@ -219,10 +219,10 @@ class EnsembleEngine:
             async with asyncio.timeout(2 * self.probe_timeout_s):
                 problem = await self._probe_step(e)
         except Exception as exc:  # noqa: BLE001 - still down; the next round probes again
-            log.debug("expert %s still down: %r", self.expert_names[e], exc)
-            return
+            problem = f"probe failed: {exc!r}"
         if problem is not None:
             log.debug("expert %s still down: %s", self.expert_names[e], problem)
+            self.health.still_down(e, problem)
             return
         self.health.answered(e)
         log.warning("expert %s answers again", self.expert_names[e])
@@ -234,7 +234,9 @@ class EnsembleEngine:
         (out,) = await self._experts[e].open([SessionStep(sid, (token,))], self.logprobs_k)
         if out.error is None:
             await self._experts[e].close([sid])
-            return topk_problems([out.topk], self.vocab_size).get(0) if out.topk is not None else "no top-k"
+            why = "no top-k" if out.topk is None else \
+                topk_problems([out.topk], self.vocab_size).get(0) or length_problem(out.length, 1)
+            return None if why is None else f"unsound answer from the replica: {why}"
         return out.error
 
     # ---- teacher-forced scoring (echo) -----------------------------------------------------------------

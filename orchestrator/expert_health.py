@@ -41,6 +41,12 @@ class ExpertHealth:
         s.down, s.last_failure, s.last_error = True, self._clock(), error
         s.failures += 1
 
+    def still_down(self, expert: int, error: str) -> None:
+        """A probe of a down expert failed: /health shows why now, without counting another failure."""
+        s = self._states[expert]
+        if s.down:
+            s.last_failure, s.last_error = self._clock(), error
+
     def answered(self, expert: int) -> None:
         self._states[expert].down = False
 

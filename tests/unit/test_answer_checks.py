@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from experts.answer_checks import score_problem, token_problem, topk_problems
-from experts.protocol import StepOutput, TopK
+from experts.answer_checks import length_problem, score_problem, token_problem, topk_problems
+from experts.protocol import SessionStep, StepOutput, TopK
 from orchestrator.engine import EnsembleEngine
 from orchestrator.types import ExpertsUnavailable, GenerationParams, GenerationRequest
 from tests.fakes import DeterministicExpert, context_logprobs, topk_of
@@ -65,15 +65,34 @@ def test_a_score_names_its_first_unsound_position():
         "position 1: NaN logprobs (8 of 8)"
 
 
+def test_an_answer_must_be_for_exactly_the_tokens_sent():
+    assert length_problem(7, 7) is None
+    assert length_problem(6, 7) == "answer for a context of 6 tokens, not the 7 sent (the session diverged on the replica)"
+    assert "diverged" in length_problem(8, 7)
+
+
 class TurningExpert(DeterministicExpert):
     """Answers soundly until `unsound` is set, then with NaN logprobs (as vLLM does on a corrupt checkpoint);
-    or, with `poison` set, only for contexts whose prompt has that token second."""
+    or, with `poison` set, only for contexts whose prompt has that token second. With `lose_advances` = n, the
+    sessions of its next n advance calls lose their last token (a catch-up the replica applied in part): a sound
+    distribution, for another context; with `lose_opens`, every open loses it too."""
 
     def __init__(self, name: str, seed: int) -> None:
         super().__init__(name, seed, vocab=V)
         self.unsound = False
         self.poison: int | None = None
         self.closed: list[str] = []
+        self.lose_advances = 0
+        self.lose_opens = False
+
+    async def open(self, steps, top_k):
+        return await super().open(_losing(steps) if self.lose_opens else steps, top_k)
+
+    async def advance(self, steps, top_k):
+        if self.lose_advances > 0:
+            self.lose_advances -= 1
+            steps = _losing(steps)
+        return await super().advance(steps, top_k)
 
     async def close(self, session_ids):
         self.closed += session_ids
@@ -84,6 +103,10 @@ class TurningExpert(DeterministicExpert):
         if self.unsound or (self.poison is not None and self.sessions[sid][1] == self.poison):
             return StepOutput(sid, TopK.of(out.topk.token_ids, [math.nan] * out.topk.k), length=out.length)
         return out
+
+
+def _losing(steps: list[SessionStep]) -> list[SessionStep]:
+    return [SessionStep(s.session_id, s.token_ids[:-1]) for s in steps]
 
 
 def request(rid: str, model: str = "ensemble", max_tokens: int = 24) -> GenerationRequest:
@@ -162,6 +185,45 @@ async def test_an_expert_unsound_on_one_context_only_stays_up_for_the_others():
         assert all("math" not in ev.routing.experts for ev in bad)
         assert all("math" in ev.routing.experts for ev in good)     # math answered the other request throughout
         assert engine.health.down() == []
+    finally:
+        await engine.stop()
+
+
+async def test_a_session_that_diverged_on_the_replica_is_reopened_and_the_stream_is_unchanged():
+    engine, experts = await started(probe_interval_s=3600)
+    try:
+        reference = [ev.token_id for ev in await collect_all(engine, request("ref"))]
+        experts["math"].lose_advances = 1
+        calls = experts["math"].calls
+        events = await collect_all(engine, request("div"))
+        assert experts["math"].lose_advances == 0 and experts["math"].calls > calls + 2
+        assert [ev.token_id for ev in events] == reference, "an answer for another context was mixed in"
+        assert all("math" in ev.routing.experts for ev in events)      # re-opened in place: never left out
+        assert engine._loop.unsound_answers == 1 and engine._loop.migrations == 1
+        assert engine.health.down() == []
+    finally:
+        await engine.stop()
+
+
+async def test_an_expert_whose_sessions_always_diverge_goes_down_and_each_probe_says_why_it_stays_down():
+    engine, experts = await started(probe_interval_s=0.02)
+    try:
+        experts["math"].lose_opens, experts["math"].lose_advances = True, 10**6
+        events = await collect_all(engine, request("a", max_tokens=8))
+        assert len(events) == 8 and all("math" not in ev.routing.experts for ev in events)
+        report = engine.health.report()["experts"]["math"]
+        assert report["state"] == "down" and "diverged" in report["last_error"], report
+        experts["math"].lose_opens, experts["math"].lose_advances, experts["math"].unsound = False, 0, True
+        async with asyncio.timeout(10):                                 # the probes' answers are unsound now
+            while "NaN" not in report["last_error"]:
+                await asyncio.sleep(0.02)
+                report = engine.health.report()["experts"]["math"]
+        assert report["state"] == "down" and report["last_error"].startswith("unsound answer from the replica")
+        assert report["failures"] == 1                                  # a failed probe is no new failure
+        experts["math"].unsound = False
+        async with asyncio.timeout(10):
+            while engine.health.down():
+                await asyncio.sleep(0.02)
     finally:
         await engine.stop()
 
