@@ -27,6 +27,7 @@ from experts.protocol import ID_DTYPE, LP_DTYPE, TopK
 
 # A raw logprob is log-softmax output, so <= 0; float32 rounding can put the top one a hair above.
 LOGPROB_SLACK = 1e-3
+MASS_LIMIT = math.exp(LOGPROB_SLACK)      # a top-k's probability mass, with the same slack
 
 
 def topk_problems(tops: Sequence[TopK], vocab_size: int | None) -> dict[int, str]:
@@ -36,11 +37,14 @@ def topk_problems(tops: Sequence[TopK], vocab_size: int | None) -> dict[int, str
     all the probability mass. `vocab_size` None: any id >= 0 (a caller that does not know it)."""
     if not tops:
         return {}
-    sizes = np.fromiter((len(t.ids) for t in tops), dtype=np.int64, count=len(tops)) // ID_DTYPE.itemsize
-    if sizes.min() == sizes.max() and sizes[0] > 0:                # the usual round: every answer has K pairs
-        k = int(sizes[0])
-        ids = np.frombuffer(b"".join(t.ids for t in tops), dtype=ID_DTYPE).reshape(len(tops), k)
-        lps = np.frombuffer(b"".join(t.lps for t in tops), dtype=LP_DTYPE).reshape(len(tops), k)
+    packed = [t.ids for t in tops]
+    sizes = set(map(len, packed))
+    if len(sizes) == 1 and (size := sizes.pop()) > 0:              # the usual round: every answer has K pairs
+        k = size // ID_DTYPE.itemsize
+        ids = np.frombuffer(b"".join(packed), dtype=ID_DTYPE).reshape(len(tops), k)
+        lps = np.frombuffer(b"".join([t.lps for t in tops]), dtype=LP_DTYPE).reshape(len(tops), k)
+        if _all_sound(ids, lps, vocab_size):
+            return {}
         bad = _bad_rows(ids, lps, vocab_size)
         return {int(i): _describe(ids[i], lps[i], vocab_size) for i in np.flatnonzero(bad)}
     problems = {}
@@ -58,6 +62,20 @@ def length_problem(held: int, sent: int) -> str | None:
     if held == sent:
         return None
     return f"answer for a context of {held} tokens, not the {sent} sent (the session diverged on the replica)"
+
+
+def _all_sound(ids: np.ndarray, lps: np.ndarray, vocab_size: int | None) -> bool:
+    """_bad_rows' conditions over a whole [N, K] block at once, as a handful of reductions: True when no row
+    is bad (nearly every round; a block that fails is then checked row by row)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        if ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size):
+            return False
+        if not lps.max() <= LOGPROB_SLACK or lps.min() == -np.inf:        # NaN fails the first
+            return False
+        if np.exp(lps).sum(1).max() > MASS_LIMIT:
+            return False
+        ordered = np.sort(ids, axis=1)
+        return not (ordered[:, 1:] == ordered[:, :-1]).any()
 
 
 def _bad_rows(ids: np.ndarray, lps: np.ndarray, vocab_size: int | None) -> np.ndarray:

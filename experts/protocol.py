@@ -94,7 +94,8 @@ class StepOutput(msgspec.Struct, frozen=True, array_like=True):
     topk: TopK | None = None
     error: str | None = None
     error_kind: ErrorKind | None = None
-    # Number of tokens the session now holds (prompt + advanced); lets callers assert catch-up was exact.
+    # Number of tokens the session now holds (prompt + advanced), by the replica's count. The decode loop
+    # rejects an answer whose length is not the number of tokens it sent (experts/answer_checks.length_problem).
     length: int = 0
     replica: str = ""          # the replica that holds the session: later steps are pinned to it
     server_s: float = 0.0      # time the replica spent on the call that carried this step (RPC accounting)
@@ -204,6 +205,7 @@ class Expert(Protocol):
 
     async def info(self) -> ExpertInfo: ...
 
+    # An answer's StepOutput.length must count every token its session holds: the caller checks it.
     async def open(self, steps: list[SessionStep], top_k: int) -> list[StepOutput]: ...
 
     async def advance(self, steps: list[SessionStep], top_k: int) -> list[StepOutput]: ...

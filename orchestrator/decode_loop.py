@@ -296,18 +296,15 @@ class DecodeLoop:
         engine failures of their expert, in place: re-opened once elsewhere from the row's tokens, then the expert
         is marked down and its rows keep their other expert or are routed again, like a dead replica's. -> the
         rejected pairs (their sessions are still open on the replica: the caller closes them)."""
-        where = [(e, j) for e, answered in outputs.items() for j, (_, out) in enumerate(answered)
+        where = [(e, j, i, out) for e, answered in outputs.items() for j, (i, out) in enumerate(answered)
                  if out.error is None and out.topk is not None]
-        problems = topk_problems([outputs[e][j][1].topk for e, j in where], self.vocab_size)
-        for n, (e, j) in enumerate(where):
-            i, out = outputs[e][j]
-            why = problems.get(n) or length_problem(out.length, len(seqs[i].tokens))
-            if why is not None:
-                problems[n] = why
+        problems = topk_problems([out.topk for *_, out in where], self.vocab_size)
+        for n, (_, _, i, out) in enumerate(where):
+            if out.length != len(seqs[i].tokens) and n not in problems:
+                problems[n] = length_problem(out.length, len(seqs[i].tokens))
         unsound: set[Pair] = set()
         for n, why in problems.items():
-            e, j = where[n]
-            i, out = outputs[e][j]
+            e, j, i, out = where[n]
             log.warning("expert %s, replica %s: unsound answer (%s); treating it as an engine fault",
                         self.names[e], out.replica or "?", why)
             outputs[e][j] = (i, msgspec.structs.replace(out, topk=None, error=f"unsound answer from the replica: {why}",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import random
 import sys
 import time
@@ -32,32 +33,37 @@ class InstantExpert:
         self.pool = []
         for _ in range(64):
             ids = rng.sample(range(2, vocab), top_k)
-            lps = sorted((-rng.random() * 6 - 0.5 for _ in range(top_k)), reverse=True)
+            raw = sorted((-rng.random() * 6 - 0.5 for _ in range(top_k)), reverse=True)
+            shift = math.log(0.9) - math.log(sum(math.exp(v) for v in raw))     # 90 % of the mass: a real top-k
+            lps = [v + shift for v in raw]
             self.pool.append(TopK.of(tuple(ids), tuple(lps)))
         self.n = 0
+        self.lengths: dict[str, int] = {}       # session -> tokens it holds (the gateway checks each answer's)
 
     async def info(self):
         from experts.protocol import ExpertInfo
 
         return ExpertInfo(self.name, f"/instant/{self.name}", self.vocab, 4096, "fp-shared", 0)
 
-    def _answer(self, steps):
+    def _answer(self, steps, opening: bool):
         from experts.protocol import StepOutput
 
         out = []
         for s in steps:
             self.n += 1
-            out.append(StepOutput(s.session_id, topk=self.pool[self.n % len(self.pool)], length=1))
+            held = self.lengths[s.session_id] = (0 if opening else self.lengths[s.session_id]) + len(s.token_ids)
+            out.append(StepOutput(s.session_id, topk=self.pool[self.n % len(self.pool)], length=held))
         return out
 
     async def open(self, steps, top_k):
-        return self._answer(steps)
+        return self._answer(steps, opening=True)
 
     async def advance(self, steps, top_k):
-        return self._answer(steps)
+        return self._answer(steps, opening=False)
 
     async def close(self, session_ids):
-        return None
+        for sid in session_ids:
+            self.lengths.pop(sid, None)
 
 
 async def run(streams: int, tokens: int, demo: Path) -> dict:

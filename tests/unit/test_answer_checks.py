@@ -6,6 +6,7 @@ purpose; tests/integration/test_gateway_unsound_expert.py does the same with a r
 import asyncio
 import math
 
+import numpy as np
 import pytest
 
 from experts.answer_checks import length_problem, score_problem, token_problem, topk_problems
@@ -40,6 +41,17 @@ def test_each_kind_of_unsound_top_k_is_found_and_named_and_sound_ones_pass(case)
     problems = topk_problems([sound(), answer, sound()], V)
     assert list(problems) == [1], problems
     assert says in problems[1], problems
+
+
+@pytest.mark.parametrize("case", [c for c in UNSOUND if c != "no candidates"])
+def test_the_whole_round_check_fails_exactly_when_some_row_is_unsound(case):
+    from experts.answer_checks import _all_sound, _bad_rows
+
+    rows = [sound() for _ in range(40)]
+    for block in (rows, rows[:20] + [UNSOUND[case][0]] + rows[20:]):
+        ids, lps = np.stack([t.id_array for t in block]), np.stack([t.lp_array for t in block])
+        assert _all_sound(ids, lps, V) == (not _bad_rows(ids, lps, V).any())
+    assert not _all_sound(ids, lps, V)
 
 
 def test_a_real_models_top_k_passes_whatever_its_shape():
