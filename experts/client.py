@@ -48,6 +48,7 @@ from experts.replica_router import PIN
 log = logging.getLogger(__name__)
 NO_DIRECT_S = 60.0      # after a failed direct connection, a replica's calls go through Serve this long
 REDISCOVER_S = 5.0      # at least this often, new sessions are placed by Serve's router (it sees every replica)
+QUARANTINE_S = 60.0     # a replica that answered unsoundly gets no new session of this client's for this long
 
 
 class ServeExpertClient:
@@ -80,6 +81,7 @@ class ServeExpertClient:
         self._connecting: dict[str, asyncio.Lock] = {}
         self._no_direct: dict[str, float] = {}                            # replica -> loop time to retry direct
         self.rediscover_s = REDISCOVER_S
+        self._quarantined: dict[str, float] = {}                          # replica -> loop time it is let back
         self._routed_at = float("-inf")                  # loop time of the last Serve-placed open or start
 
     def __repr__(self) -> str:
@@ -160,16 +162,41 @@ class ServeExpertClient:
         those reachable over a live data-plane connection (a Serve-routed call costs several ms more, each
         time), or None (Serve's router picks by load) when none is, or when the last Serve-placed open or start
         is `rediscover_s` old. A replica that lost its connection, left sessions abandoned after a timeout, or
-        that Serve no longer routes to (it is being stopped) is not picked."""
+        that Serve no longer routes to (it is being stopped) is not picked. Nor is one in quarantine, and while
+        one is, Serve's router (which does not know) is not asked either: a running replica outside quarantine
+        is picked instead, connected to directly if need be."""
         now = asyncio.get_running_loop().time()
         running = self._running()
+        quarantined = {r for r, until in self._quarantined.items() if until > now}
         live = [r for r, conn in self._conns.items()
                 if not conn.lost and r not in self.abandoned and self._no_direct.get(r, 0.0) <= now
-                and (running is None or r in running)]
-        if not live or now - self._routed_at >= self.rediscover_s:
+                and r not in quarantined and (running is None or r in running)]
+        due = now - self._routed_at >= self.rediscover_s
+        if quarantined and running is not None and (due or not live):
+            sound = [r for r in running if r not in quarantined and r not in self.abandoned]
+            if sound:
+                self._routed_at = now if due else self._routed_at
+                return min(sound, key=lambda r: held.get(r, 0))
+        if not live or due:
             self._routed_at = now
             return None
         return min(live, key=lambda r: held.get(r, 0))
+
+    def quarantined_replicas(self) -> list[str]:
+        """Replicas in quarantine now (for /metrics)."""
+        now = asyncio.get_running_loop().time()
+        return sorted(r for r, until in self._quarantined.items() if until > now)
+
+    def quarantine(self, replica: str, for_s: float = QUARANTINE_S) -> None:
+        """`replica` answered unsoundly (experts/answer_checks.py): place no new session or generation on it for
+        `for_s`, so that the sessions re-opened after its bad answers go to a sound sibling (a corrupt replica
+        among sound ones) instead of back to it, which holds the fewest sessions now. The sessions it still
+        holds stay pinned to it until they fail too. With no other replica running, Serve's router places them
+        (on it: the expert is then marked down, as with one replica)."""
+        if self._quarantined.get(replica, 0.0) <= asyncio.get_running_loop().time():
+            log.warning("expert %s: replica %s answered unsoundly; no new session goes there for %.0f s",
+                        self.name, replica, for_s)
+        self._quarantined[replica] = asyncio.get_running_loop().time() + for_s
 
     async def advance(self, steps: list[SessionStep], top_k: int) -> list[StepOutput]:
         """One pinned call per replica, concurrently; outputs in the order of `steps`."""

@@ -218,6 +218,15 @@ class InprocEngine:
         self._put(("count", answer, loop))
         return await answer
 
+    async def on_model(self, fn: Any) -> Any:
+        """fn(the engine's model) on the engine thread, after every command posted before -> its result (fault
+        injection: experts/fault_injection.py)."""
+        self._check()
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        self._put(("model", fn, answer, loop))
+        return await answer
+
     def shutdown(self) -> None:
         """Stop the thread and free the engine. Idempotent."""
         if self._thread.is_alive():
@@ -313,6 +322,9 @@ class InprocEngine:
                 elif c[0] == "count":
                     _, answer, loop = c
                     _call_soon(loop, _fail, answer, dead)
+                elif c[0] == "model":
+                    _, _, answer, loop = c
+                    _call_soon(loop, _fail, answer, dead)
 
     def _step(self, engine: Any) -> None:
         """One engine step (LLMEngine.step without its stats): raw requests get their EngineCoreOutput, the
@@ -355,6 +367,15 @@ class InprocEngine:
             answer, loop = command[1], command[2]
             held = sum(engine.engine_core.engine_core.scheduler.get_request_counts())
             loop.call_soon_threadsafe(lambda: answer.done() or answer.set_result(held))
+            return
+        if kind == "model":
+            fn, answer, loop = command[1:]
+            try:
+                (result,) = engine.apply_model(fn)
+            except Exception as exc:  # noqa: BLE001 - its caller hears of it
+                _call_soon(loop, _fail, answer, exc)
+            else:
+                _call_soon(loop, _resolve, answer, result)
             return
         if kind == "feed":
             self._feed_sessions(*command[1:])

@@ -92,6 +92,17 @@ class ExpertServer:
         """Fault injection and drain: reset every data-plane connection now; callers reconnect."""
         return self._data_plane.cut() if self._data_plane is not None else 0
 
+    async def corrupt_weights(self, replica: str | None = None) -> str:
+        """Fault injection: fill one weight of this replica's live model with NaN, as a corrupt checkpoint would
+        load (experts/fault_injection.py; only a new replica is sound again). -> the weight's name. In-process
+        engines only."""
+        from experts.fault_injection import nan_weight
+
+        on_model = getattr(self._expert.engine, "on_model", None)
+        if on_model is None:
+            raise NotImplementedError("weights can be corrupted in an in-process engine only (engine_process: inproc)")
+        return await on_model(nan_weight)
+
     async def score(self, sequences: list[list[int]], top_k: int, replica: str | None = None) -> list[ScoreOutput]:
         return await self._expert.score(sequences, top_k)
 

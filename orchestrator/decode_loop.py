@@ -310,6 +310,9 @@ class DecodeLoop:
             outputs[e][j] = (i, msgspec.structs.replace(out, topk=None, error=f"unsound answer from the replica: {why}",
                                                         error_kind="engine"))
             unsound.add((i, e))
+            quarantine = getattr(self._experts[e], "quarantine", None)       # the re-open goes to another replica
+            if quarantine is not None and out.replica:
+                quarantine(out.replica)
         self.unsound_answers += len(problems)
         return unsound
 

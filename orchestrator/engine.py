@@ -136,6 +136,11 @@ class EnsembleEngine:
         return {name: e.pinned_replicas() for name, e in zip(self.expert_names, self._experts)
                 if hasattr(e, "pinned_replicas")}
 
+    def quarantined_replicas(self) -> dict[str, list[str]]:
+        """expert -> its replicas this gateway places no new session on, after unsound answers (for /metrics)."""
+        return {name: e.quarantined_replicas() for name, e in zip(self.expert_names, self._experts)
+                if hasattr(e, "quarantined_replicas")}
+
     def routable_replicas(self) -> dict[str, int]:
         """expert -> replicas Serve routes to now, as this gateway's routers know (for /metrics)."""
         counts = {name: e.routable_replicas() for name, e in zip(self.expert_names, self._experts)

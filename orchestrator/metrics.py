@@ -161,6 +161,12 @@ class _EngineCollector:
         for expert, n in sorted(self.engine.routable_replicas().items()):
             routable.add_metric([expert], n)
         yield routable
+        quarantined = GaugeMetricFamily("ensemble_expert_quarantined_replicas", "replicas of each expert that "
+                                        "answered unsoundly lately (experts/answer_checks.py): this gateway "
+                                        "replica places no new session on them for a while", labels=["expert"])
+        for expert, held in sorted(self.engine.quarantined_replicas().items()):
+            quarantined.add_metric([expert], len(held))
+        yield quarantined
         work = {unit: CounterMetricFamily(f"ensemble_expert_work_{unit}", f"{unit} the experts were asked to "
                                           "compute for lockstep sequences, by kind of call: prompt (a session "
                                           "opened with the prompt), join (opened when the gate first picks an "

@@ -7,6 +7,8 @@
   their tokens, and the temperature-0 outputs are identical to a run without the kill;
 - a replica's vLLM EngineCore process is SIGKILLed: Serve's health check replaces the replica, no stream fails;
 - a replica hangs (SIGSTOP): the per-step timeout treats it as dead, no stream fails;
+- one of two replicas of an expert starts answering NaN (a weight of its live model set to NaN): its sessions
+  move to the sound replica, which gets every new session (quarantine), with identical temperature-0 output;
 - a replica resets the direct (data-plane) sockets the gateway's per-token calls use: no stream fails, the
   gateway reconnects, and nothing is left open on the replica;
 - 200 clients cut their sockets mid-stream (RST): every session and generation on every expert replica is
@@ -306,3 +308,51 @@ def test_killing_the_gateway_replica_under_load_loses_no_committed_row_and_a_new
     r = httpx.post(f"{gw.base_url}/v1/completions", timeout=120,
                    json={"model": "ensemble", "prompt": "x = ", "max_tokens": 4, "ignore_eos": True})
     assert r.status_code == 200 and r.headers["x-ensemble-request-id"] in gw.records()
+
+
+def test_one_corrupt_replica_of_two_is_quarantined_and_its_sessions_move_with_identical_output(two_code_replicas) -> None:
+    """One of two replicas of `code` starts answering nonsense mid-stream: NaN is written into a weight of the
+    model its real engine is running (experts/fault_injection.py), as a corrupt checkpoint would load. Its
+    sessions are re-opened on the sound replica, and no new session goes to the corrupt one (quarantine): not
+    the re-opened ones, nor those of a second batch of streams started right after the fault, for which the
+    corrupt replica, now holding the fewest sessions, would be the first choice. So no stream fails, no token is
+    degraded, code stays ok, and the temperature-0 text is that of a run without the fault. The corrupt replica
+    is killed afterwards (only a new one is sound again) and Serve replaces it."""
+    from ray import serve
+
+    gw = two_code_replicas
+    greedy = bodies(temperature=0)
+    reference = run_streams(gw.base_url, greedy)
+    assert_no_stream_failed(reference)
+    handle = serve.get_deployment_handle("expert-code", gw.app_name)
+    unsound_before = metric(gw, "ensemble_unsound_answers_total")
+    pids = {r.pid for r in replicas(gw.app_name, "expert-code")}
+    corrupted, later = [], []
+
+    def corrupt_the_busier_replica_then_start_more_streams() -> None:
+        victim = max(replicas(gw.app_name, "expert-code"), key=lambda r: sessions_on(gw, "code", r.replica_id))
+        assert sessions_on(gw, "code", victim.replica_id) > 0
+        handle.corrupt_weights.remote(replica=victim.replica_id).result()
+        corrupted.append(victim)
+        later.extend(run_streams(gw.base_url, greedy))        # while the first batch still runs
+
+    try:
+        first = run_streams(gw.base_url, greedy, fault=corrupt_the_busier_replica_then_start_more_streams)
+        report = health(gw.base_url)["experts"]["code"]
+    finally:
+        for victim in corrupted:
+            kill(victim.pid)
+
+    assert corrupted, "the fault was never injected"
+    assert_no_stream_failed(first)
+    assert_no_stream_failed(later)
+    assert metric(gw, "ensemble_unsound_answers_total") > unsound_before, "the corrupt replica answered nothing"
+    assert report["state"] == "ok", report                      # the expert never failed: its other replica answered
+    assert metric(gw, 'ensemble_expert_quarantined_replicas{expert="code"}') == 1
+    for ref, a, b in zip(reference, first, later):
+        for run in (a, b):
+            assert run.usage["degraded_tokens"] == 0, run.usage     # each session found the sound replica
+            assert run.text == ref.text, (run.request_id, ref.text, run.text)
+    wait_for("Serve to replace the corrupt replica",
+             lambda: len(replicas(gw.app_name, "expert-code")) == 2
+             and {r.pid for r in replicas(gw.app_name, "expert-code")} != pids)

@@ -6,6 +6,7 @@ purpose; tests/integration/test_gateway_unsound_expert.py does the same with a r
 import asyncio
 import math
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -96,6 +97,10 @@ class TurningExpert(DeterministicExpert):
         self.closed: list[str] = []
         self.lose_advances = 0
         self.lose_opens = False
+        self.quarantined: list[str] = []
+
+    def quarantine(self, replica: str, for_s: float = 60.0) -> None:
+        self.quarantined.append(replica)
 
     async def open(self, steps, top_k):
         return await super().open(_losing(steps) if self.lose_opens else steps, top_k)
@@ -113,8 +118,8 @@ class TurningExpert(DeterministicExpert):
     def _next(self, sid: str, k: int) -> StepOutput:
         out = super()._next(sid, k)
         if self.unsound or (self.poison is not None and self.sessions[sid][1] == self.poison):
-            return StepOutput(sid, TopK.of(out.topk.token_ids, [math.nan] * out.topk.k), length=out.length)
-        return out
+            out = StepOutput(sid, TopK.of(out.topk.token_ids, [math.nan] * out.topk.k), length=out.length)
+        return msgspec.structs.replace(out, replica=f"replica-of-{self.name}")
 
 
 def _losing(steps: list[SessionStep]) -> list[SessionStep]:
@@ -160,6 +165,9 @@ async def test_an_expert_turning_unsound_mid_stream_fails_no_stream_and_emits_no
         assert engine.health.down() == [NAMES.index("math")]
         assert "unsound answer" in engine.health.report()["experts"]["math"]["last_error"]
         assert engine._loop.unsound_answers > 0
+        # Its replica is quarantined: the sessions re-opened after its bad answers avoid it (when it has siblings).
+        assert set(experts["math"].quarantined) == {"replica-of-math"}
+        assert not any(e.quarantined for n, e in experts.items() if n != "math")
         # The sessions whose answers were rejected are closed on the replica, not left to its reaper.
         await asyncio.sleep(0)
         assert experts["math"].closed and not experts["math"].sessions

@@ -299,6 +299,37 @@ async def test_client_opens_sessions_over_the_data_plane_once_it_knows_a_replica
     await client.aclose()
 
 
+async def test_client_places_no_new_session_on_a_quarantined_replica_until_its_quarantine_ends(served) -> None:
+    """A replica that answered unsoundly is quarantined by the decode loop: this client's new sessions then go
+    wherever Serve's router sends them (another replica, when there is one), not to it, until the time is up."""
+    replica, _server, endpoint = served
+    handle = DirectReplica(endpoint, replica)
+    client = ServeExpertClient(handle, "code", call_timeout_s=5)
+    client.rediscover_s = 3600.0
+    await client.open([SessionStep("s1", (1, 2))], 2)
+    await client.advance([SessionStep("s1", (3,))], 2)                  # connects: r1 is reachable directly
+    await client.open([SessionStep("s2", (1, 2))], 2)
+    assert handle.through_serve == ["open", "endpoint"]                 # placed on r1 directly
+    client.quarantine("r1")
+    await client.open([SessionStep("s3", (1, 2))], 2)
+    assert handle.through_serve == ["open", "endpoint", "open"]         # not placed on r1 by this client
+    [out] = await client.advance([SessionStep("s2", (3,))], 2)
+    assert out.error is None                                            # its open sessions stay pinned to it
+    client.quarantine("r1", for_s=0.0)                                  # the time is up
+    await client.open([SessionStep("s4", (1, 2))], 2)
+    assert handle.through_serve == ["open", "endpoint", "open"] and replica.opened[-1] == "s4"
+    # With a sibling running, Serve's router (which knows nothing of the quarantine) is not asked at all: the
+    # sibling is picked, though this client has no connection to it yet, rediscovery due or not.
+    client._running = lambda: frozenset({"r1", "r2"})
+    client.quarantine("r1")
+    assert client._placement({"r1": 3}) == "r2"
+    client.rediscover_s = 0.0
+    assert client._placement({"r1": 3}) == "r2"
+    client.quarantine("r2")
+    assert client._placement({}) is None                                 # every replica in quarantine: Serve's router
+    await client.aclose()
+
+
 class GeneratingReplica:
     """A replica's native generations: `start` takes them, each finishes with one token, pushed over the
     caller's watch (or handed to its next poll when it has none yet)."""
