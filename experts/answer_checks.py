@@ -81,7 +81,7 @@ def _all_sound(ids: np.ndarray, lps: np.ndarray, vocab_size: int | None) -> bool
 def _bad_rows(ids: np.ndarray, lps: np.ndarray, vocab_size: int | None) -> np.ndarray:
     """[N] bool over [N, K] ids and logprobs."""
     with np.errstate(invalid="ignore", over="ignore"):
-        bad = ((ids < 0) | (ids >= (vocab_size or np.iinfo(ID_DTYPE).max))).any(1)
+        bad = ((ids < 0) | (ids >= (np.iinfo(ID_DTYPE).max if vocab_size is None else vocab_size))).any(1)
         bad |= ~(np.isfinite(lps) & (lps <= LOGPROB_SLACK)).all(1)
         top = np.where(bad, 0.0, lps.max(1))
         bad |= top + np.log(np.exp(lps - top[:, None]).sum(1)) > LOGPROB_SLACK

@@ -182,6 +182,13 @@ class ServeExpertClient:
             return None
         return min(live, key=lambda r: held.get(r, 0))
 
+    def quarantine_generation(self, request_id: str) -> None:
+        """The replica running generation `request_id` sent a delta no model could have sent: quarantine it, so
+        that the restart goes elsewhere (orchestrator/native.py)."""
+        replica = self._streams.get(request_id, (None, None))[0]
+        if replica is not None:
+            self.quarantine(replica)
+
     def quarantined_replicas(self) -> list[str]:
         """Replicas in quarantine now (for /metrics)."""
         now = asyncio.get_running_loop().time()

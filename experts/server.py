@@ -96,8 +96,10 @@ class ExpertServer:
         """Fault injection: fill one weight of this replica's live model with NaN, as a corrupt checkpoint would
         load (experts/fault_injection.py; only a new replica is sound again). -> the weight's name. In-process
         engines only."""
-        from experts.fault_injection import nan_weight
+        from experts.fault_injection import ENABLE, enabled, nan_weight
 
+        if not enabled():
+            raise PermissionError(f"fault injection is off on this replica (set {ENABLE}=1 in its environment)")
         on_model = getattr(self._expert.engine, "on_model", None)
         if on_model is None:
             raise NotImplementedError("weights can be corrupted in an in-process engine only (engine_process: inproc)")

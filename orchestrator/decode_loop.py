@@ -250,7 +250,7 @@ class DecodeLoop:
             outputs: dict[int, list[tuple[int, StepOutput]]] = {}
             for (e, rows, _), outs in zip(calls, results):
                 outputs.setdefault(e, []).extend(zip(rows, outs))
-            unsound = self._reject_unsound(outputs, seqs)
+            unsound = self._reject_unsound(outputs, seqs, first_attempt=attempt == 0)
             to_close: dict[int, list[str]] = {}                 # rejected sessions, still open on their replica
             lost: list[Pair] = []
             for e, answered in outputs.items():
@@ -290,12 +290,15 @@ class DecodeLoop:
             pairs = lost
         return answers, capacity, server_s
 
-    def _reject_unsound(self, outputs: dict[int, list[tuple[int, StepOutput]]], seqs: list[Sequence]) -> set[Pair]:
+    def _reject_unsound(self, outputs: dict[int, list[tuple[int, StepOutput]]], seqs: list[Sequence],
+                        first_attempt: bool = True) -> set[Pair]:
         """Answers that are no next-token distribution (experts/answer_checks.py: a corrupt checkpoint
         answers NaN), or one for another context than the row's (a session that diverged on the replica), become
         engine failures of their expert, in place: re-opened once elsewhere from the row's tokens, then the expert
         is marked down and its rows keep their other expert or are routed again, like a dead replica's. -> the
-        rejected pairs (their sessions are still open on the replica: the caller closes them)."""
+        rejected pairs (their sessions are still open on the replica: the caller closes them). On a round's first
+        attempt, which asks each replica for all its rows of an expert, a replica none of whose answers was sound
+        is quarantined (_quarantine); the re-opens of a second attempt are no such evidence."""
         where = [(e, j, i, out) for e, answered in outputs.items() for j, (i, out) in enumerate(answered)
                  if out.error is None and out.topk is not None]
         problems = topk_problems([out.topk for *_, out in where], self.vocab_size)
@@ -310,11 +313,20 @@ class DecodeLoop:
             outputs[e][j] = (i, msgspec.structs.replace(out, topk=None, error=f"unsound answer from the replica: {why}",
                                                         error_kind="engine"))
             unsound.add((i, e))
-            quarantine = getattr(self._experts[e], "quarantine", None)       # the re-open goes to another replica
-            if quarantine is not None and out.replica:
-                quarantine(out.replica)
         self.unsound_answers += len(problems)
+        if problems and first_attempt:
+            self._quarantine([where[n] for n in problems], [w for n, w in enumerate(where) if n not in problems])
         return unsound
+
+    def _quarantine(self, rejected: list, accepted: list) -> None:
+        """A replica none of whose answers for an expert in this round was sound gets no new session of that
+        expert for a while (experts/client.py quarantine): the re-opens go to a sibling. One that also answered
+        soundly keeps them: one context that fails is that context's fault, not the replica's."""
+        sound = {(e, out.replica) for e, _, _, out in accepted}
+        for e, replica in {(e, out.replica) for e, _, _, out in rejected} - sound:
+            quarantine = getattr(self._experts[e], "quarantine", None)
+            if quarantine is not None and replica:
+                quarantine(replica)
 
     def _calls(self, e: int, rows: list[int],
                seqs: list[Sequence]) -> list[tuple[list[int], Awaitable[list[StepOutput]]]]:

@@ -48,6 +48,9 @@ async def native_events(expert: Expert, name: str, req: GenerationRequest,
             if problem is not None:                   # e.g. a corrupt checkpoint: NaN logprobs, token 0 forever
                 lost = f"unsound answer from the replica: {problem}"
                 log.warning("request %s: expert %s: %s", req.request_id, name, lost)
+                quarantine = getattr(expert, "quarantine_generation", None)     # the restart goes elsewhere
+                if quarantine is not None:
+                    quarantine(greq.request_id)
                 break
             for j, token in enumerate(d.token_ids):
                 last = j == len(d.token_ids) - 1

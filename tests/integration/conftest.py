@@ -75,7 +75,8 @@ def ray_cluster():
     if started:
         # The Serve settings `ensemble serve` uses (HAProxy ingress, gRPC between deployments): tests run the
         # service as users do.
-        env = serve_env({"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")})
+        env = serve_env({"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+                         "ENSEMBLE_FAULT_INJECTION": "1"})          # experts/fault_injection.py: these tests may
         ray.init(num_cpus=16, include_dashboard=False, runtime_env={"env_vars": env})
     since = time.time()
     yield ray

@@ -205,6 +205,7 @@ async def test_an_expert_unsound_on_one_context_only_stays_up_for_the_others():
         assert all("math" not in ev.routing.experts for ev in bad)
         assert all("math" in ev.routing.experts for ev in good)     # math answered the other request throughout
         assert engine.health.down() == []
+        assert experts["math"].quarantined == []                   # its replica answered soundly too: not quarantined
     finally:
         await engine.stop()
 
