@@ -167,7 +167,7 @@ class ServeExpertClient:
         is picked instead, connected to directly if need be."""
         now = asyncio.get_running_loop().time()
         running = self._running()
-        quarantined = {r for r, until in self._quarantined.items() if until > now}
+        quarantined = set(self.quarantined_replicas())
         live = [r for r, conn in self._conns.items()
                 if not conn.lost and r not in self.abandoned and self._no_direct.get(r, 0.0) <= now
                 and r not in quarantined and (running is None or r in running)]
@@ -175,7 +175,8 @@ class ServeExpertClient:
         if quarantined and running is not None and (due or not live):
             sound = [r for r in running if r not in quarantined and r not in self.abandoned]
             if sound:
-                self._routed_at = now if due else self._routed_at
+                if due:
+                    self._routed_at = now
                 return min(sound, key=lambda r: held.get(r, 0))
         if not live or due:
             self._routed_at = now
@@ -190,9 +191,10 @@ class ServeExpertClient:
             self.quarantine(replica)
 
     def quarantined_replicas(self) -> list[str]:
-        """Replicas in quarantine now (for /metrics)."""
+        """Replicas in quarantine now (placement, /metrics); those whose time is up are forgotten."""
         now = asyncio.get_running_loop().time()
-        return sorted(r for r, until in self._quarantined.items() if until > now)
+        self._quarantined = {r: until for r, until in self._quarantined.items() if until > now}
+        return sorted(self._quarantined)
 
     def quarantine(self, replica: str, for_s: float = QUARANTINE_S) -> None:
         """`replica` answered unsoundly (experts/answer_checks.py): place no new session or generation on it for
@@ -200,10 +202,11 @@ class ServeExpertClient:
         among sound ones) instead of back to it, which holds the fewest sessions now. The sessions it still
         holds stay pinned to it until they fail too. With no other replica running, Serve's router places them
         (on it: the expert is then marked down, as with one replica)."""
-        if self._quarantined.get(replica, 0.0) <= asyncio.get_running_loop().time():
+        now = asyncio.get_running_loop().time()
+        if self._quarantined.get(replica, 0.0) <= now:
             log.warning("expert %s: replica %s answered unsoundly; no new session goes there for %.0f s",
                         self.name, replica, for_s)
-        self._quarantined[replica] = asyncio.get_running_loop().time() + for_s
+        self._quarantined[replica] = now + for_s
 
     async def advance(self, steps: list[SessionStep], top_k: int) -> list[StepOutput]:
         """One pinned call per replica, concurrently; outputs in the order of `steps`."""

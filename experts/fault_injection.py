@@ -20,6 +20,7 @@ ENABLE = "ENSEMBLE_FAULT_INJECTION"      # "1" in a replica's environment lets t
 def enabled() -> bool:
     return os.environ.get(ENABLE) == "1"
 
+
 # The token embedding: vLLM's forward reads that table as it is. Linear weights are no good here: on CPU vLLM
 # packs each into its GEMM kernel's own layout at load time and drops the parameter's storage
 # (dispatch_cpu_unquantized_gemm), so writing into the parameter afterwards changes nothing the engine reads.
