@@ -210,6 +210,8 @@ class DecodeLoop:
                 s, r = seqs[i], routes[i]
                 if s.done or r is None:
                     continue
+                if all((i, e) in answers for e in r.experts):          # the usual row: every expert answered
+                    continue
                 kept = renormalise(r, {e for e in r.experts if (i, e) in answers})
                 if kept is not None:
                     routes[i] = kept

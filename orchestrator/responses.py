@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Sequence
 
+import msgspec
 from starlette.responses import StreamingResponse
 
 from orchestrator.api import (
@@ -104,3 +105,30 @@ class ClosingStreamingResponse(StreamingResponse):
 
 def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+_json = msgspec.json.Encoder()
+
+
+def sse_fast(obj: dict) -> str:
+    """sse() for the per-token events: msgspec writes the same JSON (non-ASCII as UTF-8, not \\u escapes) in a
+    fifth of json.dumps' time; text that UTF-8 cannot carry (a lone surrogate) takes json.dumps' escapes."""
+    try:
+        return f"data: {_json.encode(obj).decode()}\n\n"
+    except UnicodeEncodeError:
+        return sse(obj)
+
+
+def plain_chunk(endpoint: str, request_id: str, created: int, model: str, gate_version: str, text: str,
+                finish_reason: str | None) -> dict:
+    """One streamed event without logprobs or routing, the event almost every stream sends per token: the same
+    dict as api.CompletionResponse / api.ChatCompletionChunk(...).model_dump() (tests/unit/test_sse_chunks.py),
+    built directly. Four pydantic models and a dump per token cost ≈ 20 µs of the gateway's event loop."""
+    head = {"id": request_id, "object": "text_completion" if endpoint == "completions" else "chat.completion.chunk",
+            "created": created, "model": model, "system_fingerprint": gate_version}
+    if endpoint == "completions":
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    else:
+        choice = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": finish_reason}
+    head["choices"] = [choice]
+    return head

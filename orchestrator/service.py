@@ -23,7 +23,7 @@ from orchestrator.admission import Admission
 from orchestrator.api import OpenAIError, read_json
 from orchestrator.metrics import GatewayMetrics
 from orchestrator.request_checks import RequestRejected, outside_vocabulary
-from orchestrator.responses import ClosingStreamingResponse, sse
+from orchestrator.responses import ClosingStreamingResponse, plain_chunk, sse, sse_fast
 from orchestrator.store import StoreError, TrafficLog, TrafficRecord
 from orchestrator.stream import StopMatcher, TextCodec, TextDelta, stream_text
 from orchestrator.types import AtCapacity, ExpertsUnavailable, GenerationParams, GenerationRequest, TokenEvent
@@ -376,6 +376,9 @@ class GatewayCore:
 
     def _chunk(self, prep: _Prepared, trace: _Trace, delta: TextDelta | None) -> dict:
         """One SSE event; delta None is the chat opener (role only)."""
+        if not prep.logprobs and not prep.return_routing and delta is not None:
+            return plain_chunk(trace.endpoint, trace.request_id, int(trace.created), trace.model,
+                               trace.gate_version, delta.text, delta.finish_reason)
         tt, ev = self.codec.token_text, (delta.events if delta else ())
         head = self._head(trace)
         finish, routing = (delta.finish_reason if delta else None), (self._routing(prep, trace, ev) if ev else None)
@@ -394,10 +397,10 @@ class GatewayCore:
         try:
             if trace.endpoint == "chat.completions":
                 yield sse(self._chunk(prep, trace, None))
-            yield sse(self._chunk(prep, trace, first))
+            yield sse_fast(self._chunk(prep, trace, first))
             async for delta in deltas:
                 t0 = time.perf_counter()
-                event = sse(self._chunk(prep, trace, delta))
+                event = sse_fast(self._chunk(prep, trace, delta))
                 clock.add("sse", time.perf_counter() - t0)
                 yield event
             if prep.include_usage:

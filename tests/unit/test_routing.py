@@ -37,3 +37,27 @@ def test_rows_take_their_own_k_and_no_expert_up_gives_no_route():
     assert one.experts == (1,) and one.weights == (1.0,)
     assert two.experts == (0, 2) and two.weights[0] > two.weights[1]
     assert route_gated(logits, [1, 2], torch.zeros(4, dtype=torch.bool)) == [None, None]
+
+
+@pytest.mark.parametrize("down", [(), (2,), (0, 3), (0, 1, 2)])
+def test_a_round_routed_at_once_equals_the_same_rows_routed_one_by_one(down):
+    """From VECTOR_ROWS rows on a round is routed in one numpy pass: the same experts, weights, entropy and
+    degraded flag as row by row, with mixed k, ties and experts down."""
+    from orchestrator import routing
+
+    g = torch.Generator().manual_seed(7 + len(down))
+    logits = (torch.randn(40, 4, generator=g) * 2).numpy()
+    logits[3] = [1.0, 1.0, 0.5, 1.0]                      # ties: the lower index first
+    logits[5] = [0.0, 0.0, 0.0, 0.0]
+    ks = [(1, 2, 3, 4, 2)[i % 5] for i in range(40)]
+    available = torch.tensor([e not in down for e in range(4)])
+    at_once = routing.route_gated(logits, ks, available)
+    assert len(ks) >= routing.VECTOR_ROWS
+    one_by_one = [routing.route_gated(logits[i:i + 1], [k], available)[0] for i, k in enumerate(ks)]
+    for a, b in zip(at_once, one_by_one):
+        assert a.experts == b.experts and a.degraded == b.degraded
+        assert a.weights == pytest.approx(b.weights, abs=1e-12)
+        assert a.entropy == pytest.approx(b.entropy, abs=1e-12)
+    uniform = routing.route_gated(logits, [2] * 40, available)         # the usual round: one k for every row
+    assert [r.experts for r in uniform] == [routing.route_gated(logits[i:i + 1], [2], available)[0].experts
+                                            for i in range(40)]
