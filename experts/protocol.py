@@ -183,6 +183,9 @@ class ReplicaStats:
     data_plane_calls: int = 0           # calls answered over them
     engine_steps: int = 0               # vLLM engine steps so far (in-process engines only)
     engine_step_s: float = 0.0          # wall time inside them
+    # experts/self_check.py: "" (nothing found), "replace: <why>" (its live model went bad; its health check
+    # fails) or "suspect checkpoint: <why>" (never answered soundly; kept, a new replica would load the same files)
+    self_check: str = ""
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,13 @@ router reads (experts/replica_router.py). The client side is experts/client.py.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
+from experts.answer_checks import length_problem, topk_problems
 from experts.config import ExpertConfig
 from experts.data_plane import DataPlaneServer, Endpoint
 from experts.protocol import (
@@ -24,6 +26,7 @@ from experts.protocol import (
     StartReply,
     StepReply,
 )
+from experts.self_check import SoundnessWatch
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ class ExpertServer:
         self._expert = VLLMExpert(self.config)
         self._gauges = _replica_gauges(self.config.name, self.replica)
         self._data_plane: DataPlaneServer | None = None
+        self._soundness = SoundnessWatch(self._self_probe, f"expert {self.config.name} replica {self.replica}")
+        self._probe_ids = itertools.count()
         log.info("expert %s replica %s serving %s", self.config.name, self.replica, self.config.model_path)
 
     async def info(self, replica: str | None = None) -> ExpertInfo:
@@ -54,11 +59,13 @@ class ExpertServer:
         t0 = time.perf_counter()
         outputs = await self._expert.open(steps, top_k)
         self._publish()
+        self._soundness.observe(outputs)
         return StepReply(self.replica, tuple(outputs), time.perf_counter() - t0)
 
     async def advance(self, steps: list[SessionStep], top_k: int, replica: str | None = None) -> StepReply:
         t0 = time.perf_counter()
         outputs = await self._expert.advance(steps, top_k)
+        self._soundness.observe(outputs)
         return StepReply(self.replica, tuple(outputs), time.perf_counter() - t0)
 
     async def close(self, session_ids: list[str], replica: str | None = None) -> None:
@@ -112,15 +119,32 @@ class ExpertServer:
         dp, engine = self._data_plane, self._expert.engine
         return ReplicaStats(self.replica, self._expert.num_open_sessions, len(self._expert.generations),
                             dp.connections_accepted if dp else 0, dp.calls_served if dp else 0,
-                            getattr(engine, "steps", 0), getattr(engine, "step_s", 0.0))
+                            getattr(engine, "steps", 0), getattr(engine, "step_s", 0.0), self._soundness.state)
 
     async def num_open_sessions(self, replica: str | None = None) -> int:
         return self._expert.num_open_sessions
 
     async def check_health(self) -> None:
-        # Serve restarts the replica when this raises (e.g. the engine-core process died).
+        # Serve restarts the replica when this raises: the engine-core process died, or the model answers
+        # nonsense (experts/self_check.py).
+        if self._soundness.verdict is not None:
+            raise RuntimeError(self._soundness.verdict)
         await self._expert.check_health()
         self._publish()
+
+    async def _self_probe(self) -> str | None:
+        """A one-token session on a fixed token, opened and closed -> what is wrong with its answer, or None
+        (sound, or no answer: a busy or stopping engine proves nothing). experts/self_check.py."""
+        info = await self._expert.info()
+        sid = f"self-probe.{self.replica}.{next(self._probe_ids)}"
+        token = info.eos_token_id or 0
+        (out,) = await self._expert.open([SessionStep(sid, (token,))], 1)
+        if out.error is not None:
+            return None
+        await self._expert.close([sid])
+        if out.topk is None:
+            return "no top-k"
+        return topk_problems([out.topk], info.vocab_size).get(0) or length_problem(out.length, 1)
 
     def _publish(self) -> None:
         """Open sessions and generations of this replica, through Ray's metrics pipeline (one Prometheus

@@ -20,6 +20,7 @@ an intact service. Runs inside the session's live gateway (tests/integration/gat
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
@@ -316,8 +317,9 @@ def test_one_corrupt_replica_of_two_is_quarantined_and_its_sessions_move_with_id
     sessions are re-opened on the sound replica, and no new session goes to the corrupt one (quarantine): not
     the re-opened ones, nor those of a second batch of streams started right after the fault, for which the
     corrupt replica, now holding the fewest sessions, would be the first choice. So no stream fails, no token is
-    degraded, code stays ok, and the temperature-0 text is that of a run without the fault. The corrupt replica
-    is killed afterwards (only a new one is sound again) and Serve replaces it."""
+    degraded, code stays ok, and the temperature-0 text is that of a run without the fault. Only a new replica is
+    sound again, and the corrupt one says so itself: its own answers come back NaN, its self-probe too, so its
+    health check fails and Serve replaces it without anyone killing it (experts/self_check.py)."""
     from ray import serve
 
     gw = two_code_replicas
@@ -342,11 +344,15 @@ def test_one_corrupt_replica_of_two_is_quarantined_and_its_sessions_move_with_id
     try:
         first = run_streams(gw.base_url, greedy, fault=corrupt_the_busier_replica_then_start_more_streams)
         report = health(gw.base_url)["experts"]["code"]
+        assert corrupted, "the fault was never injected"
+        wait_for("Serve to replace the corrupt replica, which failed its own health check",
+                 lambda: corrupted[0].pid not in {r.pid for r in replicas(gw.app_name, "expert-code")}, timeout_s=120)
     finally:
-        for victim in corrupted:
-            kill(victim.pid)
+        for victim in corrupted:                                   # a corrupt replica left running: clean up
+            with contextlib.suppress(ProcessLookupError):
+                kill(victim.pid)
 
-    assert corrupted, "the fault was never injected"
+
     assert_no_stream_failed(first)
     assert_no_stream_failed(later)                              # native generations started on the sound one too
     assert metric(gw, "ensemble_unsound_answers_total") > unsound_before, "the corrupt replica answered nothing"

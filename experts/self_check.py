@@ -1,0 +1,96 @@
+"""A replica that finds it answers nonsense asks Serve to replace it.
+
+The gateway rejects unsound answers and quarantines the replica that sent them for a while
+(experts/answer_checks.py, orchestrator/decode_loop.py). That protects the streams, but a corrupt model stays
+corrupt: only a new replica is sound again (experts/fault_injection.py), and Serve's health check, which asks only
+whether the engine runs, never said so. So each replica watches its own answers:
+
+1. A step none of whose answers has a finite top logprob (a corrupt weight makes every logprob NaN; measured,
+   experts/answer_checks.py) starts one probe: a one-token session on a fixed token, checked as the gateway
+   checks answers (`topk_problems`, `length_problem`).
+2. A probe that is unsound too, on a replica that has answered soundly before, means its model went bad while it
+   ran (a new replica loads the files again): the replica is unsound for good, its health check raises from
+   then on, and Serve replaces it (after REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD failed checks,
+   health_check_period_s apart).
+3. On a replica that has never answered soundly, the checkpoint itself is the suspect: a new replica would load
+   the same files and fail the same way, over and over, each start costing an engine's load. It stays up (the
+   gateway keeps the expert `down` and probes it) and says so in its log once; no more probes.
+4. A probe that answers soundly means one context overflowed, not the model, and one that gets no answer at all
+   (the engine is busy or stopping) proves nothing: nothing happens, and a later such step probes again.
+
+The watch costs a healthy step one float read: it stops at the first answer whose top logprob is finite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import struct
+from collections.abc import Awaitable, Callable, Sequence
+
+from experts.protocol import StepOutput, TopK
+
+log = logging.getLogger(__name__)
+_FIRST_LP = struct.Struct("<d")          # TopK.lps: K little-endian float64, the top one first
+
+
+class SoundnessWatch:
+    """`probe()` -> what is wrong with the engine's answer to a fixed context, or None (sound, or no answer)."""
+
+    def __init__(self, probe: Callable[[], Awaitable[str | None]], name: str) -> None:
+        self._probe, self.name = probe, name
+        self.verdict: str | None = None          # set once, when a probe confirms: the replica must be replaced
+        self.suspect_checkpoint: str | None = None    # a probe confirmed, but the replica was never sound
+        self.ever_sound = False
+        self.probes = 0
+        self._task: asyncio.Task | None = None
+
+    @property
+    def state(self) -> str:
+        """For ReplicaStats.self_check: "" , "replace: <why>" or "suspect checkpoint: <why>"."""
+        if self.verdict is not None:
+            return f"replace: {self.verdict}"
+        return "" if self.suspect_checkpoint is None else f"suspect checkpoint: {self.suspect_checkpoint}"
+
+    def observe(self, outputs: Sequence[StepOutput]) -> None:
+        """One step's answers (any mix of errors and top-k): probe when every top-k is non-finite."""
+        tops = [o.topk for o in outputs if o.error is None and o.topk is not None]
+        if not tops:
+            return
+        if any(finite_top(t) for t in tops):
+            self.ever_sound = True
+            return
+        if self.verdict is not None or self.suspect_checkpoint is not None or self._task is not None:
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"self-probe:{self.name}")
+
+    async def settled(self) -> None:
+        """Wait for a probe in flight (tests)."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def _run(self) -> None:
+        self.probes += 1
+        try:
+            why = await self._probe()
+        except Exception:                        # no answer is no evidence
+            log.exception("%s: the self-probe got no answer", self.name)
+            why = None
+        finally:
+            self._task = None
+        if why is not None and self.ever_sound:
+            self.verdict = f"the engine answers no next-token distribution ({why}): this replica must be replaced"
+            log.error("%s: %s", self.name, self.verdict)
+        elif why is not None:
+            self.suspect_checkpoint = why
+            log.error("%s: the engine has answered no next-token distribution since it started (%s): its checkpoint "
+                      "is likely corrupt. Not asking for a new replica, which would load the same files; the "
+                      "gateway keeps this expert down until it answers soundly", self.name, why)
+        else:
+            log.warning("%s: a step answered only non-finite logprobs, but the engine's self-probe is sound", self.name)
+
+
+def finite_top(topk: TopK) -> bool:
+    """Whether a top-k's first (largest) logprob is a finite number."""
+    return topk.k > 0 and math.isfinite(_FIRST_LP.unpack_from(topk.lps)[0])
