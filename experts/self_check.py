@@ -14,11 +14,16 @@ whether the engine runs, never said so. So each replica watches its own answers:
    health_check_period_s apart).
 3. On a replica that has never answered soundly, the checkpoint itself is the suspect: a new replica would load
    the same files and fail the same way, over and over, each start costing an engine's load. It stays up (the
-   gateway keeps the expert `down` and probes it) and says so in its log once; no more probes.
-4. A probe that answers soundly means one context overflowed, not the model, and one that gets no answer at all
-   (the engine is busy or stopping) proves nothing: nothing happens, and a later such step probes again.
+   gateway keeps the expert `down` and probes it) and says so in its log once; no more probes. So that a replica
+   serving only native generations (not watched) still knows it started sound, its first health check after
+   the engine is up starts one probe (`start_baseline`).
+4. A probe that answers soundly means one context overflowed, not the model; one that gets no answer at all (the
+   engine is busy or stopping: the probe raises) proves nothing. Nothing happens, and a later such step probes
+   again.
 
-The watch costs a healthy step one float read: it stops at the first answer whose top logprob is finite.
+The watch costs a healthy step a list of its answers and one float read: it stops at the first answer whose top
+logprob is finite. The top one is enough for a model gone bad (every logprob is NaN); a top-k with a NaN further
+down is the gateway's to reject.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ _FIRST_LP = struct.Struct("<d")          # TopK.lps: K little-endian float64, th
 
 
 class SoundnessWatch:
-    """`probe()` -> what is wrong with the engine's answer to a fixed context, or None (sound, or no answer)."""
+    """`probe()` -> what is wrong with the engine's answer to a fixed context, or None when it is sound; it
+    raises when the engine gave no answer."""
 
     def __init__(self, probe: Callable[[], Awaitable[str | None]], name: str) -> None:
         self._probe, self.name = probe, name
@@ -48,7 +54,7 @@ class SoundnessWatch:
 
     @property
     def state(self) -> str:
-        """For ReplicaStats.self_check: "" , "replace: <why>" or "suspect checkpoint: <why>"."""
+        """For ReplicaStats.self_check: "", "replace: <why>" or "suspect checkpoint: <why>"."""
         if self.verdict is not None:
             return f"replace: {self.verdict}"
         return "" if self.suspect_checkpoint is None else f"suspect checkpoint: {self.suspect_checkpoint}"
@@ -61,34 +67,50 @@ class SoundnessWatch:
         if any(finite_top(t) for t in tops):
             self.ever_sound = True
             return
-        if self.verdict is not None or self.suspect_checkpoint is not None or self._task is not None:
+        if self._decided or self._task is not None:
             return
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"self-probe:{self.name}")
+        self._task = asyncio.get_running_loop().create_task(self._run(odd_step=True), name=f"self-probe:{self.name}")
+
+    def start_baseline(self) -> None:
+        """From the replica's health check (which must not wait on the engine): probe once, in the background,
+        an engine that has not answered soundly yet. An unanswered probe is tried again at the next check."""
+        if self.ever_sound or self._decided or self._task is not None:
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run(odd_step=False), name=f"baseline:{self.name}")
 
     async def settled(self) -> None:
         """Wait for a probe in flight (tests)."""
         if self._task is not None:
             await asyncio.shield(self._task)
 
-    async def _run(self) -> None:
+    @property
+    def _decided(self) -> bool:
+        return self.verdict is not None or self.suspect_checkpoint is not None
+
+    async def _run(self, odd_step: bool) -> None:
         self.probes += 1
         try:
             why = await self._probe()
-        except Exception:                        # no answer is no evidence
-            log.exception("%s: the self-probe got no answer", self.name)
-            why = None
+        except Exception as exc:  # noqa: BLE001 - no answer is no evidence, whatever went wrong
+            log.warning("%s: the self-probe got no answer (%r)", self.name, exc)
+            return
         finally:
             self._task = None
-        if why is not None and self.ever_sound:
+        if why is None and odd_step:
+            log.warning("%s: a step answered only non-finite logprobs, but the engine's self-probe is sound", self.name)
+        self._conclude(why)
+
+    def _conclude(self, why: str | None) -> None:
+        if why is None:
+            self.ever_sound = True
+        elif self.ever_sound:
             self.verdict = f"the engine answers no next-token distribution ({why}): this replica must be replaced"
             log.error("%s: %s", self.name, self.verdict)
-        elif why is not None:
+        else:
             self.suspect_checkpoint = why
             log.error("%s: the engine has answered no next-token distribution since it started (%s): its checkpoint "
                       "is likely corrupt. Not asking for a new replica, which would load the same files; the "
                       "gateway keeps this expert down until it answers soundly", self.name, why)
-        else:
-            log.warning("%s: a step answered only non-finite logprobs, but the engine's self-probe is sound", self.name)
 
 
 def finite_top(topk: TopK) -> bool:

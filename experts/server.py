@@ -130,21 +130,27 @@ class ExpertServer:
         if self._soundness.verdict is not None:
             raise RuntimeError(self._soundness.verdict)
         await self._expert.check_health()
+        self._soundness.start_baseline()     # once: whether this engine answers soundly at all (in the background)
         self._publish()
 
     async def _self_probe(self) -> str | None:
-        """A one-token session on a fixed token, opened and closed -> what is wrong with its answer, or None
-        (sound, or no answer: a busy or stopping engine proves nothing). experts/self_check.py."""
+        """A one-token session on a fixed token, opened and closed -> what is wrong with its answer, or None when
+        it is sound. Raises when the engine gives no answer (busy or stopping: no evidence either way).
+        experts/self_check.py."""
         info = await self._expert.info()
         sid = f"self-probe.{self.replica}.{next(self._probe_ids)}"
-        token = info.eos_token_id or 0
-        (out,) = await self._expert.open([SessionStep(sid, (token,))], 1)
-        if out.error is not None:
-            return None
-        await self._expert.close([sid])
-        if out.topk is None:
-            return "no top-k"
-        return topk_problems([out.topk], info.vocab_size).get(0) or length_problem(out.length, 1)
+        (out,) = await self._expert.open([SessionStep(sid, (info.eos_token_id or 0,))], 1)
+        if out.error is not None:                 # nothing was opened
+            raise RuntimeError(f"the probe was refused ({out.error_kind}: {out.error})")
+        try:
+            if out.topk is None:
+                return "no top-k"
+            return topk_problems([out.topk], info.vocab_size).get(0) or length_problem(out.length, 1)
+        finally:
+            try:
+                await self._expert.close([sid])
+            except Exception:                     # its verdict stands; the idle reaper closes it
+                log.exception("expert %s: could not close the self-probe's session", self.config.name)
 
     def _publish(self) -> None:
         """Open sessions and generations of this replica, through Ray's metrics pipeline (one Prometheus

@@ -110,13 +110,22 @@ def sse(obj: dict) -> str:
 _json = msgspec.json.Encoder()
 
 
+# Characters that str.splitlines() and httpx's iter_lines() take for line breaks: raw inside an event, they would
+# cut its data line in two for such readers (json.dumps escapes them; msgspec writes them as UTF-8).
+_LINE_BREAKS = ("\u2028", "\u2029", "\x85")        # JSON escapes the control characters among them
+
+
 def sse_fast(obj: dict) -> str:
-    """sse() for the per-token events: msgspec writes the same JSON (non-ASCII as UTF-8, not \\u escapes) in a
-    fifth of json.dumps' time; text that UTF-8 cannot carry (a lone surrogate) takes json.dumps' escapes."""
+    """sse() for the plain per-token events (responses.plain_chunk: strings, ints and None only): msgspec writes
+    the same JSON (non-ASCII as UTF-8, not \\u escapes) in a fifth of json.dumps' time. Text that UTF-8 cannot
+    carry (a lone surrogate), or with a character some readers split lines at, takes json.dumps' escapes."""
     try:
-        return f"data: {_json.encode(obj).decode()}\n\n"
+        text = _json.encode(obj).decode()
     except UnicodeEncodeError:
         return sse(obj)
+    if any(c in text for c in _LINE_BREAKS):
+        return sse(obj)
+    return f"data: {text}\n\n"
 
 
 def plain_chunk(endpoint: str, request_id: str, created: int, model: str, gate_version: str, text: str,

@@ -60,7 +60,7 @@ def _route_rows(x: np.ndarray, ks: list[int], up: np.ndarray) -> list[Route]:
     entropies = (np.log(z) - (ex * shifted).sum(axis=1) / z).tolist()
     order = np.argsort(-x, axis=1, kind="stable")                    # by descending logit, ties: lower index
     everyone = bool(up.all())
-    allowed = order if everyone else np.argsort(-np.where(up, x, -np.inf), axis=1, kind="stable")
+    allowed = order if everyone else order[up[order]].reshape(x.shape[0], -1)   # each row's order, experts up
     kmax = min(max(ks), int(up.sum()))
     chosen = allowed[:, :kmax]
     picked = np.take_along_axis(shifted, chosen, axis=1)

@@ -397,10 +397,11 @@ class GatewayCore:
         try:
             if trace.endpoint == "chat.completions":
                 yield sse(self._chunk(prep, trace, None))
-            yield sse_fast(self._chunk(prep, trace, first))
+            frame = sse if prep.logprobs or prep.return_routing else sse_fast    # floats: json.dumps' spelling
+            yield frame(self._chunk(prep, trace, first))
             async for delta in deltas:
                 t0 = time.perf_counter()
-                event = sse_fast(self._chunk(prep, trace, delta))
+                event = frame(self._chunk(prep, trace, delta))
                 clock.add("sse", time.perf_counter() - t0)
                 yield event
             if prep.include_usage:

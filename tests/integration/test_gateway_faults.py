@@ -20,7 +20,6 @@ an intact service. Runs inside the session's live gateway (tests/integration/gat
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import threading
 
@@ -348,8 +347,9 @@ def test_one_corrupt_replica_of_two_is_quarantined_and_its_sessions_move_with_id
         wait_for("Serve to replace the corrupt replica, which failed its own health check",
                  lambda: corrupted[0].pid not in {r.pid for r in replicas(gw.app_name, "expert-code")}, timeout_s=120)
     finally:
+        running = {r.pid for r in replicas(gw.app_name, "expert-code")}
         for victim in corrupted:                                   # a corrupt replica left running: clean up
-            with contextlib.suppress(ProcessLookupError):
+            if victim.pid in running:                              # (a pid Serve let go may be reused by now)
                 kill(victim.pid)
 
 

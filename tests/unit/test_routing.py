@@ -61,3 +61,15 @@ def test_a_round_routed_at_once_equals_the_same_rows_routed_one_by_one(down):
     uniform = routing.route_gated(logits, [2] * 40, available)         # the usual round: one k for every row
     assert [r.experts for r in uniform] == [routing.route_gated(logits[i:i + 1], [2], available)[0].experts
                                             for i in range(40)]
+
+
+def test_an_expert_down_is_never_chosen_even_when_an_expert_up_has_a_minus_infinite_logit():
+    """Down experts must not tie with an available expert at -inf (a mask by -inf would let the lower index win)."""
+    import numpy as np
+
+    from orchestrator import routing
+
+    logits = np.array([[0.0, -np.inf, -np.inf, 1.0]] * routing.VECTOR_ROWS)
+    available = torch.tensor([False, True, True, False])
+    for r in routing.route_gated(logits, [2] * routing.VECTOR_ROWS, available):
+        assert r.experts == (1, 2) and r.degraded

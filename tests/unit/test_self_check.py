@@ -105,3 +105,108 @@ def test_one_probe_at_a_time():
         return probe.calls, watch.verdict is not None
 
     assert asyncio.run(run()) == (1, True)
+
+
+def test_the_baseline_probe_tells_a_model_gone_bad_from_a_checkpoint_never_sound():
+    """From the health check, before any watched step: a sound baseline makes a later unsound probe a verdict
+    (replace); an unsound one makes the checkpoint the suspect; an unanswered one is tried again."""
+    async def run(*answers, then_nan_step=False):
+        probe = Probe(*answers)
+        watch = SoundnessWatch(probe, "x")
+        for _ in range(len(answers) if not then_nan_step else 1):
+            watch.start_baseline()
+            await watch.settled()
+        if then_nan_step:
+            watch.observe([out(NAN)])
+            await watch.settled()
+        watch.start_baseline()                                    # decided or sound: no more baseline probes
+        await watch.settled()
+        return probe.calls, watch.state.split(":")[0], watch.ever_sound
+
+    assert asyncio.run(run(None, "nan", then_nan_step=True)) == (2, "replace", True)
+    assert asyncio.run(run("nan")) == (1, "suspect checkpoint", False)
+    assert asyncio.run(run(RuntimeError("busy"), None)) == (2, "", True)
+
+
+class FakeExpert:
+    """What ExpertServer._self_probe uses of VLLMExpert."""
+
+    def __init__(self, answer: StepOutput, close_fails: bool = False):
+        self.answer, self.close_fails, self.open_ids, self.closed = answer, close_fails, [], []
+
+    async def info(self):
+        from experts.protocol import ExpertInfo
+
+        return ExpertInfo("code", "/m", 100, 256, "fp", 2)
+
+    async def open(self, steps, top_k):
+        self.open_ids += [s.session_id for s in steps]
+        assert [s.token_ids for s in steps] == [(2,)] and top_k == 1       # the eos token, one candidate
+        return [self.answer]
+
+    async def close(self, ids):
+        self.closed += ids
+        if self.close_fails:
+            raise RuntimeError("replica stopping")
+
+    async def check_health(self):
+        pass
+
+    def shutdown(self):
+        pass
+
+
+def server_with(expert):
+    import itertools
+    import types
+
+    from experts.server import ExpertServer
+
+    server = object.__new__(ExpertServer)                          # no Serve, no engine: the probe and the check
+    server._expert, server.replica, server._probe_ids = expert, "r1", itertools.count()
+    server.config = types.SimpleNamespace(name="code")
+    server._gauges = (None, None)
+    server._publish = lambda: None
+    server._soundness = SoundnessWatch(server._self_probe, "expert code replica r1")
+    return server
+
+
+def test_the_servers_probe_checks_the_answer_and_always_closes_its_session():
+    import pytest
+
+    async def run():
+        nan = server_with(FakeExpert(StepOutput("p", topk=NAN, length=1), close_fails=True))
+        why = await nan._self_probe()                              # a close that fails does not lose the verdict
+        sound = server_with(FakeExpert(StepOutput("p", topk=TopK.of([5], [-0.2]), length=1)))
+        fine = await sound._self_probe()
+        diverged = await server_with(FakeExpert(StepOutput("p", topk=TopK.of([5], [-0.2]), length=3)))._self_probe()
+        refused = server_with(FakeExpert(StepOutput("p", error="full", error_kind="capacity")))
+        with pytest.raises(RuntimeError, match="refused"):
+            await refused._self_probe()
+        return why, nan._expert, fine, sound._expert, diverged, refused._expert
+
+    why, nan, fine, sound, diverged, refused = asyncio.run(run())
+    assert why is not None and "nan" in why.lower() and nan.closed == nan.open_ids
+    assert fine is None and sound.closed == sound.open_ids
+    assert diverged is not None and "3" in diverged
+    assert refused.closed == []                                    # nothing was opened
+
+
+def test_the_health_check_fails_once_a_replica_that_was_sound_is_found_unsound():
+    import pytest
+
+    async def run():
+        server = server_with(FakeExpert(StepOutput("p", topk=NAN, length=1)))
+        await server.check_health()                                # healthy; starts the baseline probe
+        await server._soundness.settled()
+        first = server._soundness.state                            # never sound: the checkpoint is the suspect
+        await server.check_health()                                # ... and the replica stays
+        server._soundness = SoundnessWatch(server._self_probe, "x")
+        server._soundness.observe([out(SOUND)])
+        server._soundness.observe([out(NAN)])
+        await server._soundness.settled()
+        with pytest.raises(RuntimeError, match="must be replaced"):
+            await server.check_health()
+        return first
+
+    assert asyncio.run(run()).startswith("suspect checkpoint")
