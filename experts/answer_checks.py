@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from experts.protocol import ID_DTYPE, LP_DTYPE, TopK
+from experts.protocol import ID_DTYPE, LP_DTYPE, StepOutput, TopK
 
 # A raw logprob is log-softmax output, so <= 0; float32 rounding can put the top one a hair above.
 LOGPROB_SLACK = 1e-3
@@ -62,6 +62,14 @@ def length_problem(held: int, sent: int) -> str | None:
     if held == sent:
         return None
     return f"answer for a context of {held} tokens, not the {sent} sent (the session diverged on the replica)"
+
+
+def probe_problem(out: StepOutput, vocab_size: int | None) -> str | None:
+    """What is wrong with the answer to a probe (a one-token session opened to test an engine), or None: the
+    gateway's probe of a down expert and a replica's probe of itself (experts/self_check.py) judge alike."""
+    if out.topk is None:
+        return "no top-k"
+    return topk_problems([out.topk], vocab_size).get(0) or length_problem(out.length, 1)
 
 
 def _all_sound(ids: np.ndarray, lps: np.ndarray, vocab_size: int | None) -> bool:

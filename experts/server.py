@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from experts.answer_checks import length_problem, topk_problems
+from experts.answer_checks import probe_problem
 from experts.config import ExpertConfig
 from experts.data_plane import DataPlaneServer, Endpoint
 from experts.protocol import (
@@ -143,9 +143,7 @@ class ExpertServer:
         if out.error is not None:                 # nothing was opened
             raise RuntimeError(f"the probe was refused ({out.error_kind}: {out.error})")
         try:
-            if out.topk is None:
-                return "no top-k"
-            return topk_problems([out.topk], info.vocab_size).get(0) or length_problem(out.length, 1)
+            return probe_problem(out, info.vocab_size)
         finally:
             try:
                 await self._expert.close([sid])

@@ -16,7 +16,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 
-from experts.answer_checks import length_problem, score_problem, topk_problems
+from experts.answer_checks import probe_problem, score_problem
 from experts.protocol import Expert, ExpertInfo, SessionStep
 from gating.mix import MIX_SPACES, logprob_of, mix
 from gating.mix_row import rows_of
@@ -239,8 +239,7 @@ class EnsembleEngine:
         (out,) = await self._experts[e].open([SessionStep(sid, (token,))], self.logprobs_k)
         if out.error is None:
             await self._experts[e].close([sid])
-            why = "no top-k" if out.topk is None else \
-                topk_problems([out.topk], self.vocab_size).get(0) or length_problem(out.length, 1)
+            why = probe_problem(out, self.vocab_size)
             return None if why is None else f"unsound answer from the replica: {why}"
         return out.error
 

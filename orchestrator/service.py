@@ -135,6 +135,11 @@ class _Prepared:
     echo: bool = False
     prompt_param: str = "prompt"       # the field the prompt came in: "prompt", or "messages" for a chat
 
+    @property
+    def plain_events(self) -> bool:
+        """Its streamed tokens carry text only (no logprobs, no routing): responses.plain_chunk and sse_fast."""
+        return not self.logprobs and not self.return_routing
+
 
 class GatewayCore:
     """The HTTP-free heart of the gateway: validate, run the engine, shape responses, log, count."""
@@ -376,7 +381,7 @@ class GatewayCore:
 
     def _chunk(self, prep: _Prepared, trace: _Trace, delta: TextDelta | None) -> dict:
         """One SSE event; delta None is the chat opener (role only)."""
-        if not prep.logprobs and not prep.return_routing and delta is not None:
+        if prep.plain_events and delta is not None:
             return plain_chunk(trace.endpoint, trace.request_id, int(trace.created), trace.model,
                                trace.gate_version, delta.text, delta.finish_reason)
         tt, ev = self.codec.token_text, (delta.events if delta else ())
@@ -397,7 +402,7 @@ class GatewayCore:
         try:
             if trace.endpoint == "chat.completions":
                 yield sse(self._chunk(prep, trace, None))
-            frame = sse if prep.logprobs or prep.return_routing else sse_fast    # floats: json.dumps' spelling
+            frame = sse_fast if prep.plain_events else sse     # floats keep json.dumps' spelling
             yield frame(self._chunk(prep, trace, first))
             async for delta in deltas:
                 t0 = time.perf_counter()
