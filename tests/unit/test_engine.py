@@ -273,8 +273,8 @@ async def test_a_rounds_opens_and_advances_are_all_asked_before_their_readers_ha
         for kind in ("open", "advance"):
             setattr(e, kind, recording(e, kind))
 
-    async def read(rid: str) -> None:
-        async for _ in engine.generate(req(rid, prompt=prompts[rid], max_tokens=16)):
+    async def read(rid: str) -> None:          # seeded: which expert first joins a sequence when is the same each run
+        async for _ in engine.generate(req(rid, prompt=prompts[rid], max_tokens=16, seed=int(rid[1:]))):
             seen[rid] += 1
 
     await asyncio.gather(*(read(rid) for rid in prompts))
