@@ -366,13 +366,13 @@ class InprocEngine:
         if kind == "count":
             answer, loop = command[1], command[2]
             held = sum(engine.engine_core.engine_core.scheduler.get_request_counts())
-            loop.call_soon_threadsafe(lambda: answer.done() or answer.set_result(held))
+            _call_soon(loop, _resolve, answer, held)      # its caller's loop may have closed: not the engine's end
             return
         if kind == "model":
             fn, answer, loop = command[1:]
             try:
                 (result,) = engine.apply_model(fn)
-            except Exception as exc:  # noqa: BLE001 - its caller hears of it
+            except BaseException as exc:  # noqa: BLE001 - its caller hears of it; the engine lives on
                 _call_soon(loop, _fail, answer, exc)
             else:
                 _call_soon(loop, _resolve, answer, result)

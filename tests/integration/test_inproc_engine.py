@@ -157,6 +157,27 @@ async def test_closed_sessions_and_ended_generations_leave_no_request_in_the_eng
     assert await engine.requests_held() == 0
 
 
+async def test_an_answer_for_a_caller_that_is_gone_or_a_failing_model_function_leaves_the_engine_running(
+        expert) -> None:
+    """The engine thread answers each command on its caller's event loop. A caller whose loop has closed (its
+    replica thread ended) and a model function that raises, even a BaseException, are that caller's problem:
+    the thread that steps every session of the replica must go on."""
+    engine = expert.engine
+    gone = asyncio.new_event_loop()
+    answer = gone.create_future()
+    gone.close()
+    engine._put(("count", answer, gone))
+    engine._put(("model", lambda model: None, gone.create_future(), gone))
+
+    def exits(model):
+        raise SystemExit("a fault-injection function that exits")
+
+    with pytest.raises(SystemExit):
+        await engine.on_model(exits)
+    assert await engine.requests_held() == 0            # answered after all three: the thread is alive
+    await engine.check_health()
+
+
 async def test_raw_session_logprobs_equal_vllms_output_processor(expert) -> None:
     """The session path reads logprob arrays; scoring goes through vLLM's output processor (logprob dicts).
     Same context, same model: the same top-k, in float32 to the last digit."""
