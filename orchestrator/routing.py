@@ -54,16 +54,18 @@ VECTOR_ROWS = 8
 def _route_rows(x: np.ndarray, ks: list[int], up: np.ndarray) -> list[Route]:
     """route_gated for x [B, E] float64 in one pass (at least one expert up): the same routes, to float
     rounding (the softmax and the entropy are the same formulas, evaluated as arrays)."""
+    x = np.where(np.isneginf(x).all(axis=1, keepdims=True), 0.0, x)   # all -inf: uniform (equal logits' limit)
     shifted = x - x.max(axis=1, keepdims=True)
     ex = np.exp(shifted)
     z = ex.sum(axis=1)
-    entropies = (np.log(z) - (ex * shifted).sum(axis=1) / z).tolist()
+    entropies = (np.log(z) - np.where(ex > 0, ex * shifted, 0.0).sum(axis=1) / z).tolist()   # 0·(-inf) is 0
     order = np.argsort(-x, axis=1, kind="stable")                    # by descending logit, ties: lower index
     everyone = bool(up.all())
     allowed = order if everyone else order[up[order]].reshape(x.shape[0], -1)   # each row's order, experts up
     kmax = min(max(ks), int(up.sum()))
     chosen = allowed[:, :kmax]
     picked = np.take_along_axis(shifted, chosen, axis=1)
+    picked = np.where(np.isneginf(picked[:, :1]), 0.0, picked)     # every expert kept at -inf: equal weights
     w = np.exp(picked - picked[:, :1])
     if min(ks) >= kmax:                                  # every row takes kmax experts (the usual round)
         w /= w.sum(axis=1, keepdims=True)
@@ -80,17 +82,22 @@ def _route_rows(x: np.ndarray, ks: list[int], up: np.ndarray) -> list[Route]:
 
 def softmax(xs: list[float]) -> tuple[float, ...]:
     top = max(xs)
+    if top == -math.inf:                          # all -inf: equal weights (the limit for equal logits)
+        return (1.0 / len(xs),) * len(xs)
     ex = [math.exp(x - top) for x in xs]
     z = sum(ex)
     return tuple(x / z for x in ex)
 
 
 def entropy(logits: list[float], top: float) -> float:
-    """Of softmax(logits), in nats (top: the largest logit): log z - Σ pᵢ·(xᵢ - top), z = Σ exp(xᵢ - top)."""
+    """Of softmax(logits), in nats (top: the largest logit): log z - Σ pᵢ·(xᵢ - top), z = Σ exp(xᵢ - top).
+    A -inf logit has probability 0 and adds nothing; all -inf is taken as equal logits (log E)."""
+    if top == -math.inf:
+        return math.log(len(logits))
     shifted = [x - top for x in logits]
     ex = [math.exp(x) for x in shifted]
     z = sum(ex)
-    return math.log(z) - sum([q * x for q, x in zip(ex, shifted)]) / z
+    return math.log(z) - sum([q * x for q, x in zip(ex, shifted) if q > 0]) / z
 
 
 def route_uniform(available: torch.Tensor) -> Route | None:

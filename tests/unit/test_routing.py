@@ -73,3 +73,29 @@ def test_an_expert_down_is_never_chosen_even_when_an_expert_up_has_a_minus_infin
     available = torch.tensor([False, True, True, False])
     for r in routing.route_gated(logits, [2] * routing.VECTOR_ROWS, available):
         assert r.experts == (1, 2) and r.degraded
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_minus_infinite_gate_logits_give_finite_weights_and_entropy(rows):
+    """A gate logit of -inf is probability 0: it adds nothing to the entropy (0·log 0 = 0, not NaN), and experts
+    kept at -inf (the others down) share the weight equally instead of mixing NaN. Both the row-by-row path
+    (1 row) and the one-pass path (VECTOR_ROWS rows)."""
+    import math
+
+    import numpy as np
+
+    from orchestrator import routing
+
+    up = torch.tensor([True, True, True, True])
+    finite = np.array([[0.5, -np.inf, 1.0, -np.inf]] * rows)
+    for r in routing.route_gated(finite, [2] * rows, up):
+        assert r.experts == (2, 0) and not r.degraded
+        p = [math.exp(1.0), math.exp(0.5)]
+        assert r.weights == pytest.approx((p[0] / sum(p), p[1] / sum(p)))
+        q = [x / sum(p) for x in p]
+        assert r.entropy == pytest.approx(-sum(x * math.log(x) for x in q))
+    for r in routing.route_gated(np.full((rows, 4), -np.inf), [2] * rows, up):
+        assert r.experts == (0, 1) and r.weights == (0.5, 0.5) and r.entropy == pytest.approx(math.log(4))
+    down = torch.tensor([False, True, True, False])
+    for r in routing.route_gated(np.array([[0.0, -np.inf, -np.inf, 1.0]] * rows), [2] * rows, down):
+        assert r.experts == (1, 2) and r.weights == (0.5, 0.5) and math.isfinite(r.entropy) and r.degraded
