@@ -38,6 +38,8 @@ class Generations:
         self._polls: dict[str, asyncio.Task | None] = {}            # caller -> its poll in flight
         self._sinks: dict[str, Sink] = {}                           # caller -> where its deltas are pushed
         self._pushing: dict[str, list[GenerateDelta]] = {}          # caller -> deltas of this loop turn
+        # Each delta's sampled-token logprobs, as they leave (the replica's self-check, experts/self_check.py).
+        self.on_logprobs: Callable[[tuple[float, ...]], None] | None = None
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -104,6 +106,8 @@ class Generations:
         return any(owner == caller for owner, _ in self._tasks.values())
 
     def _push(self, caller: str, delta: GenerateDelta) -> None:
+        if delta.logprobs and self.on_logprobs is not None:
+            self.on_logprobs(delta.logprobs)
         if caller in self._sinks:
             batch = self._pushing.setdefault(caller, [])
             batch.append(delta)

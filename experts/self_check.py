@@ -6,8 +6,9 @@ corrupt: only a new replica is sound again (experts/fault_injection.py), and Ser
 whether the engine runs, never said so. So each replica watches its own answers:
 
 1. A step none of whose answers has a finite top logprob (a corrupt weight makes every logprob NaN; measured,
-   experts/answer_checks.py) starts one probe: a one-token session on a fixed token, checked as the gateway
-   checks answers (`topk_problems`, `length_problem`).
+   experts/answer_checks.py), or a native generation's delta none of whose sampled tokens has a finite logprob
+   (`observe_generated`: the single-expert fast path, where vLLM decodes alone), starts one probe: a one-token
+   session on a fixed token, checked as the gateway checks answers (`topk_problems`, `length_problem`).
 2. A probe that is unsound too, on a replica that has answered soundly before, means its model went bad while it
    ran (a new replica loads the files again): the replica is unsound for good, its health check raises from
    then on, and Serve replaces it (after REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD failed checks,
@@ -15,8 +16,8 @@ whether the engine runs, never said so. So each replica watches its own answers:
 3. On a replica that has never answered soundly, the checkpoint itself is the suspect: a new replica would load
    the same files and fail the same way, over and over, each start costing an engine's load. It stays up (the
    gateway keeps the expert `down` and probes it) and says so in its log once; no more probes. So that a replica
-   serving only native generations (not watched) still knows it started sound, its first health check after
-   the engine is up starts one probe (`start_baseline`).
+   that has not answered yet, or whose model goes bad before its first answer, still knows it started sound,
+   its first health check after the engine is up starts one probe (`start_baseline`).
 4. A probe that answers soundly means one context overflowed, not the model; one that gets no answer at all (the
    engine is busy or stopping: the probe raises) proves nothing. Nothing happens, and a later such step probes
    again.
@@ -67,6 +68,19 @@ class SoundnessWatch:
         if any(finite_top(t) for t in tops):
             self.ever_sound = True
             return
+        self._odd()
+
+    def observe_generated(self, logprobs: Sequence[float]) -> None:
+        """A native generation's delta: its sampled tokens' logprobs. Probe when none is finite (a sampled
+        token's logprob is finite in any sound model)."""
+        if not logprobs:
+            return
+        if any(math.isfinite(lp) for lp in logprobs):
+            self.ever_sound = True
+            return
+        self._odd()
+
+    def _odd(self) -> None:
         if self._decided or self._task is not None:
             return
         self._task = asyncio.get_running_loop().create_task(self._run(odd_step=True), name=f"self-probe:{self.name}")

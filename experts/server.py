@@ -49,6 +49,7 @@ class ExpertServer:
         self._gauges = _replica_gauges(self.config.name, self.replica)
         self._data_plane: DataPlaneServer | None = None
         self._soundness = SoundnessWatch(self._self_probe, f"expert {self.config.name} replica {self.replica}")
+        self._expert.generations.on_logprobs = self._soundness.observe_generated
         self._probe_ids = itertools.count()
         log.info("expert %s replica %s serving %s", self.config.name, self.replica, self.config.model_path)
 

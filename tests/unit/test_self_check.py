@@ -4,6 +4,8 @@ itself unsound (its health check then raises) only when the probe is unsound too
 import asyncio
 import math
 
+import pytest
+
 from experts.protocol import StepOutput, TopK
 from experts.self_check import SoundnessWatch, finite_top
 
@@ -210,3 +212,51 @@ def test_the_health_check_fails_once_a_replica_that_was_sound_is_found_unsound()
         return first
 
     assert asyncio.run(run()).startswith("suspect checkpoint")
+
+
+class OneLogprobEngine:
+    """vLLM's (non-raw) generate: two tokens, each sampled with logprob `lp`."""
+
+    def __init__(self, lp: float) -> None:
+        self.lp = lp
+
+    async def generate(self, prompt, params, request_id):
+        from types import SimpleNamespace
+
+        for token in (3, 4):
+            out = SimpleNamespace(token_ids=[token], logprobs=[{token: SimpleNamespace(logprob=self.lp)}],
+                                  finish_reason="length" if token == 4 else None)
+            yield SimpleNamespace(outputs=[out], finished=token == 4)
+
+
+@pytest.mark.parametrize("lp", [math.nan, -math.inf, -0.7])
+def test_a_native_generation_whose_tokens_have_no_finite_logprob_makes_the_replica_probe_itself(monkeypatch, lp):
+    """The single-expert fast path, where vLLM decodes alone, is watched too: the replica's Generations hand each
+    delta's logprobs to the watch (ExpertServer wires Generations.on_logprobs), and a sound-then-NaN model is
+    marked for replacement as from a session step."""
+    import vllm.inputs  # noqa: F401 - Generations._drive imports it; cold, ≈ 5 s
+
+    from experts.generations import Generations
+    from experts.protocol import GenerateRequest
+
+    monkeypatch.setattr("experts.generations.generation_params", lambda req: None)
+
+    async def run():
+        probe = Probe("non-finite logprob nan")
+        watch = SoundnessWatch(probe, "x")
+        watch.observe([out(SOUND)])                               # it served soundly before
+        gens = Generations(OneLogprobEngine(lp))
+        gens.on_logprobs = watch.observe_generated
+        gens.start("caller", GenerateRequest("g", (1, 2), max_tokens=2))
+        seen = []
+        while not any(d.final for d in seen):
+            seen += await gens.poll("caller", [], 5.0)
+        await watch.settled()
+        return [d.logprobs for d in seen], probe.calls, watch.verdict
+
+    logprobs, calls, verdict = asyncio.run(run())
+    assert len(logprobs) == 2 and all(len(x) == 1 for x in logprobs), logprobs
+    if math.isfinite(lp):
+        assert (calls, verdict) == (0, None)
+    else:
+        assert calls == 1 and verdict is not None and "replaced" in verdict
