@@ -20,6 +20,7 @@ an intact service. Runs inside the session's live gateway (tests/integration/gat
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 
@@ -164,8 +165,8 @@ def test_killing_one_of_two_replicas_migrates_sessions_with_identical_output(two
 def test_a_replica_whose_model_goes_bad_while_it_serves_only_native_generations_is_replaced(
         two_code_replicas) -> None:
     """model=<expert> is decoded by vLLM alone (native generations), with no session step for the replica to
-    judge. The replica that has served the suite all along (sound for long) gets NaN in a weight, then one native
-    generation is started on it directly; no session is ever opened there. Its deltas' logprobs are non-finite,
+    judge. One replica of code generates natively (soundly) once, then gets NaN in a weight, then one more native
+    generation is started on it directly; no session is opened there by the test. Its deltas' logprobs are non-finite,
     so it probes itself, finds the probe unsound too, fails its health check, and Serve replaces it
     (experts/self_check.py observe_generated). The gateway's own model=code streams meanwhile fail none."""
     from ray import serve
@@ -174,15 +175,23 @@ def test_a_replica_whose_model_goes_bad_while_it_serves_only_native_generations_
 
     gw = two_code_replicas
     handle = serve.get_deployment_handle("expert-code", gw.app_name)
-    victim = min(replicas(gw.app_name, "expert-code"), key=lambda r: started_at(r.pid))
+    victim = replicas(gw.app_name, "expert-code")[0]
     native = [{"model": "code", "prompt": p, "max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0}
               for p in PROMPTS]
+
+    def generate_on_the_victim(rid: str) -> tuple:
+        reply = handle.start.remote([GenerateRequest(rid, (5, 6, 7, 8), 8, ignore_eos=True)], "the-test",
+                                    replica=victim.replica_id).result()
+        assert reply.errors == (None,), reply
+        deltas: list = []
+        while not any(d.final for d in deltas):          # each poll waits up to 5 s for the next deltas
+            deltas += handle.poll.remote("the-test", [], 5.0, replica=victim.replica_id).result().deltas
+        return tuple(lp for d in deltas for lp in d.logprobs)
+
     try:
+        assert all(math.isfinite(lp) for lp in generate_on_the_victim("sound")), "sound before the fault?"
         handle.corrupt_weights.remote(replica=victim.replica_id).result()
-        (refused,) = handle.start.remote([GenerateRequest("native-on-the-corrupt-replica", (5, 6, 7, 8), 8,
-                                                          ignore_eos=True)],
-                                         "the-test", replica=victim.replica_id).result().errors
-        assert refused is None, refused
+        assert not any(math.isfinite(lp) for lp in generate_on_the_victim("corrupt")), "the fault did nothing"
         runs = run_streams(gw.base_url, native)
         wait_for("Serve to replace the corrupt replica, which only generated natively",
                  lambda: victim.pid not in {r.pid for r in replicas(gw.app_name, "expert-code")}, timeout_s=120)
@@ -190,12 +199,6 @@ def test_a_replica_whose_model_goes_bad_while_it_serves_only_native_generations_
         if victim.pid in {r.pid for r in replicas(gw.app_name, "expert-code")}:
             kill(victim.pid)                                       # a corrupt replica left running: clean up
     assert_no_stream_failed(runs)
-
-
-def started_at(pid: int) -> int:
-    """A process's start time (clock ticks since boot, /proc/<pid>/stat field 22): the older replica."""
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[19])
 
 
 def sessions_on(gw, expert: str, replica_id: str) -> int:
