@@ -63,27 +63,22 @@ class SoundnessWatch:
     def observe(self, outputs: Sequence[StepOutput]) -> None:
         """One step's answers (any mix of errors and top-k): probe when every top-k is non-finite."""
         tops = [o.topk for o in outputs if o.error is None and o.topk is not None]
-        if not tops:
-            return
-        if any(finite_top(t) for t in tops):
-            self.ever_sound = True
-            return
-        self._odd()
+        if tops:
+            self._judge(any(finite_top(t) for t in tops))
 
     def observe_generated(self, logprobs: Sequence[float]) -> None:
         """A native generation's delta: its sampled tokens' logprobs. Probe when none is finite (a sampled
         token's logprob is finite in any sound model)."""
-        if not logprobs:
-            return
-        if any(math.isfinite(lp) for lp in logprobs):
-            self.ever_sound = True
-            return
-        self._odd()
+        if logprobs:
+            self._judge(any(math.isfinite(lp) for lp in logprobs))
 
-    def _odd(self) -> None:
-        if self._decided or self._task is not None:
-            return
-        self._task = asyncio.get_running_loop().create_task(self._run(odd_step=True), name=f"self-probe:{self.name}")
+    def _judge(self, any_finite: bool) -> None:
+        """One step's or delta's answers: sound, or the start of a probe (one at a time, none once decided)."""
+        if any_finite:
+            self.ever_sound = True
+        elif not self._decided and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(odd_step=True),
+                                                                name=f"self-probe:{self.name}")
 
     def start_baseline(self) -> None:
         """From the replica's health check (which must not wait on the engine): probe once, in the background,

@@ -16,27 +16,33 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def topk_pool(vocab: int, top_k: int, seed: int, size: int = 64) -> list:
+    """`size` precomputed top-k answers (TopK), each holding 90 % of the mass: what a real expert answers."""
+    from experts.protocol import TopK
+
+    rng = random.Random(seed)
+    pool = []
+    for _ in range(size):
+        ids = rng.sample(range(2, vocab), top_k)
+        raw = sorted((-rng.random() * 6 - 0.5 for _ in range(top_k)), reverse=True)
+        shift = math.log(0.9) - math.log(sum(math.exp(v) for v in raw))
+        pool.append(TopK.of(tuple(ids), tuple(v + shift for v in raw)))
+    return pool
+
+
 class InstantExpert:
     """Answers every open/advance at once with one of a few precomputed top-k."""
 
     def __init__(self, name: str, vocab: int, top_k: int, seed: int) -> None:
-        from experts.protocol import TopK
-
-        rng = random.Random(seed)
         self.name, self.vocab = name, vocab
-        self.pool = []
-        for _ in range(64):
-            ids = rng.sample(range(2, vocab), top_k)
-            raw = sorted((-rng.random() * 6 - 0.5 for _ in range(top_k)), reverse=True)
-            shift = math.log(0.9) - math.log(sum(math.exp(v) for v in raw))     # 90 % of the mass: a real top-k
-            lps = [v + shift for v in raw]
-            self.pool.append(TopK.of(tuple(ids), tuple(lps)))
+        self.pool = topk_pool(vocab, top_k, seed)
         self.n = 0
         self.lengths: dict[str, int] = {}       # session -> tokens it holds (the gateway checks each answer's)
 
@@ -67,6 +73,13 @@ class InstantExpert:
 
 
 async def run(streams: int, tokens: int, demo: Path) -> dict:
+    return await measure(lambda names, vocab: {n: InstantExpert(n, vocab, 20, i) for i, n in enumerate(names)},
+                         streams, tokens, demo)
+
+
+async def measure(make_experts: Callable[[list[str], int], dict], streams: int, tokens: int, demo: Path) -> dict:
+    """The served gate over make_experts(expert names, vocab size): one warm-up pass of `streams` requests of
+    `tokens` tokens, then one timed -> CPU and wall per token of this process, and the phases."""
     from gating.checkpoint import load_checkpoint, resolve_gate_path
     from gating.runtime import GateRuntime
     from orchestrator.engine import EnsembleEngine
@@ -74,7 +87,7 @@ async def run(streams: int, tokens: int, demo: Path) -> dict:
 
     ckpt = load_checkpoint(resolve_gate_path(demo / "gate"))
     vocab = ckpt.args.vocab_size
-    experts = {n: InstantExpert(n, vocab, 20, i) for i, n in enumerate(ckpt.expert_names)}
+    experts = make_experts(list(ckpt.expert_names), vocab)
     engine = EnsembleEngine(experts, GateRuntime.from_checkpoint(ckpt), top_k=2)
     await engine.start()
     rng = random.Random(0)
@@ -85,7 +98,7 @@ async def run(streams: int, tokens: int, demo: Path) -> dict:
                                 params=GenerationParams(max_tokens=tokens, temperature=0.8, ignore_eos=True))
         return sum([1 async for _ in engine.generate(req)])
 
-    await asyncio.gather(*(one(i) for i in range(streams)))              # warm-up
+    await asyncio.gather(*(one(i) for i in range(streams)))              # warm-up (connections, pins)
     engine.clock.seconds.clear()
     cpu0, wall0 = time.process_time(), time.perf_counter()
     n = sum(await asyncio.gather(*(one(i) for i in range(streams))))

@@ -14,33 +14,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import multiprocessing as mp
-import random
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))          # measure_orchestration: the shared measurement
 
 
 def replicas_process(names: list[str], vocab: int, top_k: int, endpoints: mp.Queue) -> None:
     """Runs in its own process: one DataPlaneServer per expert, answering at once."""
+    from measure_orchestration import topk_pool
+
     from experts.data_plane import DataPlaneServer
-    from experts.protocol import StepOutput, StepReply, TopK
+    from experts.protocol import StepOutput, StepReply
 
     async def serve() -> None:
         endpoints_out = {}
         servers = []
         for seed, name in enumerate(names):
-            rng = random.Random(seed)
-            pool = []
-            for _ in range(64):
-                ids = rng.sample(range(2, vocab), top_k)
-                raw = sorted((-rng.random() * 6 - 0.5 for _ in range(top_k)), reverse=True)
-                shift = math.log(0.9) - math.log(sum(math.exp(v) for v in raw))
-                pool.append(TopK.of(tuple(ids), tuple(v + shift for v in raw)))
+            pool = topk_pool(vocab, top_k, seed)
             lengths: dict[str, int] = {}
             replica = f"replica-{name}"
 
@@ -114,35 +109,13 @@ class Handle:
 
 
 async def run(streams: int, tokens: int, demo: Path, endpoints: dict) -> dict:
+    from measure_orchestration import measure
+
     from experts.client import ServeExpertClient
-    from gating.checkpoint import load_checkpoint, resolve_gate_path
-    from gating.runtime import GateRuntime
-    from orchestrator.engine import EnsembleEngine
-    from orchestrator.types import GenerationParams, GenerationRequest
 
-    ckpt = load_checkpoint(resolve_gate_path(demo / "gate"))
-    vocab = ckpt.args.vocab_size
-    experts = {n: ServeExpertClient(Handle(n, vocab, endpoints[n]), n, call_timeout_s=30.0)
-               for n in ckpt.expert_names}
-    engine = EnsembleEngine(experts, GateRuntime.from_checkpoint(ckpt), top_k=2)
-    await engine.start()
-    rng = random.Random(0)
-
-    async def one(i: int) -> int:
-        prompt = tuple(rng.randrange(2, vocab) for _ in range(100))
-        req = GenerationRequest(f"r{i}", prompt, model="ensemble",
-                                params=GenerationParams(max_tokens=tokens, temperature=0.8, ignore_eos=True))
-        return sum([1 async for _ in engine.generate(req)])
-
-    await asyncio.gather(*(one(i) for i in range(streams)))              # warm-up: connections, pins
-    engine.clock.seconds.clear()
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    n = sum(await asyncio.gather(*(one(i) for i in range(streams))))
-    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    phases = {k: round(1e6 * v / n, 1) for k, v in sorted(engine.clock.seconds.items()) if v}
-    await engine.stop()
-    return {"streams": streams, "tokens": n, "cpu_us_per_token": round(1e6 * cpu / n, 1),
-            "wall_us_per_token": round(1e6 * wall / n, 1), "phases_us_per_token": phases}
+    return await measure(lambda names, vocab: {n: ServeExpertClient(Handle(n, vocab, endpoints[n]), n,
+                                                                    call_timeout_s=30.0) for n in names},
+                         streams, tokens, demo)
 
 
 def main(argv: list[str] | None = None) -> int:
