@@ -191,10 +191,13 @@ class ServeExpertClient:
             self.quarantine(replica)
 
     def quarantined_replicas(self) -> list[str]:
-        """Replicas in quarantine now (placement, /metrics); those whose time is up are forgotten."""
+        """Replicas in quarantine now (placement, /metrics); those whose time is up are forgotten. One that Serve
+        no longer runs (replaced, stopped) is left out: it takes nothing new anyway, and /metrics would count a
+        dead replica for the rest of its time (kept, in case this router's view of Serve lags)."""
         now = asyncio.get_running_loop().time()
         self._quarantined = {r: until for r, until in self._quarantined.items() if until > now}
-        return sorted(self._quarantined)
+        running = self._running()
+        return sorted(r for r in self._quarantined if running is None or r in running)
 
     def quarantine(self, replica: str, for_s: float = QUARANTINE_S) -> None:
         """`replica` answered unsoundly (experts/answer_checks.py): place no new session or generation on it for

@@ -327,6 +327,10 @@ async def test_client_places_no_new_session_on_a_quarantined_replica_until_its_q
     assert client._placement({"r1": 3}) == "r2"
     client.quarantine("r2")
     assert client._placement({}) is None                                 # every replica in quarantine: Serve's router
+    client._running = lambda: frozenset({"r2"})                          # Serve replaced r1: no longer counted
+    assert client.quarantined_replicas() == ["r2"]
+    client._running = lambda: frozenset({"r1", "r2", "r3"})              # (its time was kept, had the view lagged)
+    assert client.quarantined_replicas() == ["r1", "r2"]
     client._streams["g1"] = ("r3", asyncio.Queue())                       # a native generation running on r3 ...
     client.quarantine_generation("g1")                                   # ... sent an unsound delta
     assert client.quarantined_replicas() == ["r1", "r2", "r3"]
