@@ -1,10 +1,11 @@
-"""The served top-2 mix of a whole round at once: gating.mix's rule for rows of exactly two experts, in numpy.
+"""The served top-2 mix of a whole round at once: gating.mix's rule for rows of exactly two experts, compiled.
 
 Why: a top-2 round at concurrency 32 mixes 32 rows. The general batched form (gating.mix.mix) matches every
 candidate against every listed id of every expert ([R, S, C, K] and [R, C, C] boolean tensors) in ~45 torch
 ops; inside the busy gateway replica that was 75 µs per generated token, a third of the orchestration time.
-With two experts the only question per candidate is whether the other expert lists it too, one [R, K, K]
-comparison, and the rest is arithmetic on [R, K] arrays. The result stays in arrays (PairMix,
+With two experts the only question per candidate is whether the other expert lists it too. As a numpy program
+over [R, K] arrays (until 2026-12-05) that was still ~40 ops, 145 µs a round of 32 rows on an idle core; one
+numba kernel (gating/jit.py) loops over the rows in 22 µs. The result stays in arrays (PairMix,
 `mix_pair_arrays`), so that the sampler can draw for the whole round at once; `mix_pairs` gives it as lists.
 
 The rule is gating.mix's, step for step (its module docstring explains the floor and the cross-listed guess).
@@ -21,6 +22,7 @@ from itertools import compress
 
 import numpy as np
 
+from gating.jit import kernel, on_warm_up
 from gating.mix import CROSS_LISTED_INTERP, MIN_LEFTOVER, MIX_SPACES
 
 
@@ -61,50 +63,106 @@ def mix_pair_arrays(ids: np.ndarray, logprobs: np.ndarray, weights: np.ndarray, 
         raise ValueError(f"mix space must be one of {MIX_SPACES}, got {space!r}")
     interp = CROSS_LISTED_INTERP if interp is None else interp
     rows, _, k = ids.shape
-    ids0, ids1 = ids[:, 0], ids[:, 1]                                   # [R, K]
-    lp0, lp1 = logprobs[:, 0], logprobs[:, 1]
-    w0, w1 = weights[:, 0], weights[:, 1]                               # [R]
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    out = np.empty((rows, 2 * k))
+    keep = np.empty((rows, 2 * k), dtype=bool)
+    tail = np.empty(rows)
+    n_tail = np.empty(rows, dtype=np.int64)
+    _mix_rows(ids, np.ascontiguousarray(logprobs, dtype=np.float64), np.ascontiguousarray(weights, dtype=np.float64),
+              vocab_size, space == "logits", float(interp), out, keep, tail, n_tail)
+    return PairMix(ids.reshape(rows, 2 * k), out, keep, tail, n_tail)
 
-    # 1) which candidates both experts list
-    same = ids0[:, :, None] == ids1[:, None, :]                          # [R, K, K]
-    in1 = same.any(2)                                                    # first's token j listed by the second
-    in0 = same.any(1)                                                    # second's token j listed by the first
-    lp1_at0 = np.where(same, lp1[:, None, :], 0.0).sum(2)                # [R, K] the second's value there
 
-    # 2) each expert's floor, and its guess for the likely tokens it did not list (the other's, if weighted)
-    leftover = np.maximum(1.0 - np.exp(logprobs).sum(2), MIN_LEFTOVER)  # [R, 2]
-    floor = np.log(leftover) - math.log(max(vocab_size - k, 1))
-    only1 = ~in0                                                         # [R, K] the second's own candidates
-    if interp <= 0:
-        guess, new_floor = floor, floor
-    else:
-        n_raised = np.stack([np.where(w1 > 0, only1.sum(1), 0), np.where(w0 > 0, (~in1).sum(1), 0)], 1)
-        n_raised = n_raised.astype(np.float64)                           # [R, 2]
-        guess = floor + interp * np.maximum(logprobs[:, :, -1] - floor, 0.0)
-        guess = np.minimum(guess, np.log(0.5 * leftover / np.maximum(n_raised, 1.0)))
-        rest = np.maximum(leftover - n_raised * np.exp(guess), MIN_LEFTOVER)
-        new_floor = np.log(rest) - np.log(np.maximum(vocab_size - k - n_raised, 1.0))
-        # a token only a weight-0 expert listed is an ordinary unlisted token for the other
-        guess = np.stack([np.where(w1 > 0, guess[:, 0], new_floor[:, 0]),
-                          np.where(w0 > 0, guess[:, 1], new_floor[:, 1])], 1)
+@kernel
+def _mix_rows(ids, lps, weights, vocab_size, logits_space, interp, out, keep, tail_out, n_tail_out):  # pragma: no cover
+    """The mix of every row (gating.mix's rule for two experts), into out / keep / tail_out / n_tail_out.
 
-    # 3) both experts' values on each candidate: the first's K, then the second's K (the shared ones masked)
-    v0 = np.concatenate([lp0, np.broadcast_to(guess[:, :1], (rows, k))], 1)                      # [R, 2K]
-    v1 = np.concatenate([np.where(in1, lp1_at0, guess[:, 1:2]), lp1], 1)
+    Per row, in numbered steps as gating.mix: 1) which candidates both experts list; 2) each expert's floor and
+    its guess for the likely tokens it did not list; 3) both experts' values on each slot (the first's K, then
+    the second's K); 4) combined in the mix space, the tail likewise, normalised over candidates plus tail."""
+    rows, _, k = ids.shape
+    in1 = np.empty(k, np.bool_)              # the first's slot j is listed by the second too
+    in0 = np.empty(k, np.bool_)              # the second's slot j is listed by the first too
+    at0 = np.empty(k)                        # the second's logprob of the first's slot j (if listed)
+    v0 = np.empty(2 * k)
+    v1 = np.empty(2 * k)
+    log_unlisted = math.log(max(vocab_size - k, 1))
+    for r in range(rows):
+        w0, w1 = weights[r, 0], weights[r, 1]
+        # 1) which candidates both experts list
+        for j in range(k):
+            in1[j], in0[j], at0[j] = False, False, 0.0
+        for j in range(k):
+            for j2 in range(k):
+                if ids[r, 1, j2] == ids[r, 0, j]:
+                    in1[j], in0[j2] = True, True
+                    at0[j] += lps[r, 1, j2]
+        # 2) floors, and the guesses for the other's candidates
+        mass0, mass1 = 0.0, 0.0
+        for j in range(k):
+            mass0 += math.exp(lps[r, 0, j])
+            mass1 += math.exp(lps[r, 1, j])
+        left0, left1 = max(1.0 - mass0, MIN_LEFTOVER), max(1.0 - mass1, MIN_LEFTOVER)
+        floor0, floor1 = math.log(left0) - log_unlisted, math.log(left1) - log_unlisted
+        if interp <= 0:
+            guess0, guess1, new0, new1 = floor0, floor1, floor0, floor1
+        else:
+            only1, only0 = 0, 0
+            for j in range(k):
+                only1 += not in0[j]
+                only0 += not in1[j]
+            raised0 = float(only1) if w1 > 0 else 0.0          # tokens the first must guess for
+            raised1 = float(only0) if w0 > 0 else 0.0
+            guess0 = floor0 + interp * max(lps[r, 0, k - 1] - floor0, 0.0)
+            guess1 = floor1 + interp * max(lps[r, 1, k - 1] - floor1, 0.0)
+            guess0 = min(guess0, math.log(0.5 * left0 / max(raised0, 1.0)))
+            guess1 = min(guess1, math.log(0.5 * left1 / max(raised1, 1.0)))
+            new0 = math.log(max(left0 - raised0 * math.exp(guess0), MIN_LEFTOVER)) \
+                - math.log(max(vocab_size - k - raised0, 1.0))
+            new1 = math.log(max(left1 - raised1 * math.exp(guess1), MIN_LEFTOVER)) \
+                - math.log(max(vocab_size - k - raised1, 1.0))
+            if not w1 > 0:              # a token only a weight-0 expert listed is an ordinary unlisted token
+                guess0 = new0
+            if not w0 > 0:
+                guess1 = new1
+        # 3) both experts' values on each slot
+        for j in range(k):
+            v0[j], v0[k + j] = lps[r, 0, j], guess0
+            v1[j], v1[k + j] = (at0[j] if in1[j] else guess1), lps[r, 1, j]
+        # 4) combine, then normalise over the kept slots and the tail
+        if logits_space:
+            for j in range(2 * k):
+                out[r, j] = w0 * v0[j] + w1 * v1[j]
+            tail = w0 * new0 + w1 * new1
+        else:
+            lw0, lw1 = math.log(max(w0, 1e-30)), math.log(max(w1, 1e-30))
+            for j in range(2 * k):
+                out[r, j] = np.logaddexp(v0[j] + lw0, v1[j] + lw1)
+            tail = np.logaddexp(new0 + lw0, new1 + lw1)
+        kept = 0
+        for j in range(k):
+            keep[r, j], keep[r, k + j] = True, not in0[j]
+            kept += 2 - in0[j]
+        n_tail = vocab_size - kept
+        tail_mass = tail + math.log(n_tail) if n_tail > 0 else -np.inf
+        top = tail_mass
+        for j in range(2 * k):
+            if keep[r, j] and out[r, j] > top:
+                top = out[r, j]
+        z = math.exp(tail_mass - top)
+        for j in range(2 * k):
+            if keep[r, j]:
+                z += math.exp(out[r, j] - top)
+        log_z = top + math.log(z)
+        for j in range(2 * k):
+            out[r, j] -= log_z
+        tail_out[r] = tail - log_z
+        n_tail_out[r] = n_tail
 
-    # 4) combine in the mix space, the tail likewise, and normalise over candidates plus tail
-    if space == "logits":
-        score = w0[:, None] * v0 + w1[:, None] * v1
-        tail = w0 * new_floor[:, 0] + w1 * new_floor[:, 1]
-    else:
-        lw0, lw1 = np.log(np.maximum(w0, 1e-30)), np.log(np.maximum(w1, 1e-30))
-        score = np.logaddexp(v0 + lw0[:, None], v1 + lw1[:, None])
-        tail = np.logaddexp(new_floor[:, 0] + lw0, new_floor[:, 1] + lw1)
-    keep = np.concatenate([np.ones_like(in1), only1], 1)                                           # [R, 2K]
-    n_tail = vocab_size - keep.sum(1)
-    with np.errstate(divide="ignore"):
-        tail_mass = np.where(n_tail > 0, tail + np.log(np.maximum(n_tail, 1)), -np.inf)
-        masked = np.where(keep, score, -np.inf)
-    top = np.maximum(masked.max(1), tail_mass)
-    log_z = top + np.log(np.exp(masked - top[:, None]).sum(1) + np.exp(tail_mass - top))
-    return PairMix(ids.reshape(rows, 2 * k), score - log_z[:, None], keep, tail - log_z, n_tail)
+
+@on_warm_up
+def _warm_up() -> None:
+    ids = np.array([[[1, 2], [2, 3]]], dtype=np.int64)
+    lps = np.log(np.array([[[0.5, 0.25], [0.5, 0.25]]]))
+    for space in MIX_SPACES:
+        mix_pair_arrays(ids, lps, np.array([[0.5, 0.5]]), 8, space)

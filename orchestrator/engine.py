@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 
 from experts.answer_checks import probe_problem, score_problem
 from experts.protocol import Expert, ExpertInfo, SessionStep
+from gating import jit
 from gating.mix import MIX_SPACES, logprob_of, mix
 from gating.mix_row import rows_of
 from gating.objective import select_experts
@@ -72,6 +73,9 @@ class EnsembleEngine:
 
         self.infos = list(await asyncio.gather(*(e.info() for e in self._experts)))
         check_shared_tokenizer(self.infos)
+        # The round's compiled kernels (gating/jit.py), compiled or loaded from numba's cache before any request.
+        took = await asyncio.to_thread(jit.warm_up)
+        log.info("decode-round kernels ready in %.2f s", took)
         self._loop = DecodeLoop(self._experts, self.expert_names, vocab_size=self.vocab_size,
                                 eos_token_id=self.eos_token_id, max_model_len=self.max_model_len,
                                 logprobs_k=self.logprobs_k, health=self.health, clock=self.clock)

@@ -1,4 +1,4 @@
-"""gating.gate_step (a decode round's gate step in numpy) against the torch functions training uses: the same
+"""gating.gate_step (a decode round's compiled gate step) against the torch functions training uses: the same
 signals, the same features and memory, the same GRU cell and routing logits, for both kinds of gate."""
 
 import numpy as np
@@ -33,12 +33,9 @@ def random_observations(seed: int, b: int = B, k: int = K):
 @pytest.mark.parametrize("seed", range(4))
 def test_signals_and_features_equal_the_torch_functions_training_uses(seed):
     ids, lps, mask, token, memory = random_observations(seed)
-    want_sig = features.signals(ids, lps, token, V)
-    got_sig = gate_step.signals(ids.numpy(), lps.numpy(), token.numpy(), V)
-    for w, g in zip(want_sig, got_sig):
-        assert np.allclose(w.numpy(), g, atol=1e-6, rtol=1e-6)
-    want_feats, want_memory = features.step_features(memory, mask, want_sig)
-    got_feats, *got_memory = gate_step.step_features(*(m.numpy() for m in memory), mask.numpy(), got_sig)
+    want_feats, want_memory = features.step_features(memory, mask, features.signals(ids, lps, token, V))
+    got_feats, *got_memory = gate_step.observed_features(ids.numpy(), lps.numpy(), token.numpy(), V,
+                                                         *(m.numpy() for m in memory), mask.numpy())
     assert got_feats.dtype == np.float32 and got_feats.shape == tuple(want_feats.shape)
     assert np.allclose(want_feats.numpy(), got_feats, atol=1e-6, rtol=1e-6)
     for w, g in zip(want_memory, got_memory):

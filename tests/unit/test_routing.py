@@ -41,7 +41,7 @@ def test_rows_take_their_own_k_and_no_expert_up_gives_no_route():
 
 @pytest.mark.parametrize("down", [(), (2,), (0, 3), (0, 1, 2)])
 def test_a_round_routed_at_once_equals_the_same_rows_routed_one_by_one(down):
-    """From VECTOR_ROWS rows on a round is routed in one numpy pass: the same experts, weights, entropy and
+    """From VECTOR_ROWS rows on a round is routed in one compiled pass: the same experts, weights, entropy and
     degraded flag as row by row, with mixed k, ties and experts down."""
     from orchestrator import routing
 
