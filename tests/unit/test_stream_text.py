@@ -131,3 +131,31 @@ def test_offsets_point_at_each_tokens_text(codec: TextCodec) -> None:
     text, offsets = codec.offsets(ids)
     assert text == codec.decode(ids)
     assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[-1] < len(text)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_fast_decoder_and_the_window_algorithm_give_the_same_deltas(codec: TextCodec, seed: int) -> None:
+    """tokenizers' DecodeStream (fast tokenizers) and vLLM's window algorithm (the fallback), token by token, over
+    real text and random ids (partial characters, special tokens)."""
+    assert codec.decode_stream([0]) is not None, "these tokenizers are fast: the DecodeStream path is what runs"
+    rng = random.Random(seed)
+    for text in CORPUS[:8]:
+        ids = codec.encode("Prompt: " + text)
+        cut = rng.randrange(1, len(ids) - 1)
+        for output in (ids[cut:], [rng.randrange(len(codec.tokenizer)) for _ in range(80)]):
+            fast, window = codec.detokenizer(ids[:cut]), codec.detokenizer(ids[:cut])
+            window._stream = None
+            assert [fast.push(t) for t in output] + [fast.flush()] == [window.push(t) for t in output] + [window.flush()]
+
+
+def test_a_decoder_error_falls_back_to_the_window_algorithm_and_loses_no_text(codec: TextCodec) -> None:
+    class Failing:
+        def step(self, backend, token_id):
+            raise Exception("Invalid prefix encountered")  # noqa: TRY002 (what tokenizers raises)
+
+    ids = codec.encode("Prompt: " + CORPUS[0])
+    detok = codec.detokenizer(ids[:3])
+    first = detok.push(ids[3])
+    detok._stream = Failing()
+    text = first + "".join(detok.push(t) for t in ids[4:]) + detok.flush()
+    assert text == codec.decode(ids)[len(codec.decode(ids[:3])):]
