@@ -82,6 +82,7 @@ class ServeExpertClient:
         self._no_direct: dict[str, float] = {}                            # replica -> loop time to retry direct
         self.rediscover_s = REDISCOVER_S
         self._quarantined: dict[str, float] = {}                          # replica -> loop time it is let back
+        self.quarantines = 0                  # replicas put into quarantine so far (a running one renewed: not again)
         self._routed_at = float("-inf")                  # loop time of the last Serve-placed open or start
 
     def __repr__(self) -> str:
@@ -209,6 +210,7 @@ class ServeExpertClient:
         if self._quarantined.get(replica, 0.0) <= now:
             log.warning("expert %s: replica %s answered unsoundly; no new session goes there for %.0f s",
                         self.name, replica, for_s)
+            self.quarantines += 1
         self._quarantined[replica] = now + for_s
 
     async def advance(self, steps: list[SessionStep], top_k: int) -> list[StepOutput]:

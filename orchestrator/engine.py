@@ -145,6 +145,10 @@ class EnsembleEngine:
         return {name: e.quarantined_replicas() for name, e in zip(self.expert_names, self._experts)
                 if hasattr(e, "quarantined_replicas")}
 
+    def quarantines(self) -> dict[str, int]:
+        """expert -> how many times this gateway has put one of its replicas into quarantine (for /metrics)."""
+        return {name: e.quarantines for name, e in zip(self.expert_names, self._experts) if hasattr(e, "quarantines")}
+
     def routable_replicas(self) -> dict[str, int]:
         """expert -> replicas Serve routes to now, as this gateway's routers know (for /metrics)."""
         counts = {name: e.routable_replicas() for name, e in zip(self.expert_names, self._experts)

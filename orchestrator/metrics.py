@@ -167,6 +167,12 @@ class _EngineCollector:
         for expert, held in sorted(self.engine.quarantined_replicas().items()):
             quarantined.add_metric([expert], len(held))
         yield quarantined
+        quarantines = CounterMetricFamily("ensemble_expert_quarantines", "replicas of each expert this gateway "
+                                          "replica has put into quarantine (the gauge above forgets one Serve has "
+                                          "replaced; this does not)", labels=["expert"])
+        for expert, n in sorted(self.engine.quarantines().items()):
+            quarantines.add_metric([expert], n)
+        yield quarantines
         work = {unit: CounterMetricFamily(f"ensemble_expert_work_{unit}", f"{unit} the experts were asked to "
                                           "compute for lockstep sequences, by kind of call: prompt (a session "
                                           "opened with the prompt), join (opened when the gate first picks an "

@@ -367,10 +367,11 @@ def test_one_corrupt_replica_of_two_is_quarantined_and_its_sessions_move_with_id
     assert_no_stream_failed(reference)
     handle = serve.get_deployment_handle("expert-code", gw.app_name)
     unsound_before = metric(gw, "ensemble_unsound_answers_total")
+    quarantines_before = metric(gw, 'ensemble_expert_quarantines_total{expert="code"}')
     pids = {r.pid for r in replicas(gw.app_name, "expert-code")}
     native = [{"model": "code", "prompt": p, "max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0}
               for p in PROMPTS[:2]]
-    corrupted, later, quarantined = [], [], []
+    corrupted, later = [], []
 
     def corrupt_the_busier_replica_then_start_more_streams() -> None:
         victim = max(replicas(gw.app_name, "expert-code"), key=lambda r: sessions_on(gw, "code", r.replica_id))
@@ -378,7 +379,6 @@ def test_one_corrupt_replica_of_two_is_quarantined_and_its_sessions_move_with_id
         corrupted.append(victim)                              # killed afterwards, whatever the call says
         handle.corrupt_weights.remote(replica=victim.replica_id).result()
         later.extend(run_streams(gw.base_url, greedy + native))   # while the first batch still runs
-        quarantined.append(metric(gw, 'ensemble_expert_quarantined_replicas{expert="code"}'))
 
     try:
         first = run_streams(gw.base_url, greedy, fault=corrupt_the_busier_replica_then_start_more_streams)
@@ -397,7 +397,9 @@ def test_one_corrupt_replica_of_two_is_quarantined_and_its_sessions_move_with_id
     assert_no_stream_failed(later)                              # native generations started on the sound one too
     assert metric(gw, "ensemble_unsound_answers_total") > unsound_before, "the corrupt replica answered nothing"
     assert report["state"] == "ok", report                      # the expert never failed: its other replica answered
-    assert quarantined == [1], quarantined                      # within its 60 s: read right after the streams
+    # Quarantined once, that replica alone. (The gauge ensemble_expert_quarantined_replicas drops it as soon as
+    # Serve has replaced it, which its self-check may make happen before the later streams end: fresh-clone run.)
+    assert metric(gw, 'ensemble_expert_quarantines_total{expert="code"}') == quarantines_before + 1
     for ref, a, b in zip(reference, first, later):
         for run in (a, b):
             assert run.usage["degraded_tokens"] == 0, run.usage     # each session found the sound replica

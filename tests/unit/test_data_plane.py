@@ -335,6 +335,11 @@ async def test_client_places_no_new_session_on_a_quarantined_replica_until_its_q
     client.quarantine_generation("g1")                                   # ... sent an unsound delta
     assert client.quarantined_replicas() == ["r1", "r2", "r3"]
     client._streams.pop("g1")
+    # The counter (ensemble_expert_quarantines_total) counts each replica put into quarantine, r1 twice (its first
+    # time was up), and keeps what the gauge drops when Serve replaces a replica; a renewal while held is not new.
+    assert client.quarantines == 4
+    client.quarantine("r2")
+    assert client.quarantines == 4
     await client.aclose()
 
 
