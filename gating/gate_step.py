@@ -5,9 +5,9 @@ A decode round steps B rows by one token each, where that is ~55 torch ops on [B
 dispatch costs more than their arithmetic: 0.56-0.84 ms for 32 rows and 0.32 ms for one on an idle core, and
 inside the busy gateway 77 µs per generated token at concurrency 32 and 1.1 ms at concurrency 1, the largest
 part of the gateway's own per-token work. As ~35 numpy ops (about a microsecond each at these sizes) it took
-101 µs for 32 rows of the demo's observed-features gate on an idle core; now the element-wise work is two numba
-kernels (gating/jit.py: the expert features and memory, the GRU cell's gates) around three matrix products in
-numpy on weights transposed once. The products used to be torch's
+101 µs for 32 rows of the demo's observed-features gate on an idle core (57 µs now): the expert features and
+their memory are one numba kernel (gating/jit.py), the GRU cell stays numpy (`gru_cell`), three matrix products
+on weights transposed once and its element-wise gates. The products used to be torch's
 `F.linear`, which hands the GIL away on every call: with another Python thread busy in the process, getting it
 back took a switch interval each time (three products of one row: 14 µs alone, 16 ms median beside a
 spinning thread; numpy's 6 µs, unchanged beside it, as it keeps the GIL for a few rows; /tmp script, this
@@ -79,10 +79,7 @@ def observed_features(ids: np.ndarray, lps: np.ndarray, tokens: np.ndarray, voca
     b, e = observed.shape
     x = np.empty((b, e * N_FEATURES), dtype=np.float32)
     memory = np.concatenate([ema, skipped, seen], 1).astype(np.float32)
-    lps = np.ascontiguousarray(lps, dtype=np.float32)
-    _features(np.ascontiguousarray(ids, dtype=np.int64), lps, _listed_mass(lps),
-              np.ascontiguousarray(tokens, dtype=np.int64), np.ascontiguousarray(observed, dtype=bool), memory, 0,
-              _log_unlisted(vocab_size, lps.shape[-1]), x, 0, memory)
+    _write_features(ids, lps, tokens, observed, vocab_size, memory, 0, x, 0, memory)
     return x, memory[:, :e], memory[:, e:2 * e], memory[:, 2 * e:]
 
 
@@ -102,10 +99,7 @@ def step(w: StepWeights, tokens: np.ndarray, packed: np.ndarray, observed: np.nd
     if w.observed:
         x = np.empty((b, d + e * N_FEATURES), dtype=np.float32)
         x[:, :d] = w.embed[tokens]
-        lps = np.ascontiguousarray(lps, dtype=np.float32)
-        _features(np.ascontiguousarray(ids, dtype=np.int64), lps, _listed_mass(lps), tokens,
-                  np.ascontiguousarray(observed, dtype=bool), packed, n_h,
-                  _log_unlisted(w.vocab_size, ids.shape[-1]), x, d, out)
+        _write_features(ids, lps, tokens, observed, w.vocab_size, packed, n_h, x, d, out)
     else:
         x = w.embed[tokens]                                                # [B, D]
     # 2) the GRU cell
@@ -118,13 +112,13 @@ def step(w: StepWeights, tokens: np.ndarray, packed: np.ndarray, observed: np.nd
 N_FEATURES = 7        # per expert: observed, logprob, listed, mass, ema, log1p(skipped) / 4, seen (gating.features)
 
 
-def _listed_mass(lps: np.ndarray) -> np.ndarray:
-    """[B, E, K] -> [B, E] float32, each expert's listed probability mass (numpy: its exps are vectorised)."""
-    return np.exp(lps).sum(-1, dtype=np.float32)
-
-
-def _log_unlisted(vocab_size: int, k: int) -> float:
-    return math.log(max(vocab_size - k, 1))
+def _write_features(ids, lps, tokens, observed, vocab_size: int, memory_in, at: int, x, x_at: int, memory_out) -> None:
+    """`_features` on arrays of the kernel's types; each expert's listed probability mass comes from one numpy exp
+    over [B, E, K] (vectorised, where the kernel would call exp per value)."""
+    lps = np.ascontiguousarray(lps, dtype=np.float32)
+    _features(np.ascontiguousarray(ids, dtype=np.int64), lps, np.exp(lps).sum(-1, dtype=np.float32),
+              np.ascontiguousarray(tokens, dtype=np.int64), np.ascontiguousarray(observed, dtype=bool), memory_in, at,
+              math.log(max(vocab_size - lps.shape[-1], 1)), x, x_at, memory_out)
 
 
 @kernel

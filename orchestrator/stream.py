@@ -127,13 +127,14 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self._stream = codec.decode_stream(self.ids)
+        self._backend = codec.backend
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
         if self._stream is None:
             return self._advance(final=False)
         try:
-            piece = self._stream.step(self.codec.backend, token_id)
+            piece = self._stream.step(self._backend, token_id)
         except Exception:  # noqa: BLE001 (tokenizers raises a bare Exception: "Invalid prefix encountered")
             self._stream = None                  # the window algorithm from here on (same offsets)
             return self._advance(final=False)
