@@ -38,6 +38,7 @@ import numpy as np
 from experts.answer_checks import length_problem, topk_problems
 from experts.protocol import Expert, SessionStep, StepOutput, TopK
 from gating.mix_row import mix_round
+from orchestrator.answer_screen import all_sound
 from orchestrator.expert_health import ExpertHealth
 from orchestrator.profile import PhaseClock
 from orchestrator.request_checks import RequestRejected
@@ -234,7 +235,10 @@ class DecodeLoop:
         return answers, routes, server_s
 
     async def _ask(self, seqs: list[Sequence], pairs: list[Pair]):
-        """One call per expert for `pairs`; sessions lost with their replica are re-opened once (migration)."""
+        """One call per expert for `pairs`; sessions lost with their replica are re-opened once (migration).
+
+        Each call's answers are checked and taken as that call returns (_take), while the round still waits
+        for its slower calls: only the last call's share of that work follows the round's slowest reply."""
         answers: dict[Pair, TopK] = {}
         capacity: dict[int, bool] = {}
         server_s = 0.0
@@ -242,32 +246,27 @@ class DecodeLoop:
             by_expert: dict[int, list[int]] = {}
             for i, e in pairs:
                 by_expert.setdefault(e, []).append(i)
-            calls = [(e, rows, call)
-                     for e, group in by_expert.items() for rows, call in self._calls(e, group, seqs)]
-            pending = asyncio.gather(*(call for _, _, call in calls))
+            taken = _Taken()
+            pending = asyncio.gather(*(self._take(e, rows, call, seqs, answers, taken)
+                                       for e, group in by_expert.items() for rows, call in self._calls(e, group, seqs)))
             # The readers of the last round's tokens run while the experts step: after the calls' first steps,
             # which write their requests (see the module docstring).
             asyncio.get_running_loop().call_soon(self._deliver)
-            results = await pending
-            outputs: dict[int, list[tuple[int, StepOutput]]] = {}
-            for (e, rows, _), outs in zip(calls, results):
-                outputs.setdefault(e, []).extend(zip(rows, outs))
-            unsound = self._reject_unsound(outputs, seqs, first_attempt=attempt == 0)
+            await pending
+            server_s = max(server_s, taken.server_s)
+            if taken.rejected and attempt == 0:
+                self._quarantine(taken.rejected, taken.accepted())
             to_close: dict[int, list[str]] = {}                 # rejected sessions, still open on their replica
             lost: list[Pair] = []
-            for e, answered in outputs.items():
+            for e in by_expert:
+                failed = taken.failed.get(e, ())
                 failures = []
-                for i, out in answered:
+                for i, out in failed:
                     s = seqs[i]
-                    server_s = max(server_s, out.server_s)
-                    if out.error is None and out.topk is not None:
-                        answers[(i, e)] = out.topk
-                        s.synced[e] = len(s.tokens)
-                        continue
                     sid = s.forget(e)
-                    if (i, e) in unsound and sid is not None:
+                    if (i, e) in taken.unsound and sid is not None:
                         to_close.setdefault(e, []).append(sid)
-                    kind = out.error_kind or "input"
+                    kind = kind_of(out)
                     if kind == "input":
                         s.fail(RequestRejected(f"expert {self.names[e]}: {out.error}", param="prompt"))
                     elif kind in MIGRATABLE and attempt == 0:
@@ -275,9 +274,9 @@ class DecodeLoop:
                     else:
                         capacity[i] = capacity.get(i, False) or kind == "capacity"
                         failures.append(out.error or kind)
-                if any((i, e) in answers for i, _ in answered):
+                if e in taken.answered:
                     self.health.answered(e)
-                elif (failures and all(kind_of(o) in MIGRATABLE for _, o in answered if o.error)
+                elif (failures and all(kind_of(o) in MIGRATABLE for _, o in failed if o.error)
                       and not any(x == e for _, x in answers)):
                     # No row of e was answered in this call, first attempt included: a replica that answers
                     # other rows soundly is not down because one context makes it fail twice (those rows keep
@@ -292,40 +291,58 @@ class DecodeLoop:
             pairs = lost
         return answers, capacity, server_s
 
-    def _reject_unsound(self, outputs: dict[int, list[tuple[int, StepOutput]]], seqs: list[Sequence],
-                        first_attempt: bool = True) -> set[Pair]:
-        """Answers that are no next-token distribution (experts/answer_checks.py: a corrupt checkpoint
-        answers NaN), or one for another context than the row's (a session that diverged on the replica), become
-        engine failures of their expert, in place: re-opened once elsewhere from the row's tokens, then the expert
-        is marked down and its rows keep their other expert or are routed again, like a dead replica's. -> the
-        rejected pairs (their sessions are still open on the replica: the caller closes them). On a round's first
-        attempt, which asks each replica for all its rows of an expert, a replica none of whose answers was sound
-        is quarantined (_quarantine); the re-opens of a second attempt are no such evidence."""
-        where = [(e, j, i, out) for e, answered in outputs.items() for j, (i, out) in enumerate(answered)
-                 if out.error is None and out.topk is not None]
-        problems = topk_problems([out.topk for *_, out in where], self.vocab_size)
-        for n, (_, _, i, out) in enumerate(where):
-            if out.length != len(seqs[i].tokens) and n not in problems:
-                problems[n] = length_problem(out.length, len(seqs[i].tokens))
-        unsound: set[Pair] = set()
-        for n, why in problems.items():
-            e, j, i, out = where[n]
-            log.warning("expert %s, replica %s: unsound answer (%s); treating it as an engine fault",
-                        self.names[e], out.replica or "?", why)
-            outputs[e][j] = (i, msgspec.structs.replace(out, topk=None, error=f"unsound answer from the replica: {why}",
-                                                        error_kind="engine"))
-            unsound.add((i, e))
-        self.unsound_answers += len(problems)
-        if problems and first_attempt:
-            self._quarantine([where[n] for n in problems], [w for n, w in enumerate(where) if n not in problems])
-        return unsound
+    async def _take(self, e: int, rows: list[int], call: Awaitable[list[StepOutput]], seqs: list[Sequence],
+                    answers: dict[Pair, TopK], taken: _Taken) -> None:
+        """One call of a round, as it returns: its sound answers into `answers` (the rows' sessions now hold
+        every token sent), the rest into `taken` for the round's failure handling."""
+        outs = await call
+        unsound = self._reject_unsound(e, rows, outs, seqs)
+        taken.calls.append((e, rows, outs))
+        any_answer = False
+        for n, (i, out) in enumerate(zip(rows, outs)):
+            if n in unsound:
+                taken.unsound.add((i, e))
+                taken.rejected.append((e, out.replica))
+                out = msgspec.structs.replace(out, topk=None, error=f"unsound answer from the replica: {unsound[n]}",
+                                              error_kind="engine")
+            elif out.error is None and out.topk is not None:
+                answers[(i, e)] = out.topk
+                seqs[i].synced[e] = len(seqs[i].tokens)
+                any_answer = True
+                continue
+            taken.failed.setdefault(e, []).append((i, out))
+        if any_answer:
+            taken.answered.add(e)
+        if outs:
+            taken.server_s = max(taken.server_s, max(out.server_s for out in outs))
 
-    def _quarantine(self, rejected: list, accepted: list) -> None:
+    def _reject_unsound(self, e: int, rows: list[int], outs: list[StepOutput], seqs: list[Sequence]) -> dict[int, str]:
+        """Answers of one call that are no next-token distribution (experts/answer_checks.py: a corrupt checkpoint
+        answers NaN), or one for another context than the row's (a session that diverged on the replica): index
+        in `outs` -> why. They become engine failures of their expert (_take): re-opened once elsewhere from the
+        row's tokens, then the expert is marked down and its rows keep their other expert or are routed again,
+        like a dead replica's; their sessions, still open on the replica, are closed. On a round's first attempt,
+        which asks each replica for all its rows of an expert, a replica none of whose answers was sound is
+        quarantined (_quarantine); the re-opens of a second attempt are no such evidence."""
+        where = [n for n, out in enumerate(outs) if out.error is None and out.topk is not None]
+        tops = [outs[n].topk for n in where]
+        problems = ({} if all_sound(tops, self.vocab_size)                  # the usual call: one compiled pass
+                    else {where[m]: why for m, why in topk_problems(tops, self.vocab_size).items()})
+        for n in where:
+            if n not in problems and outs[n].length != len(seqs[rows[n]].tokens):
+                problems[n] = length_problem(outs[n].length, len(seqs[rows[n]].tokens))
+        for n, why in problems.items():
+            log.warning("expert %s, replica %s: unsound answer (%s); treating it as an engine fault",
+                        self.names[e], outs[n].replica or "?", why)
+        self.unsound_answers += len(problems)
+        return problems
+
+    def _quarantine(self, rejected: list[tuple[int, str]], accepted: set[tuple[int, str]]) -> None:
         """A replica none of whose answers for an expert in this round was sound gets no new session of that
         expert for a while (experts/client.py quarantine): the re-opens go to a sibling. One that also answered
-        soundly keeps them: one context that fails is that context's fault, not the replica's."""
-        sound = {(e, out.replica) for e, _, _, out in accepted}
-        for e, replica in {(e, out.replica) for e, _, _, out in rejected} - sound:
+        soundly keeps them: one context that fails is that context's fault, not the replica's. Arguments:
+        (expert, replica) of every rejected answer, and the set of those that answered soundly."""
+        for e, replica in set(rejected) - accepted:
             quarantine = getattr(self._experts[e], "quarantine", None)
             if quarantine is not None and replica:
                 quarantine(replica)
@@ -444,3 +461,22 @@ def _phase_names(label: str) -> dict[str, str]:
 
 def kind_of(out: StepOutput) -> str:
     return out.error_kind or "input"
+
+
+class _Taken:
+    """What a round's calls returned beyond their sound answers (DecodeLoop._take), for _ask."""
+
+    __slots__ = ("answered", "calls", "failed", "rejected", "server_s", "unsound")
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, list[int], list[StepOutput]]] = []   # (expert, rows, outputs) of each call
+        self.failed: dict[int, list[tuple[int, StepOutput]]] = {}   # expert -> (row, failed output)
+        self.unsound: set[Pair] = set()                          # answers rejected by the checks
+        self.rejected: list[tuple[int, str]] = []                # (expert, replica) of each of those
+        self.answered: set[int] = set()                          # experts with a sound answer
+        self.server_s = 0.0                                      # the longest replica time of a call
+
+    def accepted(self) -> set[tuple[int, str]]:
+        """(expert, replica) of every sound answer."""
+        return {(e, out.replica) for e, rows, outs in self.calls for i, out in zip(rows, outs)
+                if out.error is None and out.topk is not None and (i, e) not in self.unsound}
