@@ -1,10 +1,12 @@
 """The gateway's quick test that every answer of an expert call is sound, before anything reads them.
 
 experts/answer_checks.py says what is wrong with an answer, as numpy reductions over a block of answers: about
-ten array ops, ≈ 15 µs a call whatever its size. The decode loop checks each call's answers as that call returns
-(orchestrator/decode_loop.py), four or more calls a round, so that fixed cost would be paid per call. This kernel
-(gating/jit.py) makes the same tests in one loop that stops at the first failure, ≈ 1 µs for 16 answers of 20
-pairs. It only screens: when it finds anything, the caller asks answer_checks what is wrong, row by row.
+ten array ops, whose dispatch is most of their cost at a call's size. The decode loop checks each call's answers
+as that call returns (orchestrator/decode_loop.py), four or more calls a round, so that cost would be paid per
+call. This kernel (gating/jit.py) makes the same tests in one loop that stops at the first failure: for a call of
+16 answers of 20 pairs, 7.7 µs with reading the answers (3.2 µs the loop itself) against 19.7 µs for
+answer_checks.topk_problems, on an idle core. It only screens: when it finds anything, the caller asks
+answer_checks what is wrong.
 
 The tests, per answer: every id in [0, vocab_size) (vocab_size < 0: any id >= 0), every logprob finite and at
 most LOGPROB_SLACK (NaN fails), no id listed twice, and exp(logprobs) summing to at most MASS_LIMIT. The mass is
