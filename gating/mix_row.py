@@ -4,9 +4,9 @@ A served token mixes a handful of experts' top-k (2 × 20 values for top-2). Don
 one row, each op's dispatch costs more than its arithmetic: 0.33 ms on an idle core of this machine, about
 0.9 ms inside a busy gateway replica, once per generated token at concurrency 1. The same rule over Python
 floats (`mix_row`) takes 0.05 ms a row, so a small round mixes row by row. A round's top-2 rows (two experts
-each, the served default) are mixed at once in numpy from PAIR_ROUND rows on (gating/mix_pair.py: 0.19 / 0.47
-ms for 12 / 32 rows on an idle core, against 0.62 / 0.81 ms row by row / in torch) and kept as arrays in the
-round's RoundMix, which the sampler reads as they are (orchestrator/sample.py `sample_round`); a row's RowMix is
+each, the served default) are mixed at once from PAIR_ROUND rows on (gating/mix_pair.py, compiled: 22 µs for 32
+rows on an idle core, against 0.81 ms in torch), and so are its one-expert rows (top-1), as pairs of an expert
+with itself at weight 0, and kept as arrays in the round's RoundMix, which the sampler reads as they are (orchestrator/sample.py `sample_round`); a row's RowMix is
 built only when something asks for it (a request's `top_logprobs`, top_p or top_k). Other rows, from
 SMALL_ROUND rows on, go through one batched torch mix. All compute in float64 and agree to ~1e-12, so a seed's text
 does not depend on which path its rounds took (how many other sequences were running).
@@ -124,16 +124,17 @@ def mix_round(tops: RoundTops, weights: Sequence[Sequence[float]], vocab_size: i
     weights[i] in spaces[i].
 
     Rows are grouped by (number of experts, K, space). A group of two-expert rows (top-2, the served default)
-    of at least PAIR_ROUND rows is mixed at once in numpy and kept as arrays (gating/mix_pair.py); any other
-    group row by row in Python while the round has up to SMALL_ROUND rows, else in one float64 torch mix."""
+    or of one-expert rows (top-1) of at least PAIR_ROUND rows is mixed at once by the compiled pair mix and kept
+    as arrays (gating/mix_pair.py, _pair_arrays); any other group row by row in Python while the round has up to
+    SMALL_ROUND rows, else in one float64 torch mix."""
     groups: dict[tuple[int, int, str], list[int]] = {}
     for i, (t, space) in enumerate(zip(tops, spaces)):
         groups.setdefault((len(t), min(x.k for x in t), space), []).append(i)
     out = RoundMix(vocab_size, [None] * len(tops), [], {})
     for (s, k, space), members in groups.items():
-        if s == 2 and len(members) >= PAIR_ROUND:
+        if s <= 2 and len(members) >= PAIR_ROUND:
             out.where.update((i, (len(out.pairs), r)) for r, i in enumerate(members))
-            out.pairs.append((members, _pair_arrays(tops, weights, members, k, vocab_size, space)))
+            out.pairs.append((members, _pair_arrays(tops, weights, members, s, k, vocab_size, space)))
         elif len(tops) <= SMALL_ROUND:
             for i in members:
                 out.rows[i] = mix_row([(x.token_ids, x.logprobs) for x in tops[i]], weights[i], vocab_size, space)
@@ -143,11 +144,18 @@ def mix_round(tops: RoundTops, weights: Sequence[Sequence[float]], vocab_size: i
     return out
 
 
-def _pair_arrays(tops: RoundTops, weights: Sequence[Sequence[float]], members: list[int], k: int,
+def _pair_arrays(tops: RoundTops, weights: Sequence[Sequence[float]], members: list[int], s: int, k: int,
                  vocab_size: int, space: str) -> PairMix:
+    """A group of rows of s = 2 experts, or of one (top-1, or a top-2 row left with one expert), as a PairMix.
+    A one-expert row is mixed as the pair of that expert with itself at weight 0: every candidate is listed by
+    both, so nothing is guessed, the second's slots are not candidates, and the mix is the expert's own top-k
+    and floor, normalised, as mix_row gives it (tests/unit/test_mix_pair.py)."""
     n = len(members)
     ids, lps, w = _group_arrays(tops, weights, members, k)
-    return mix_pair_arrays(ids.reshape(n, 2, k), lps.reshape(n, 2, k), w.reshape(n, 2), vocab_size, space)
+    ids, lps, w = ids.reshape(n, s, k), lps.reshape(n, s, k), w.reshape(n, s)
+    if s == 1:
+        ids, lps, w = np.concatenate([ids, ids], 1), np.concatenate([lps, lps], 1), np.hstack([w, np.zeros((n, 1))])
+    return mix_pair_arrays(ids, lps, w, vocab_size, space)
 
 
 def _torch_rows(tops: RoundTops, weights: Sequence[Sequence[float]], members: list[int], k: int,

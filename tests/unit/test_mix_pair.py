@@ -103,3 +103,28 @@ def test_the_pair_mix_matches_the_torch_form_training_uses():
         assert tuple(c) == r.ids
         assert max(abs(a - b) for a, b in zip(lp, r.logprobs)) < 1e-12
         assert tail == pytest.approx(r.tail_logprob, abs=1e-12)
+
+
+@pytest.mark.parametrize("space", ["logits", "probs"])
+def test_a_round_of_one_expert_rows_takes_the_pair_mix_and_gives_what_mix_row_gives(monkeypatch, space):
+    """Top-1 rows (and top-2 rows left with one expert) of a round of at least PAIR_ROUND are mixed as the pair of
+    their expert with itself at weight 0: the same candidates, logprobs and tail as mix_row's one-expert mix."""
+    import gating.mix_row as mix_row_module
+
+    calls = []
+    real = mix_row_module.mix_pair_arrays
+    monkeypatch.setattr(mix_row_module, "mix_pair_arrays",
+                        lambda *a, **kw: calls.append(len(a[0])) or real(*a, **kw))
+    tops, weights = [], []
+    for r in range(PAIR_ROUND + 5):
+        ids, lps, _ = random_row(500 + r, 1, 20, 4096, 0, peaked=r % 2 == 1)
+        tops.append([(ids[0].tolist(), lps[0].tolist())])
+        weights.append((1.0,))
+    mixed = mix_rows(packed(tops), weights, 4096, [space] * len(tops))
+    assert calls == [len(tops)]
+    for got, t, w in zip(mixed, tops, weights):
+        ref = mix_row(t, w, 4096, space)
+        assert got.ids == ref.ids and got.tail_count == ref.tail_count == 4096 - 20
+        tol = tolerance(t)
+        assert max(abs(a - b) for a, b in zip(got.logprobs, ref.logprobs)) < tol
+        assert got.tail_logprob == pytest.approx(ref.tail_logprob, abs=tol)

@@ -11,7 +11,7 @@ from gating.mix_row import PAIR_ROUND, mix_round
 from orchestrator.sample import draw_pairs, make_rng, nth_free, sample_round, sample_row
 from orchestrator.types import GenerationParams
 from tests.unit.test_mix_pair import pair_rows
-from tests.unit.test_mix_row import packed
+from tests.unit.test_mix_row import packed, random_row
 
 VOCAB = 4096
 
@@ -45,6 +45,24 @@ def test_the_batched_draw_gives_every_row_what_sample_row_gives_it(space, temper
         tail_draws += sum(1 for j, (token, _) in enumerate(got) if token not in mixed.row(j).ids)
     if temperature >= 1.0:
         assert tail_draws > 0                                            # the tail branch was exercised
+
+
+@pytest.mark.parametrize("space", ["probs", "logits"])
+def test_a_round_of_one_expert_rows_draws_together_and_gives_every_row_what_sample_row_gives_it(space):
+    tail_draws = 0
+    for draw in range(30):
+        tops = []
+        for r in range(12):
+            ids, lps, _ = random_row(7000 + 31 * draw + r, 1, 20, VOCAB, 0, peaked=r % 3 == 0)
+            tops.append([(ids[0].tolist(), lps[0].tolist())])
+        mixed = mix_round(packed(tops), [(1.0,)] * 12, VOCAB, [space] * 12)
+        assert len(mixed.pairs) == 1                                     # the top-1 rows are held as arrays
+        params = [GenerationParams(temperature=1.0 + 0.1 * (j % 4)) for j in range(12)]
+        seeds = [900 * draw + j for j in range(12)]
+        got = sample_round(mixed, params, [make_rng(s) for s in seeds])
+        assert got == per_row(mixed, params, seeds)
+        tail_draws += sum(1 for j, (token, _) in enumerate(got) if token not in mixed.row(j).ids)
+    assert tail_draws > 0                                                # the tail branch was exercised
 
 
 def test_rows_with_top_p_top_k_or_greedy_in_a_pair_round_are_sampled_row_by_row_and_agree():
