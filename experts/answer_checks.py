@@ -11,9 +11,10 @@ its caller sent (a step applied twice or in part, a session id reused) answers f
 sent, and every later answer of that session with it. Each answer carries how many tokens its session holds by
 the replica's count (StepOutput.length); it must be exactly how many the caller has sent.
 
-The checks are pure functions over a round's answers, one numpy pass; the decode loop treats an answer that
-fails them as an engine fault of its expert (orchestrator/decode_loop.py), and the single-expert fast path as a
-lost generation (orchestrator/native.py).
+The checks are pure functions over a block of answers, one numpy pass; the decode loop treats an answer that
+fails them as an engine fault of its expert (orchestrator/decode_loop.py: each call's answers as that call
+returns, screened first by the gateway's compiled orchestrator/answer_screen.py, which asks topk_problems only
+when it finds something), and the single-expert fast path as a lost generation (orchestrator/native.py).
 """
 
 from __future__ import annotations
