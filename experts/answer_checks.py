@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from experts.protocol import ID_DTYPE, LP_DTYPE, StepOutput, TopK
+from experts.protocol import ID_DTYPE, StepOutput, TopK, stacked
 
 # A raw logprob is log-softmax output, so <= 0; float32 rounding can put the top one a hair above.
 LOGPROB_SLACK = 1e-3
@@ -38,12 +38,9 @@ def topk_problems(tops: Sequence[TopK], vocab_size: int | None) -> dict[int, str
     all the probability mass. `vocab_size` None: any id >= 0 (a caller that does not know it)."""
     if not tops:
         return {}
-    packed = [t.ids for t in tops]
-    sizes = set(map(len, packed))
-    if len(sizes) == 1 and (size := sizes.pop()) > 0:              # the usual round: every answer has K pairs
-        k = size // ID_DTYPE.itemsize
-        ids = np.frombuffer(b"".join(packed), dtype=ID_DTYPE).reshape(len(tops), k)
-        lps = np.frombuffer(b"".join([t.lps for t in tops]), dtype=LP_DTYPE).reshape(len(tops), k)
+    block = stacked(tops)
+    if block is not None:                                           # the usual round: every answer has K pairs
+        ids, lps = block
         if _all_sound(ids, lps, vocab_size):
             return {}
         bad = _bad_rows(ids, lps, vocab_size)

@@ -71,6 +71,18 @@ def joined(tops: Sequence[TopK]) -> tuple[np.ndarray, np.ndarray]:
             np.frombuffer(b"".join([t.lps for t in tops]), LP_DTYPE))
 
 
+def stacked(tops: Sequence[TopK]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every top-k's ids and logprobs as two read-only [N, K] arrays (one bytes join each) when all N have the
+    same K > 0; None when there is none, or an empty one, or their K differ."""
+    if not tops:
+        return None
+    size = len(tops[0].ids)
+    if size == 0 or any(len(t.ids) != size for t in tops):
+        return None
+    ids, lps = joined(tops)
+    return ids.reshape(len(tops), -1), lps.reshape(len(tops), -1)
+
+
 # The per-token messages (SessionStep, StepOutput, StepReply, TopK) are msgspec Structs, not dataclasses: a round
 # at concurrency 32, top-2, builds and reads about 64 of each on both ends, and a Struct is made and decoded
 # several times faster (a StepOutput: 0.10 µs as a Struct, 0.93 µs as a frozen dataclass, on this machine).

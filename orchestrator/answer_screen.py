@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from experts.answer_checks import LOGPROB_SLACK, MASS_LIMIT
-from experts.protocol import ID_DTYPE, LP_DTYPE, TopK
+from experts.protocol import TopK, stacked
 from gating.jit import kernel, on_warm_up
 
 
@@ -33,14 +33,10 @@ def all_sound(tops: Sequence[TopK], vocab_size: int | None) -> bool:
     not, or when the answers do not all have the same K > 0 (the caller then asks topk_problems)."""
     if not tops:
         return True
-    packed = [t.ids for t in tops]
-    size = len(packed[0])
-    if size == 0 or any(len(p) != size for p in packed):
+    block = stacked(tops)
+    if block is None:
         return False
-    k = size // ID_DTYPE.itemsize
-    ids = np.frombuffer(b"".join(packed), dtype=ID_DTYPE).reshape(len(tops), k)
-    lps = np.frombuffer(b"".join([t.lps for t in tops]), dtype=LP_DTYPE).reshape(len(tops), k)
-    return bool(_all_sound(ids, lps, -1 if vocab_size is None else vocab_size, LOGPROB_SLACK, MASS_LIMIT))
+    return bool(_all_sound(*block, -1 if vocab_size is None else vocab_size, LOGPROB_SLACK, MASS_LIMIT))
 
 
 @kernel
