@@ -254,8 +254,8 @@ class DecodeLoop:
             asyncio.get_running_loop().call_soon(self._deliver)
             await pending
             server_s = max(server_s, taken.server_s)
-            if taken.rejected and attempt == 0:
-                self._quarantine(taken.rejected, taken.accepted())
+            if taken.unsound and attempt == 0:
+                self._quarantine(taken.rejected(), taken.accepted())
             to_close: dict[int, list[str]] = {}                 # rejected sessions, still open on their replica
             lost: list[Pair] = []
             for e in by_expert:
@@ -302,7 +302,6 @@ class DecodeLoop:
         for n, (i, out) in enumerate(zip(rows, outs)):
             if n in unsound:
                 taken.unsound.add((i, e))
-                taken.rejected.append((e, out.replica))
                 out = msgspec.structs.replace(out, topk=None, error=f"unsound answer from the replica: {unsound[n]}",
                                               error_kind="engine")
             elif out.error is None and out.topk is not None:
@@ -337,12 +336,12 @@ class DecodeLoop:
         self.unsound_answers += len(problems)
         return problems
 
-    def _quarantine(self, rejected: list[tuple[int, str]], accepted: set[tuple[int, str]]) -> None:
+    def _quarantine(self, rejected: set[tuple[int, str]], accepted: set[tuple[int, str]]) -> None:
         """A replica none of whose answers for an expert in this round was sound gets no new session of that
         expert for a while (experts/client.py quarantine): the re-opens go to a sibling. One that also answered
         soundly keeps them: one context that fails is that context's fault, not the replica's. Arguments:
         (expert, replica) of every rejected answer, and the set of those that answered soundly."""
-        for e, replica in set(rejected) - accepted:
+        for e, replica in rejected - accepted:
             quarantine = getattr(self._experts[e], "quarantine", None)
             if quarantine is not None and replica:
                 quarantine(replica)
@@ -466,15 +465,18 @@ def kind_of(out: StepOutput) -> str:
 class _Taken:
     """What a round's calls returned beyond their sound answers (DecodeLoop._take), for _ask."""
 
-    __slots__ = ("answered", "calls", "failed", "rejected", "server_s", "unsound")
+    __slots__ = ("answered", "calls", "failed", "server_s", "unsound")
 
     def __init__(self) -> None:
         self.calls: list[tuple[int, list[int], list[StepOutput]]] = []   # (expert, rows, outputs) of each call
         self.failed: dict[int, list[tuple[int, StepOutput]]] = {}   # expert -> (row, failed output)
         self.unsound: set[Pair] = set()                          # answers rejected by the checks
-        self.rejected: list[tuple[int, str]] = []                # (expert, replica) of each of those
         self.answered: set[int] = set()                          # experts with a sound answer
         self.server_s = 0.0                                      # the longest replica time of a call
+
+    def rejected(self) -> set[tuple[int, str]]:
+        """(expert, replica) of every answer the checks rejected."""
+        return {(e, out.replica) for e, outs in self.failed.items() for i, out in outs if (i, e) in self.unsound}
 
     def accepted(self) -> set[tuple[int, str]]:
         """(expert, replica) of every sound answer."""
