@@ -77,16 +77,20 @@ def observed_features(ids: np.ndarray, lps: np.ndarray, tokens: np.ndarray, voca
     """gating.features.signals then step_features: ids/lps [B, E, K] (padding: id -1, logprob -1e4), tokens [B],
     memory rows ema / skipped / seen [B, E], observed [B, E] bool -> (features [B, E*F], ema', skipped', seen')."""
     b, e = observed.shape
+    cells = np.flatnonzero(observed)
     x = np.empty((b, e * N_FEATURES), dtype=np.float32)
     memory = np.concatenate([ema, skipped, seen], 1).astype(np.float32)
-    _write_features(ids, lps, tokens, observed, vocab_size, memory, 0, x, 0, memory)
+    _write_features(cells, ids.reshape(b * e, -1)[cells], lps.reshape(b * e, -1)[cells], tokens, e, vocab_size,
+                    memory, 0, x, 0, memory)
     return x, memory[:, :e], memory[:, e:2 * e], memory[:, 2 * e:]
 
 
-def step(w: StepWeights, tokens: np.ndarray, packed: np.ndarray, observed: np.ndarray | None = None,
+def step(w: StepWeights, tokens: np.ndarray, packed: np.ndarray, cells: np.ndarray | None = None,
          ids: np.ndarray | None = None, lps: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One new token per row: tokens [B] int64, packed [B, W] float32 (see the module docstring), and for an
-    observed-features gate observed [B, E] bool with ids/lps [B, E, K] -> (routing logits [B, E], packed' [B, W]).
+    observed-features gate the M top-k the experts answered, flat: cells [M] (row·E + expert, each at most once)
+    with ids/lps [M, K] (padding: id -1, logprob -1e4); a (row, expert) not among cells was not observed
+    -> (routing logits [B, E], packed' [B, W]).
 
     1) the GRU input: the token's embedding, then (observed gates) the expert features, one kernel that also
        writes the new feature memory into packed'; 2) the GRU cell (numpy) into packed'; 3) the routing logits."""
@@ -99,7 +103,7 @@ def step(w: StepWeights, tokens: np.ndarray, packed: np.ndarray, observed: np.nd
     if w.observed:
         x = np.empty((b, d + e * N_FEATURES), dtype=np.float32)
         x[:, :d] = w.embed[tokens]
-        _write_features(ids, lps, tokens, observed, w.vocab_size, packed, n_h, x, d, out)
+        _write_features(cells, ids, lps, tokens, e, w.vocab_size, packed, n_h, x, d, out)
     else:
         x = w.embed[tokens]                                                # [B, D]
     # 2) the GRU cell
@@ -112,39 +116,47 @@ def step(w: StepWeights, tokens: np.ndarray, packed: np.ndarray, observed: np.nd
 N_FEATURES = 7        # per expert: observed, logprob, listed, mass, ema, log1p(skipped) / 4, seen (gating.features)
 
 
-def _write_features(ids, lps, tokens, observed, vocab_size: int, memory_in, at: int, x, x_at: int, memory_out) -> None:
-    """`_features` on arrays of the kernel's types; each expert's listed probability mass comes from one numpy exp
-    over [B, E, K] (vectorised, where the kernel would call exp per value)."""
+def _write_features(cells, ids, lps, tokens, e: int, vocab_size: int, memory_in, at: int, x, x_at: int,
+                    memory_out) -> None:
+    """`_features` on arrays of the kernel's types; each observed top-k's listed probability mass comes from one
+    numpy exp over [M, K] (vectorised, where the kernel would call exp per value)."""
     lps = np.ascontiguousarray(lps, dtype=np.float32)
-    _features(np.ascontiguousarray(ids, dtype=np.int64), lps, np.exp(lps).sum(-1, dtype=np.float32),
-              np.ascontiguousarray(tokens, dtype=np.int64), np.ascontiguousarray(observed, dtype=bool), memory_in, at,
+    _features(np.ascontiguousarray(cells, dtype=np.int64), np.ascontiguousarray(ids, dtype=np.int64), lps,
+              np.exp(lps).sum(-1, dtype=np.float32), np.ascontiguousarray(tokens, dtype=np.int64), e, memory_in, at,
               math.log(max(vocab_size - lps.shape[-1], 1)), x, x_at, memory_out)
 
 
 @kernel
-def _features(ids, lps, masses, tokens, observed, memory_in, at, log_unlisted, x, x_at, memory_out):  # pragma: no cover
-    """Per row and expert: the signals of the realised token in that expert's top-k (its logprob, or the expert's
-    floor when unlisted; listed; the listed mass), then the features and the memory update of
-    gating.features.step_features, all in float32. Memory rows are read from memory_in[:, at:] and written to
-    memory_out[:, at:] (ema [E], skipped [E], seen [E]); features go to x[:, x_at:], F per expert."""
-    b, e, k = ids.shape
+def _features(cells, ids, lps, masses, tokens, e, memory_in, at, log_unlisted, x, x_at, memory_out):  # pragma: no cover
+    """Per row and expert: the signals of the realised token in that expert's top-k when it was observed (its
+    logprob, or the expert's floor when unlisted; listed; the listed mass), then the features and the memory update
+    of gating.features.step_features, all in float32. Top-k m belongs to row cells[m] // e, expert cells[m] % e.
+    Memory rows are read from memory_in[:, at:] and written to memory_out[:, at:] (ema [E], skipped [E], seen
+    [E]); features go to x[:, x_at:], F per expert."""
+    b, k = tokens.shape[0], ids.shape[1]
     one, zero = np.float32(1.0), np.float32(0.0)
     decay, fresh = np.float32(EMA_DECAY), np.float32(1 - EMA_DECAY)
     scale, min_left = np.float32(LP_SCALE), np.float32(MIN_LEFTOVER)
     unlisted = np.float32(log_unlisted)
+    slot = np.full(b * e, -1, np.int64)                     # (row, expert) -> its top-k, or -1: not observed
+    for m in range(cells.shape[0]):
+        slot[cells[m]] = m
     for r in range(b):
         for j in range(e):
+            m = slot[r * e + j]
+            obs = m >= 0
             # signals
-            listed, value, mass = False, zero, masses[r, j]
-            for i in range(k):
-                if ids[r, j, i] == tokens[r]:
-                    listed = True
-                    value += lps[r, j, i]
-            floor = np.log(max(one - mass, min_left)) - unlisted
+            listed, value, lp = False, zero, zero
+            mass = masses[m] if obs else zero
+            if obs:
+                for i in range(k):
+                    if ids[m, i] == tokens[r]:
+                        listed = True
+                        value += lps[m, i]
+                floor = np.log(max(one - mass, min_left)) - unlisted
+                lp = (value if listed else floor) / scale
             # features and memory
-            obs = observed[r, j]
             ema, skipped, seen = memory_in[r, at + j], memory_in[r, at + e + j], memory_in[r, at + 2 * e + j]
-            lp = (value if listed else floor) / scale if obs else zero
             if obs:
                 ema = lp if seen != one else decay * ema + fresh * lp        # first seen: its own value
                 skipped = zero
@@ -154,8 +166,8 @@ def _features(ids, lps, masses, tokens, observed, memory_in, at, log_unlisted, x
             f = x_at + j * N_FEATURES
             x[r, f] = one if obs else zero
             x[r, f + 1] = lp
-            x[r, f + 2] = one if listed and obs else zero
-            x[r, f + 3] = min(mass, one) if obs else zero
+            x[r, f + 2] = one if listed else zero
+            x[r, f + 3] = min(mass, one)
             x[r, f + 4] = ema
             x[r, f + 5] = np.log1p(skipped) / np.float32(4.0)
             x[r, f + 6] = seen
@@ -187,5 +199,7 @@ def _warm_up() -> None:
         w = StepWeights(np.zeros((8, d), np.float32), np.zeros((width_in, 3 * h), np.float32),
                         np.zeros((h, 3 * h), np.float32), np.zeros(3 * h, np.float32), np.zeros(3 * h, np.float32),
                         np.zeros((h, e), np.float32), np.zeros(e, np.float32), 8, e, h, observed)
-        step(w, np.array([1]), np.zeros((1, w.width), dtype=np.float32), np.ones((1, e), dtype=bool),
-             np.ones((1, e, 2), dtype=np.int64), np.full((1, e, 2), -1.0, dtype=np.float32))
+        # cells and ids as the serving path has them: ids read-only, straight from the answers' bytes
+        ids = np.frombuffer(np.ones(2 * e, dtype=np.int64).tobytes(), np.int64).reshape(e, 2)
+        step(w, np.array([1]), np.zeros((1, w.width), dtype=np.float32), np.arange(e), ids,
+             np.full((e, 2), -1.0, dtype=np.float64))

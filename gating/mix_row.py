@@ -27,7 +27,7 @@ from itertools import chain, compress
 import numpy as np
 import torch
 
-from experts.protocol import TopK, joined
+from experts.protocol import ID_DTYPE, TopK, joined
 from gating.mix import CROSS_LISTED_INTERP, MIN_LEFTOVER, MIX_SPACES, Mixed, mix
 from gating.mix_pair import PairMix, mix_pair_arrays
 
@@ -129,7 +129,7 @@ def mix_round(tops: RoundTops, weights: Sequence[Sequence[float]], vocab_size: i
     SMALL_ROUND rows, else in one float64 torch mix."""
     groups: dict[tuple[int, int, str], list[int]] = {}
     for i, (t, space) in enumerate(zip(tops, spaces)):
-        groups.setdefault((len(t), min(x.k for x in t), space), []).append(i)
+        groups.setdefault((len(t), min([len(x.ids) for x in t]) // ID_DTYPE.itemsize, space), []).append(i)
     out = RoundMix(vocab_size, [None] * len(tops), [], {})
     for (s, k, space), members in groups.items():
         if s <= 2 and len(members) >= PAIR_ROUND:

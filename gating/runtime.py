@@ -10,12 +10,13 @@ Shape legend: B = sequences, E = experts, H = gate hidden size, K = top-k, N = s
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from experts.protocol import TopK, joined
+from experts.protocol import TopK, stacked
 from gating import gate_step
 from gating.adaptive import adaptive_k, selection_mask
 from gating.checkpoint import GateCheckpoint
@@ -42,6 +43,22 @@ class GateState:
         if self.packed is None or self.packed.shape[0] == h:
             return None
         return Memory(*(torch.from_numpy(self.packed[h + i * e:h + (i + 1) * e]).view(1, e) for i in range(3)))
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the experts that produced a step's tokens said about them, flat: tops[m] is expert experts[m]'s top-k at
+    the position of row rows[m]'s new token (rows index the step's states; a (row, expert) at most once). The
+    decode loop builds it as it walks its rounds' routes; `of` builds it from one {expert: top-k} per row."""
+
+    rows: list[int]
+    experts: list[int]
+    tops: list[TopK]
+
+    @classmethod
+    def of(cls, per_row: Sequence[Mapping[int, TopK]]) -> Observed:
+        pairs = [(r, e, t) for r, row in enumerate(per_row) for e, t in row.items()]
+        return cls([r for r, _, _ in pairs], [e for _, e, _ in pairs], [t for _, _, t in pairs])
 
 
 class GateRuntime:
@@ -104,45 +121,40 @@ class GateRuntime:
             states.append(GateState(torch.cat(parts, 1)[0].numpy().copy(), logits[i].numpy().copy(), n))
         return states
 
-    def step(self, states: list[GateState], tokens: list[int],
-             observed: list[dict[int, TopK]] | None = None) -> list[GateState]:
+    def step(self, states: list[GateState], tokens: list[int], observed: Observed | None = None) -> list[GateState]:
         """One new token for each of B sequences, in one batched step (gating.gate_step).
 
-        `observed[b]` is what the experts that produced row b's token said (expert index -> its top-k at
-        that position): signals a gate may use for free, since those experts were called anyway. A gate that
-        reads only token ids ignores it. Every state must have been prefilled."""
+        `observed` is what the experts that produced the rows' tokens said (each one's top-k at that position):
+        signals a gate may use for free, since those experts were called anyway; a row with none was not
+        observed. A gate that reads only token ids ignores it. Every state must have been prefilled."""
         w = self._weights
         packed = np.stack([s.packed for s in states])                  # [B, W]
         x = np.array(tokens, dtype=np.int64)                            # [B]
         if w.observed:
-            mask, ids, lps = self._observed_arrays(observed or [{} for _ in states], w.n_experts)
-            logits, packed = gate_step.step(w, x, packed, mask, ids, lps)
+            logits, packed = gate_step.step(w, x, packed, *self._observation_arrays(observed, w.n_experts))
         else:
             logits, packed = gate_step.step(w, x, packed)
         # Per-sequence states are row views into this round's arrays (a few hundred bytes each).
         return [GateState(p, lg, s.fed + 1) for p, lg, s in zip(packed, logits, states)]
 
     @staticmethod
-    def _observed_arrays(observed: list[dict[int, TopK]], e: int):
-        """-> mask [B, E] bool, ids [B, E, K] int64 (-1 padded), lps [B, E, K] float32 (-1e4 padded). One read of
-        every packed top-k when all have the same K (the usual case: the engines' logprobs_k), else row by row."""
-        b = len(observed)
-        at = [r * e + j for r, row in enumerate(observed) for j in row]          # [M] flat (row, expert)
-        tops = [t for row in observed for t in row.values()]
-        k = max((t.k for t in tops), default=1)
-        mask = np.zeros(b * e, dtype=bool)
-        mask[at] = True
-        ids = np.full((b * e, k), -1, dtype=np.int64)
-        lps = np.full((b * e, k), -1e4, dtype=np.float32)
-        flat_ids, flat_lps = joined(tops)
-        if len(flat_ids) == len(tops) * k:                                       # every K is the largest
-            ids[at] = flat_ids.reshape(-1, k)
-            lps[at] = flat_lps.reshape(-1, k)
-        else:
-            for i, t in zip(at, tops):
-                ids[i, :t.k] = t.id_array
-                lps[i, :t.k] = t.lp_array
-        return mask.reshape(b, e), ids.reshape(b, e, k), lps.reshape(b, e, k)
+    def _observation_arrays(observed: Observed | None, e: int):
+        """-> cells [M] int64 (row·E + expert), ids [M, K] int64 and lps [M, K] (gate_step.step's padding where a
+        top-k is shorter). One read of every packed top-k when all have the same K (the usual case: the engines'
+        logprobs_k), else row by row."""
+        if observed is None or not observed.tops:
+            return np.empty(0, np.int64), np.full((0, 1), -1, np.int64), np.full((0, 1), -1e4, np.float32)
+        cells = np.asarray(observed.rows, dtype=np.int64) * e + np.asarray(observed.experts, dtype=np.int64)
+        block = stacked(observed.tops)
+        if block is not None:
+            return cells, *block
+        k = max(1, *(t.k for t in observed.tops))
+        ids = np.full((len(cells), k), -1, dtype=np.int64)
+        lps = np.full((len(cells), k), -1e4, dtype=np.float32)
+        for m, t in enumerate(observed.tops):
+            ids[m, :t.k] = t.id_array
+            lps[m, :t.k] = t.lp_array
+        return cells, ids, lps
 
     @torch.inference_mode()
     def sequence_logits(self, tokens: list[int], all_ids: torch.Tensor | None = None,

@@ -38,6 +38,7 @@ import numpy as np
 from experts.answer_checks import length_problem, topk_problems
 from experts.protocol import Expert, SessionStep, StepOutput, TopK
 from gating.mix_row import mix_round
+from gating.runtime import Observed
 from orchestrator.answer_screen import all_sound
 from orchestrator.expert_health import ExpertHealth
 from orchestrator.profile import PhaseClock
@@ -56,6 +57,7 @@ class DecodeLoop:
     def __init__(self, experts: list[Expert], names: list[str], *, vocab_size: int, eos_token_id: int | None,
                  max_model_len: int, logprobs_k: int, health: ExpertHealth, clock: PhaseClock) -> None:
         self._experts, self.names = experts, names
+        self._expert_names: dict[tuple[int, ...], tuple[str, ...]] = {}      # a route's experts -> their names
         self.vocab_size, self.eos_token_id, self.max_model_len = vocab_size, eos_token_id, max_model_len
         self.logprobs_k, self.health, self.clock = logprobs_k, health, clock
         self._running: list[Sequence] = []
@@ -390,7 +392,7 @@ class DecodeLoop:
             if s.done:                                        # cancelled while its experts were stepping
                 continue
             s.tokens.append(token)
-            decision = GateDecision(tuple(self.names[e] for e in r.experts), r.weights, r.entropy, r.degraded)
+            decision = GateDecision(self._names_of(r.experts), r.weights, r.entropy, r.degraded)
             finish = self._finish_reason(s, token)
             s.emit(TokenEvent(s.request_id, s.produced, token, logprob, decision, alts, finish))
             self._held.append(s)
@@ -404,11 +406,16 @@ class DecodeLoop:
         what the experts that produced them said)."""
         for rows in stepped.values():
             gate = seqs[rows[0]].gate
-            observed = ([{e: answers[(i, e)] for e in routes[i].experts} for i in rows]
-                        if gate.gate.uses_observations else None)          # free signals, read only if used
+            observed = _observed(rows, routes, answers) if gate.gate.uses_observations else None  # read only if used
             states = gate.step([seqs[i].gate_state for i in rows], [seqs[i].tokens[-1] for i in rows], observed)
             for i, st in zip(rows, states):
                 seqs[i].gate_state = st
+
+    def _names_of(self, experts: tuple[int, ...]) -> tuple[str, ...]:
+        names = self._expert_names.get(experts)
+        if names is None:
+            names = self._expert_names[experts] = tuple(self.names[e] for e in experts)
+        return names
 
     def _finish_reason(self, s: Sequence, token: int) -> str | None:
         p = s.params
@@ -449,6 +456,18 @@ class DecodeLoop:
 
 
 ROUND_PHASES = ("gate", "expert", "rpc", "mix", "sample", "emit", "gate_step")
+
+
+def _observed(rows: list[int], routes: list[Route | None], answers: dict[Pair, TopK]) -> Observed:
+    """The top-k of the experts behind each of `rows`' new token, for the gate step (its row r is rows[r])."""
+    observed = Observed([], [], [])
+    add_row, add_expert, add_top = observed.rows.append, observed.experts.append, observed.tops.append
+    for r, i in enumerate(rows):
+        for e in routes[i].experts:
+            add_row(r)
+            add_expert(e)
+            add_top(answers[(i, e)])
+    return observed
 
 
 def _phase_names(label: str) -> dict[str, str]:

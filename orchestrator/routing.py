@@ -10,16 +10,15 @@ Shape legend: B = rows, E = experts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
+import msgspec
 import numpy as np
 import torch
 
 from gating.jit import kernel, on_warm_up
 
 
-@dataclass(frozen=True)
-class Route:
+class Route(msgspec.Struct, frozen=True):           # a Struct: one per row and round (orchestrator/types.py)
     experts: tuple[int, ...]        # expert indices, by descending weight
     weights: tuple[float, ...]      # sum to 1
     entropy: float = 0.0            # of the full gate softmax over all experts (nats)

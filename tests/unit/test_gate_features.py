@@ -12,7 +12,7 @@ from gating.evaluate import gate_logits_for
 from gating.features import FEATURES_PER_EXPERT, Memory, signals, step_features, unobserved_features
 from gating.model import Gate, GateArgs
 from gating.rollout import corpus_signals, padded_signals, rollout, top_k_rule
-from gating.runtime import GateRuntime
+from gating.runtime import GateRuntime, Observed
 from tests.unit.test_gate_training import NAMES, V, synthetic_corpus
 
 E = len(NAMES)
@@ -71,7 +71,7 @@ def test_serving_steps_reproduce_the_training_rollout():
             chosen = torch.from_numpy(state.logits).topk(2).indices.tolist()
             observed = {e: TopK.of(tuple(corpus.ids[rows][j - 1, e].tolist()), tuple(corpus.lps[rows][j - 1, e].tolist()))
                         for e in chosen}                          # the experts that produced seq[j]
-            state = rt.step([state], [seq[j]], [observed])[0]
+            state = rt.step([state], [seq[j]], Observed.of([observed]))[0]
             got.append(torch.from_numpy(state.logits))
         assert torch.allclose(torch.stack(got), want[prompt - 1:len(seq) - 1], atol=1e-5)
 
@@ -95,9 +95,9 @@ def test_sequences_stepped_together_route_as_each_stepped_alone():
             observed.append({e: TopK.of(tuple(corpus.ids[rows][j - 1, e].tolist()),
                                      tuple(corpus.lps[rows][j - 1, e].tolist())) for e in chosen})
             tokens.append(corpus.sequences[d][j])
-        together = rt.step(together, tokens, observed)
+        together = rt.step(together, tokens, Observed.of(observed))
         for d in docs:
-            alone[d].append(rt.step([alone[d][-1]], [tokens[d]], [observed[d]])[0])
+            alone[d].append(rt.step([alone[d][-1]], [tokens[d]], Observed.of([observed[d]]))[0])
             assert np.allclose(together[d].logits, alone[d][-1].logits, atol=1e-6), (step, d)
             h = gate.args.hidden_dim                 # packed: the GRU state, then the feature memory
             assert np.allclose(together[d].packed[:h], alone[d][-1].packed[:h], atol=1e-6), (step, d)

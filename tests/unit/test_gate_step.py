@@ -9,7 +9,7 @@ from experts.protocol import TopK
 from gating import features, gate_step
 from gating.features import Memory
 from gating.model import Gate, GateArgs
-from gating.runtime import GateRuntime
+from gating.runtime import GateRuntime, GateState, Observed
 
 V, E, K, B = 300, 4, 6, 9
 
@@ -55,7 +55,8 @@ def test_a_round_step_equals_the_torch_gate_step(kind):
     with torch.inference_mode():
         want_logits, want_hidden = gate.step(token, hidden, feats)
     packed = torch.cat([hidden, *(before if kind == "observed" else ())], 1).numpy()
-    args = (mask.numpy(), ids.numpy(), lps.numpy()) if kind == "observed" else ()
+    cells = np.flatnonzero(mask.numpy())
+    args = (cells, ids.numpy().reshape(B * E, K)[cells], lps.numpy().reshape(B * E, K)[cells]) if kind == "observed" else ()
     logits, out = gate_step.step(w, token.numpy(), packed, *args)
     assert out.shape == (B, w.width)
     assert np.allclose(want_logits.numpy(), logits, atol=1e-5)
@@ -69,11 +70,32 @@ def test_observed_top_k_of_unequal_lengths_are_padded_as_the_torch_features_expe
     full = TopK.of((5, 6, 7), (-0.5, -1.0, -2.0))
     short = TopK.of((8,), (-0.1,))
     rows = [{0: full, 2: TopK.of((1, 2, 3), (-0.2, -0.3, -4.0))}, {}, {1: full, 3: short}]
-    mask, ids, lps = GateRuntime._observed_arrays(rows, E)
-    assert mask.tolist() == [[True, False, True, False], [False] * 4, [False, True, False, True]]
-    assert ids[2, 3].tolist() == [8, -1, -1] and lps[2, 3].tolist()[1:] == [-1e4, -1e4]
-    assert ids[0, 2].tolist() == [1, 2, 3] and ids[1].tolist() == [[-1] * 3] * 4
+    cells, ids, lps = GateRuntime._observation_arrays(Observed.of(rows), E)
+    assert cells.tolist() == [0, 2, 2 * E + 1, 2 * E + 3]
+    assert ids[3].tolist() == [8, -1, -1] and lps[3].tolist()[1:] == [-1e4, -1e4]
+    assert ids[1].tolist() == [1, 2, 3] and lps.dtype == np.float32 and ids.dtype == np.int64
     same_k = [rows[0], {}, {1: full, 3: TopK.of((8, 9, 10), (-0.1, -3.0, -5.0))}]
-    mask2, ids2, lps2 = GateRuntime._observed_arrays(same_k, E)
-    assert np.array_equal(mask, mask2) and np.array_equal(ids[:2], ids2[:2]) and np.array_equal(lps[:2], lps2[:2])
-    assert ids2[2, 3].tolist() == [8, 9, 10] and lps2.dtype == np.float32 and ids2.dtype == np.int64
+    cells2, ids2, lps2 = GateRuntime._observation_arrays(Observed.of(same_k), E)
+    assert np.array_equal(cells, cells2) and np.array_equal(ids[:3], ids2[:3])
+    assert np.allclose(lps[:3], lps2[:3]) and ids2[3].tolist() == [8, 9, 10]
+    nothing = GateRuntime._observation_arrays(Observed.of([{}, {}]), E)
+    assert [a.shape[0] for a in nothing] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_observed_rows_step_as_the_padded_torch_features_say(seed):
+    """GateRuntime.step's flat read of the observed top-k, padding included, steps as the torch features of the
+    same [B, E, K] block do."""
+    torch.manual_seed(seed)
+    gate = Gate(GateArgs(V, E, 8, 16, 0.0, features="observed")).eval()
+    rt = GateRuntime(gate, "v", [f"e{j}" for j in range(E)], 2, "probs")
+    ids, lps, mask, token, before = random_observations(seed)
+    states = [GateState(np.concatenate([np.zeros(16, np.float32), *(m[r].numpy() for m in before)]), None, 1)
+              for r in range(B)]
+    per_row = [{j: TopK.of([t for t in ids[r, j].tolist() if t >= 0], lps[r, j, :int((ids[r, j] >= 0).sum())].tolist())
+                for j in range(E) if mask[r, j]} for r in range(B)]
+    got = rt.step(states, token.tolist(), Observed.of(per_row))
+    feats, _ = features.step_features(before, mask, features.signals(ids, lps, token, V))
+    with torch.inference_mode():
+        want, _ = gate.step(token, torch.zeros(B, 16), feats)
+    assert np.allclose(np.stack([g.logits for g in got]), want.numpy(), atol=1e-5)
