@@ -3,9 +3,9 @@
 A served token mixes a handful of experts' top-k (2 × 20 values for top-2). Done as ~45 batched torch ops for
 one row, each op's dispatch costs more than its arithmetic: 0.33 ms on an idle core of this machine, about
 0.9 ms inside a busy gateway replica, once per generated token at concurrency 1. The same rule over Python
-floats (`mix_row`) takes 0.05 ms a row, so a small round mixes row by row. A round's top-2 rows (two experts
-each, the served default) are mixed at once from PAIR_ROUND rows on (gating/mix_pair.py, compiled: 22 µs for 32
-rows on an idle core, against 0.81 ms in torch), and so are its one-expert rows (top-1), as pairs of an expert
+floats (`mix_row`) takes 0.05 ms a row. A round's top-2 rows (two experts each, the served default) are mixed at
+once from PAIR_ROUND rows on, which is from one row (gating/mix_pair.py, compiled: 22 µs for 32 rows on an idle
+core, against 0.81 ms in torch; 8-13 µs for one), and so are its one-expert rows (top-1), as pairs of an expert
 with itself at weight 0, and kept as arrays in the round's RoundMix, which the sampler reads as they are (orchestrator/sample.py `sample_round`); a row's RowMix is
 built only when something asks for it (a request's `top_logprobs`, top_p or top_k). Other rows, from
 SMALL_ROUND rows on, go through one batched torch mix. All compute in float64 and agree to ~1e-12, so a seed's text
@@ -33,7 +33,8 @@ from gating.mix_pair import PairMix, mix_pair_arrays
 
 NEG_INF = float("-inf")
 SMALL_ROUND = 12     # rows up to which row by row beats one batched torch mix (measured: equal at about 12)
-PAIR_ROUND = 4      # two-expert rows from which the numpy pair mix beats row by row (measured: equal at about 2)
+PAIR_ROUND = 1      # rows of a one- or two-expert group from which the compiled pair mix beats row by row: from
+                    # one (a top-2 row: 8-13 against 52-65 µs on an idle core, 2026-12-06)
 Tops = Sequence[tuple[Sequence[int], Sequence[float]]]     # per selected expert: (ids [K], logprobs [K])
 RoundTops = Sequence[Sequence[TopK]]                        # per row, per selected expert: its packed top-k
 

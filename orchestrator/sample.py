@@ -11,7 +11,7 @@ that keeps the GIL, where a torch op would hand it to any busy thread of the pro
 one row at a time, in Python floats (float64; a row is a few dozen candidates, less than torch's per-op dispatch
 costs), so a seed gives the same text whatever else is running. A round's top-2 rows that sample plainly
 (temperature > 0, no top_p, no top_k: what most requests ask) draw together from the round's pair-mix arrays
-instead (`draw_pairs`): the same rule and the same draws of each row's generator, in numpy.
+instead (`draw_pairs`, from DRAW_ROUND rows): the same rule and the same draws of each row's generator, in numpy.
 """
 
 from __future__ import annotations
@@ -163,6 +163,12 @@ def _warm_up() -> None:
                np.full(1, 0.5))
 
 
+# Plain rows of a pair group from which drawing them together beats row by row: one row of a top-2 mix draws in
+# 8 µs through its RowMix and sample_row, in 20 through the group's arrays (idle core, 2026-12-06), whose fixed
+# cost is a dozen numpy calls.
+DRAW_ROUND = 3
+
+
 def plain(p: GenerationParams) -> bool:
     """A draw from the whole distribution at a temperature: what draw_pairs does."""
     return p.temperature > 0 and p.top_p >= 1.0 and p.top_k == 0
@@ -180,12 +186,13 @@ def sample_round(mixed: RoundMix, params: Sequence[GenerationParams],
                  rngs: Sequence[np.random.Generator]) -> list[tuple[int, float]]:
     """(token id, its logprob under the mix) for every row of a round, each from its own request's generator.
 
-    The plain rows of a pair group draw together (draw_pairs); every other row through its RowMix (sample_row).
+    The plain rows of a pair group draw together (draw_pairs) when there are DRAW_ROUND of them; every other row
+    through its RowMix (sample_row).
     Either way a row takes the same draws from its generator (one uniform, and one more for a tail token)."""
     out: list[tuple[int, float] | None] = [None] * len(mixed)
     for members, pm in mixed.pairs:
         rows = [r for r, j in enumerate(members) if plain(params[j])]
-        if rows:
+        if len(rows) >= DRAW_ROUND:
             round_rows = [members[r] for r in rows]
             for j, got in zip(round_rows, _draw_group(pm, rows, round_rows, params, rngs, mixed.vocab_size)):
                 out[j] = got
