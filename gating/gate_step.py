@@ -199,7 +199,9 @@ def _warm_up() -> None:
         w = StepWeights(np.zeros((8, d), np.float32), np.zeros((width_in, 3 * h), np.float32),
                         np.zeros((h, 3 * h), np.float32), np.zeros(3 * h, np.float32), np.zeros(3 * h, np.float32),
                         np.zeros((h, e), np.float32), np.zeros(e, np.float32), 8, e, h, observed)
-        # cells and ids as the serving path has them: ids read-only, straight from the answers' bytes
-        ids = np.frombuffer(np.ones(2 * e, dtype=np.int64).tobytes(), np.int64).reshape(e, 2)
-        step(w, np.array([1]), np.zeros((1, w.width), dtype=np.float32), np.arange(e), ids,
-             np.full((e, 2), -1.0, dtype=np.float64))
+        # ids as the serving path has them: read-only, straight from the answers' bytes (all of one K), or
+        # writable (padded to the longest K); numba compiles the two apart
+        ids = np.ones((e, 2), dtype=np.int64)
+        for block in (np.frombuffer(ids.tobytes(), np.int64).reshape(e, 2), ids):
+            step(w, np.array([1]), np.zeros((1, w.width), dtype=np.float32), np.arange(e), block,
+                 np.full((e, 2), -1.0, dtype=np.float64))
