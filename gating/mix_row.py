@@ -4,8 +4,8 @@ A served token mixes a handful of experts' top-k (2 × 20 values for top-2). Don
 one row, each op's dispatch costs more than its arithmetic: 0.33 ms on an idle core of this machine, about
 0.9 ms inside a busy gateway replica, once per generated token at concurrency 1. The same rule over Python
 floats (`mix_row`) takes 0.05 ms a row. A round's top-2 rows (two experts each, the served default) are mixed at
-once from PAIR_ROUND rows on, which is from one row (gating/mix_pair.py, compiled: 22 µs for 32 rows on an idle
-core, against 0.81 ms in torch; 8-13 µs for one), and so are its one-expert rows (top-1), as pairs of an expert
+once, however few (gating/mix_pair.py, compiled: 22 µs for 32 rows on an idle core, against 0.81 ms in torch;
+8-13 µs for one, against 52-65 row by row), and so are its one-expert rows (top-1), as pairs of an expert
 with itself at weight 0, and kept as arrays in the round's RoundMix, which the sampler reads as they are (orchestrator/sample.py `sample_round`); a row's RowMix is
 built only when something asks for it (a request's `top_logprobs`, top_p or top_k). Other rows, from
 SMALL_ROUND rows on, go through one batched torch mix. All compute in float64 and agree to ~1e-12, so a seed's text
@@ -27,14 +27,12 @@ from itertools import chain, compress
 import numpy as np
 import torch
 
-from experts.protocol import ID_DTYPE, TopK, joined
+from experts.protocol import TopK, joined
 from gating.mix import CROSS_LISTED_INTERP, MIN_LEFTOVER, MIX_SPACES, Mixed, mix
 from gating.mix_pair import PairMix, mix_pair_arrays
 
 NEG_INF = float("-inf")
 SMALL_ROUND = 12     # rows up to which row by row beats one batched torch mix (measured: equal at about 12)
-PAIR_ROUND = 1      # rows of a one- or two-expert group from which the compiled pair mix beats row by row: from
-                    # one (a top-2 row: 8-13 against 52-65 µs on an idle core, 2026-12-06)
 Tops = Sequence[tuple[Sequence[int], Sequence[float]]]     # per selected expert: (ids [K], logprobs [K])
 RoundTops = Sequence[Sequence[TopK]]                        # per row, per selected expert: its packed top-k
 
@@ -125,15 +123,15 @@ def mix_round(tops: RoundTops, weights: Sequence[Sequence[float]], vocab_size: i
     weights[i] in spaces[i].
 
     Rows are grouped by (number of experts, K, space). A group of two-expert rows (top-2, the served default)
-    or of one-expert rows (top-1) of at least PAIR_ROUND rows is mixed at once by the compiled pair mix and kept
-    as arrays (gating/mix_pair.py, _pair_arrays); any other group row by row in Python while the round has up to
+    or of one-expert rows (top-1), from one row on, is mixed at once by the compiled pair mix and kept as arrays
+    (gating/mix_pair.py, _pair_arrays); any other group row by row in Python while the round has up to
     SMALL_ROUND rows, else in one float64 torch mix."""
     groups: dict[tuple[int, int, str], list[int]] = {}
     for i, (t, space) in enumerate(zip(tops, spaces)):
-        groups.setdefault((len(t), min([len(x.ids) for x in t]) // ID_DTYPE.itemsize, space), []).append(i)
+        groups.setdefault((len(t), min(x.k for x in t), space), []).append(i)
     out = RoundMix(vocab_size, [None] * len(tops), [], {})
     for (s, k, space), members in groups.items():
-        if s <= 2 and len(members) >= PAIR_ROUND:
+        if s <= 2:
             out.where.update((i, (len(out.pairs), r)) for r, i in enumerate(members))
             out.pairs.append((members, _pair_arrays(tops, weights, members, s, k, vocab_size, space)))
         elif len(tops) <= SMALL_ROUND:

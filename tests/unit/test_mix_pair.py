@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gating.mix_pair import mix_pairs
-from gating.mix_row import PAIR_ROUND, mix_row, mix_rows
+from gating.mix_row import mix_row, mix_rows
 from tests.unit.test_mix_row import packed, random_row
 
 
@@ -61,7 +61,7 @@ def test_every_row_of_a_pair_mix_is_mix_row(k, vocab, space, interp):
 
 
 def test_a_round_of_top2_rows_takes_the_pair_mix_and_gives_what_each_row_gives_alone(monkeypatch):
-    """mix_rows sends each group of at least PAIR_ROUND one- or two-expert rows of one K to the compiled pair mix
+    """mix_rows sends each group of one- or two-expert rows of one K, however small, to the compiled pair mix
     (counted), whatever else the round holds, and every row still equals mix_row's."""
     import gating.mix_row as mix_row_module
 
@@ -69,7 +69,7 @@ def test_a_round_of_top2_rows_takes_the_pair_mix_and_gives_what_each_row_gives_a
     real = mix_row_module.mix_pair_arrays
     monkeypatch.setattr(mix_row_module, "mix_pair_arrays",
                         lambda *a, **kw: calls.append(len(a[0])) or real(*a, **kw))
-    rows = pair_rows(20, 4096, PAIR_ROUND + 3, seed=300)
+    rows = pair_rows(20, 4096, 4, seed=300)
     tops, weights = [t for t, _ in rows], [w for _, w in rows]
     one = random_row(999, 1, 20, 4096, 0)
     tops.append([(one[0][0].tolist(), one[1][0].tolist())])           # a top-1 row in the same round
@@ -107,8 +107,8 @@ def test_the_pair_mix_matches_the_torch_form_training_uses():
 
 @pytest.mark.parametrize("space", ["logits", "probs"])
 def test_a_round_of_one_expert_rows_takes_the_pair_mix_and_gives_what_mix_row_gives(monkeypatch, space):
-    """Top-1 rows (and top-2 rows left with one expert) of a round of at least PAIR_ROUND are mixed as the pair of
-    their expert with itself at weight 0: the same candidates, logprobs and tail as mix_row's one-expert mix."""
+    """Top-1 rows (and top-2 rows left with one expert) of a round are mixed as the pair of their expert with
+    itself at weight 0: the same candidates, logprobs and tail as mix_row's one-expert mix."""
     import gating.mix_row as mix_row_module
 
     calls = []
@@ -116,7 +116,7 @@ def test_a_round_of_one_expert_rows_takes_the_pair_mix_and_gives_what_mix_row_gi
     monkeypatch.setattr(mix_row_module, "mix_pair_arrays",
                         lambda *a, **kw: calls.append(len(a[0])) or real(*a, **kw))
     tops, weights = [], []
-    for r in range(PAIR_ROUND + 5):
+    for r in range(6):
         ids, lps, _ = random_row(500 + r, 1, 20, 4096, 0, peaked=r % 2 == 1)
         tops.append([(ids[0].tolist(), lps[0].tolist())])
         weights.append((1.0,))
