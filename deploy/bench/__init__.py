@@ -114,6 +114,7 @@ async def measure(all_targets: list[Target], prompts: list[str], args, ours_url:
     levels = [int(c) for c in args.concurrency.split(",")]
     runs: dict[tuple[str, int], list] = {}
     breakdown: dict[tuple[str, int], dict[str, float]] = {}
+    shares: dict[tuple[str, int], list[float | None]] = {}      # each round's own orchestration share
     for c in levels:
         n = max(8, args.requests_per_stream * c)
         # Warm-up at this concurrency, not measured: the first batch of a new size costs the CPU engines
@@ -131,11 +132,13 @@ async def measure(all_targets: list[Target], prompts: list[str], args, ours_url:
                 if before is not None:
                     after = await phases.scrape(ours_url)
                     acc = breakdown.setdefault((t.name, c), {})
-                    for k, v in phases.delta(before, after).items():
+                    this_round = phases.delta(before, after)
+                    for k, v in this_round.items():
                         acc[k] = acc.get(k, 0.0) + v
+                    shares.setdefault((t.name, c), []).append(phases.share_of(this_round))
                 _progress(f"c={c} round {r + 1}/{args.rounds} {t.name}: {load.summarise([res])['tokens_per_s']} tok/s")
     rows = [load.summarise(v) for v in runs.values()]
-    return rows, [phases.per_token(name, c, d) for (name, c), d in breakdown.items()]
+    return rows, [phases.per_token(name, c, d, shares.get((name, c))) for (name, c), d in breakdown.items()]
 
 
 def run(args) -> int:

@@ -94,12 +94,14 @@ def format_phases(breakdown: list[dict]) -> str:
     if not breakdown:
         return ""
     names = sorted({p for b in breakdown for p in b["us_per_token"]}, key=_phase_order)
-    head = f"{'us per token':<16}{'conc':>5}" + "".join(f"{n:>12}" for n in names) + f"{'orch share':>12}"
+    head = f"{'us per token':<16}{'conc':>5}" + "".join(f"{n:>12}" for n in names) + f"{'orch share':>12}  (rounds)"
     lines = [head, "-" * len(head)]
     for b in breakdown:
         cells = "".join(f"{b['us_per_token'].get(n, 0.0):>12.0f}" for n in names)
         share = b.get("orchestration_share")
-        lines.append(f"{b['target']:<16}{b['concurrency']:>5}{cells}{'-' if share is None else f'{share:.1%}':>12}")
+        rounds = [r for r in b.get("orchestration_share_rounds", []) if r is not None]
+        each = f"  ({', '.join(f'{r:.1%}' for r in rounds)})" if len(rounds) > 1 else ""
+        lines.append(f"{b['target']:<16}{b['concurrency']:>5}{cells}{'-' if share is None else f'{share:.1%}':>12}{each}")
     return "\n".join(lines)
 
 

@@ -41,5 +41,7 @@ def test_a_tiny_bench_run_reports_every_configuration_and_the_ratios(live_gatewa
     phases = {(b["target"], b["concurrency"]): b for b in result["phases_us_per_token"]}
     top2 = phases[("ensemble_top2", 2)]
     assert top2["tokens"] > 0 and {"round", "expert", "mix", "sample"} <= set(top2["us_per_token"]), top2
+    # one round: that round's own share is the run's
+    assert top2["orchestration_share_rounds"] == [top2["orchestration_share"]] and top2["orchestration_share"] > 0
     assert result["peak_rss_gib"]["vllm"] > 0
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"

@@ -73,6 +73,21 @@ def test_phase_breakdown_is_per_generated_token_and_orchestration_share_of_the_r
     assert b["orchestration_share"] == pytest.approx((0.1 + 0.05 + 0.1 + 0.1 + 0.2) / 2.0)
 
 
+def test_each_rounds_orchestration_share_is_its_own_and_the_runs_is_of_the_sum() -> None:
+    """A run of two rounds: each round's share comes from that round's phase delta alone, the run's from the
+    sum of both (not the mean of the two shares), and the printed breakdown shows both."""
+    one = {"round": 1.0, "gate": 0.02, "gate_step": 0.02, "mix": 0.02, "sample": 0.02, "rpc": 0.02, "_tokens": 100}
+    two = {"round": 3.0, "gate": 0.1, "gate_step": 0.1, "mix": 0.1, "sample": 0.1, "rpc": 0.2, "_tokens": 300}
+    total = {k: one[k] + two[k] for k in one}
+    rounds = [phases.share_of(one), phases.share_of(two)]
+    assert rounds == [pytest.approx(0.1), pytest.approx(0.2)]
+    b = phases.per_token("ensemble_top2", 32, total, rounds)
+    assert b["orchestration_share"] == pytest.approx(0.70 / 4.0) != pytest.approx(0.15)
+    assert b["orchestration_share_rounds"] == rounds
+    assert report.format_phases([b]).splitlines()[-1].endswith("17.5%  (10.0%, 20.0%)")
+    assert phases.per_token("ensemble_top2", 32, total)["orchestration_share_rounds"] == []
+
+
 def test_plot_writes_a_png(tmp_path) -> None:
     rows = [summarise([level(n, c, 1.0, 10, 0.01, 0.001)]) for n in report.ORDER for c in (1, 8)]
     report.plot(rows, tmp_path / "bench.png")
