@@ -50,21 +50,28 @@ def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
     return {k: after[k] - before.get(k, 0.0) for k in after}
 
 
+def _phases(d: dict[str, float]) -> dict[str, float]:
+    """The phase seconds of a delta (its other keys start with "_")."""
+    return {k: v for k, v in d.items() if not k.startswith("_")}
+
+
 def share_of(d: dict[str, float]) -> float | None:
     """The orchestration share of one delta (report.orchestration_share over its phases)."""
-    return orchestration_share({k: v for k, v in d.items() if not k.startswith("_")})
+    return orchestration_share(_phases(d))
 
 
 def per_token(target: str, concurrency: int, d: dict[str, float],
               share_rounds: list[float | None] | None = None) -> dict:
     """One configuration's breakdown from the sum `d` of its rounds' deltas; `share_rounds`, each round's own
-    orchestration share (as the throughput ratios give theirs), shows how far the share moves inside one run."""
+    orchestration share (as the throughput ratios give theirs), shows how far the share moves inside one run
+    ([] for a configuration without rounds of its own, such as model=<expert>, which streams natively)."""
     tokens = d.get("_tokens", 0.0)
-    phases = {k: v for k, v in d.items() if not k.startswith("_")}
+    phases = _phases(d)
     us = {k: round(1e6 * v / tokens, 1) for k, v in phases.items()} if tokens else {}
+    rounds = list(share_rounds or [])
     return {"target": target, "concurrency": concurrency, "tokens": int(tokens), "us_per_token": us,
             "orchestration_share": orchestration_share(phases),
-            "orchestration_share_rounds": list(share_rounds) if share_rounds else [],
+            "orchestration_share_rounds": rounds if any(r is not None for r in rounds) else [],
             "expert_work": expert_work(d)}
 
 

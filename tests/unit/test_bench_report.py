@@ -75,17 +75,20 @@ def test_phase_breakdown_is_per_generated_token_and_orchestration_share_of_the_r
 
 def test_each_rounds_orchestration_share_is_its_own_and_the_runs_is_of_the_sum() -> None:
     """A run of two rounds: each round's share comes from that round's phase delta alone, the run's from the
-    sum of both (not the mean of the two shares), and the printed breakdown shows both."""
+    sum of both (not the mean of the two shares), and the printed breakdown shows both; a configuration with no
+rounds of its own (model=<expert>) has neither."""
     one = {"round": 1.0, "gate": 0.02, "gate_step": 0.02, "mix": 0.02, "sample": 0.02, "rpc": 0.02, "_tokens": 100}
     two = {"round": 3.0, "gate": 0.1, "gate_step": 0.1, "mix": 0.1, "sample": 0.1, "rpc": 0.2, "_tokens": 300}
     total = {k: one[k] + two[k] for k in one}
     rounds = [phases.share_of(one), phases.share_of(two)]
     assert rounds == [pytest.approx(0.1), pytest.approx(0.2)]
     b = phases.per_token("ensemble_top2", 32, total, rounds)
-    assert b["orchestration_share"] == pytest.approx(0.70 / 4.0) != pytest.approx(0.15)
+    assert b["orchestration_share"] == pytest.approx(0.70 / 4.0)             # not the rounds' mean, 0.15
     assert b["orchestration_share_rounds"] == rounds
     assert report.format_phases([b]).splitlines()[-1].endswith("17.5%  (10.0%, 20.0%)")
     assert phases.per_token("ensemble_top2", 32, total)["orchestration_share_rounds"] == []
+    native = phases.per_token("gateway_single", 32, {"detokenize": 0.1, "_tokens": 400}, [None, None])
+    assert native["orchestration_share"] is None and native["orchestration_share_rounds"] == []
 
 
 def test_plot_writes_a_png(tmp_path) -> None:
