@@ -76,7 +76,7 @@ def test_phase_breakdown_is_per_generated_token_and_orchestration_share_of_the_r
 def test_each_rounds_orchestration_share_is_its_own_and_the_runs_is_of_the_sum() -> None:
     """A run of two rounds: each round's share comes from that round's phase delta alone, the run's from the
     sum of both (not the mean of the two shares), and the printed breakdown shows both; a configuration with no
-rounds of its own (model=<expert>) has neither."""
+    rounds of its own (model=<expert>) has neither."""
     one = {"round": 1.0, "gate": 0.02, "gate_step": 0.02, "mix": 0.02, "sample": 0.02, "rpc": 0.02, "_tokens": 100}
     two = {"round": 3.0, "gate": 0.1, "gate_step": 0.1, "mix": 0.1, "sample": 0.1, "rpc": 0.2, "_tokens": 300}
     total = {k: one[k] + two[k] for k in one}
