@@ -198,6 +198,7 @@ class ReplicaStats:
     # experts/self_check.py: "" (nothing found), "replace: <why>" (its live model went bad; its health check
     # fails) or "suspect checkpoint: <why>" (never answered soundly; kept, a new replica would load the same files)
     self_check: str = ""
+    relay: str = ""                     # "realtime" or "normal": the priority of the loop serving this call
 
 
 @dataclass(frozen=True)

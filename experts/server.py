@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,7 @@ from experts.protocol import (
     StepReply,
 )
 from experts.self_check import SoundnessWatch
+from experts.thread_priority import raise_relay_thread, relay_policy_of
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class ExpertServer:
         self._soundness = SoundnessWatch(self._self_probe, f"expert {self.config.name} replica {self.replica}")
         self._expert.generations.on_logprobs = self._soundness.observe_generated
         self._probe_ids = itertools.count()
+        self._relay: str | None = None             # the serving loop's priority, once raised (_raise_relay)
         log.info("expert %s replica %s serving %s", self.config.name, self.replica, self.config.model_path)
 
     async def info(self, replica: str | None = None) -> ExpertInfo:
@@ -86,6 +89,7 @@ class ExpertServer:
     async def endpoint(self, replica: str | None = None) -> Endpoint | None:
         """This replica's data plane (started on first ask, on the loop that serves every call), or None when
         the expert is configured to take every call through Serve."""
+        self._raise_relay()
         if not self.config.data_plane_on:
             return None
         if self._data_plane is None:
@@ -120,12 +124,22 @@ class ExpertServer:
         dp, engine = self._data_plane, self._expert.engine
         return ReplicaStats(self.replica, self._expert.num_open_sessions, len(self._expert.generations),
                             dp.connections_accepted if dp else 0, dp.calls_served if dp else 0,
-                            getattr(engine, "steps", 0), getattr(engine, "step_s", 0.0), self._soundness.state)
+                            getattr(engine, "steps", 0), getattr(engine, "step_s", 0.0), self._soundness.state,
+                            relay_policy_of(threading.get_native_id()))
 
     async def num_open_sessions(self, replica: str | None = None) -> int:
         return self._expert.num_open_sessions
 
+    def _raise_relay(self) -> None:
+        """Once, on the event loop that serves every call (which relays this replica's answers): real-time
+        priority where the OS allows it (experts/thread_priority.py). The first health check or endpoint
+        request runs it, whichever comes first; both run on that loop."""
+        if self._relay is None:
+            self._relay = raise_relay_thread()
+            log.info("expert %s replica %s: event loop priority %s", self.config.name, self.replica, self._relay)
+
     async def check_health(self) -> None:
+        self._raise_relay()
         # Serve restarts the replica when this raises: the engine-core process died, or the model answers
         # nonsense (experts/self_check.py).
         if self._soundness.verdict is not None:

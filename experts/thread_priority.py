@@ -1,4 +1,5 @@
-"""Keep an in-process engine's idle helper threads from preempting the threads that do the work.
+"""Thread priorities on shared cores: the threads that relay tokens first, the engine's compute after them,
+idle helpers last.
 
 vLLM's CPU worker sets up torch.distributed with gloo even for one process, and every gloo process group
 starts a `gloo_tcp_loop` thread that wakes about 100 times a second (measured: 15 such threads per expert
@@ -12,6 +13,19 @@ levels below their process (Ray's workers run at 15, so 19). It is the one threa
 stretches; the threads that relay its results (the replica's event loop, the gateway's) run for short bursts,
 and on shared cores each burst is on the critical path of a token. With the engine below them, a relay thread
 that wakes takes a core at once instead of waiting for an engine's time slice (README "Speed": six A/B pairs).
+
+Niceness only weighs a relay thread's share of the cores; it still waits for the engine thread on its core to
+end its slice. So each relay thread (the event loop of the gateway and of every expert replica: short bursts of
+reading a reply, mixing, sampling and writing the next call, on the critical path of every token) also asks
+Linux for the real-time round-robin policy at the lowest real-time priority (`raise_relay_thread`): it then
+takes a core as it wakes, ahead of every normal thread. What it costs the others is what it runs, a fraction of
+a core at concurrency 32 (README "Speed": the RPC part of a top-2 round at c=32 fell from 74-82 to 46-47 µs per
+token). It needs CAP_SYS_NICE (root, or a container granted it); without it the thread stays a normal one, and
+says so once in the log. Set ENSEMBLE_RELAY_PRIORITY=normal in the replicas' environment to keep it normal.
+The policy carries SCHED_RESET_ON_FORK: a thread the relay thread starts later (an executor's worker) starts
+as a normal thread at niceness 0, not as a real-time one. Linux caps what all real-time threads together
+may use at 95 % of each core (kernel.sched_rt_runtime_us), so even a relay thread stuck in a loop cannot
+freeze the machine.
 """
 
 from __future__ import annotations
@@ -25,6 +39,8 @@ log = logging.getLogger(__name__)
 IDLE_THREAD_NAMES = ("gloo_tcp_loop",)
 ENGINE_NICE_INCREMENT = 4
 MAX_NICE = 19
+RELAY_PRIORITY_ENV = "ENSEMBLE_RELAY_PRIORITY"     # "realtime" (the default) or "normal"
+RELAY_RT_PRIORITY = 1                              # the lowest real-time priority: above every normal thread
 
 
 def threads_named(names: tuple[str, ...]) -> list[int]:
@@ -81,3 +97,28 @@ def lower_this_thread(increment: int = ENGINE_NICE_INCREMENT) -> int | None:
     except OSError as exc:                 # refused (a sandbox): harmless, the engine runs as before
         log.debug("the engine thread keeps its niceness: %s", exc)
         return None
+
+
+def raise_relay_thread() -> str:
+    """Give the calling thread, an event loop that relays tokens, the real-time round-robin policy (see the
+    module docstring) unless ENSEMBLE_RELAY_PRIORITY=normal. -> what it runs with now: "realtime", or "normal"
+    followed by why (asked for, refused by the OS, or no such policy on this platform). Never raises."""
+    wanted = os.environ.get(RELAY_PRIORITY_ENV, "realtime").strip().lower()
+    if wanted == "normal":
+        return f"normal ({RELAY_PRIORITY_ENV}=normal)"
+    if wanted != "realtime":
+        log.warning("%s=%r is neither 'realtime' nor 'normal': using 'realtime'", RELAY_PRIORITY_ENV, wanted)
+    if not hasattr(os, "SCHED_RR") or not hasattr(os, "SCHED_RESET_ON_FORK"):
+        return "normal (no real-time policy on this platform)"
+    try:
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_RR | os.SCHED_RESET_ON_FORK,
+                              os.sched_param(RELAY_RT_PRIORITY))
+    except OSError as exc:                 # EPERM without CAP_SYS_NICE: the thread stays as it was
+        return f"normal (real-time refused: {exc.strerror or exc}; it needs CAP_SYS_NICE)"
+    return "realtime"
+
+
+def relay_policy_of(tid: int) -> str:
+    """"realtime" when thread `tid` runs SCHED_RR or SCHED_FIFO, else "normal" (for /metrics and tests)."""
+    policy = os.sched_getscheduler(tid) & ~getattr(os, "SCHED_RESET_ON_FORK", 0)
+    return "realtime" if policy in (getattr(os, "SCHED_RR", -1), getattr(os, "SCHED_FIFO", -1)) else "normal"

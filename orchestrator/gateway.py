@@ -20,6 +20,7 @@ from pydantic.json_schema import models_json_schema
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from experts.thread_priority import raise_relay_thread
 from orchestrator import api
 from orchestrator.api import OpenAIError
 from orchestrator.metrics import GatewayMetrics
@@ -323,7 +324,9 @@ class Gateway:
                                        metrics_public=settings.metrics_public, registry=metrics.registry)
         self.core = GatewayCore(engine, codec, log, metrics, settings, keys)
         self._gate_source: GateSource | None = None
-        logger.info("gateway ready: models %s, traffic store %s; %s", self.core.models, log.url, keys.describe())
+        relay = raise_relay_thread()                    # this loop relays every token (experts/thread_priority.py)
+        logger.info("gateway ready: models %s, traffic store %s; %s; event loop priority %s", self.core.models,
+                    log.url, keys.describe(), relay)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_fastapi(self.core)

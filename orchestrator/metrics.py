@@ -6,6 +6,8 @@ collide; per-expert token share = ensemble_expert_token_weight_total / ensemble_
 
 from __future__ import annotations
 
+import threading
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -16,6 +18,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from experts.thread_priority import relay_policy_of
 from orchestrator.types import TokenEvent
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -47,6 +50,9 @@ class GatewayMetrics:
         self.gate_info = Gauge("ensemble_gate_info", "1 for the live gate version", ["version"], registry=r)
         self.log_failed = Gauge("ensemble_traffic_log_failed_rows", "rows the traffic log could not write",
                                 registry=r)
+        self.relay_realtime = Gauge("ensemble_relay_realtime", "1 when the event loop that serves this replica "
+                                    "(and relays its tokens) runs at real-time priority (experts/thread_priority.py)",
+                                    registry=r)
         self.admission_queued = Gauge("ensemble_admission_queued", "requests waiting for an admission slot",
                                       registry=r)
         self.admission_rejected = Counter("ensemble_admission_rejected", "requests refused with 429: no slot "
@@ -113,6 +119,8 @@ class GatewayMetrics:
         self.registry.register(_StoreCollector(store))
 
     def render(self) -> tuple[bytes, str]:
+        """The exposition; called on the event loop that serves requests, which reports its own priority."""
+        self.relay_realtime.set(relay_policy_of(threading.get_native_id()) == "realtime")
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
