@@ -114,7 +114,11 @@ def raise_relay_thread() -> str:
         os.sched_setscheduler(threading.get_native_id(), os.SCHED_RR | os.SCHED_RESET_ON_FORK,
                               os.sched_param(RELAY_RT_PRIORITY))
     except OSError as exc:                 # EPERM without CAP_SYS_NICE: the thread stays as it was
-        return f"normal (real-time refused: {exc.strerror or exc}; it needs CAP_SYS_NICE)"
+        why = f"normal (real-time refused: {exc.strerror or exc}; it needs CAP_SYS_NICE)"
+        log.warning("this replica's event loop relays tokens as a %s thread; on cores shared with engines it "
+                    "waits for them at every wake-up. Grant the capability, or set %s=normal to say it is meant",
+                    why, RELAY_PRIORITY_ENV)
+        return why
     return "realtime"
 
 

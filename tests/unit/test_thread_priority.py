@@ -94,9 +94,9 @@ def test_a_relay_thread_stays_normal_when_asked(monkeypatch) -> None:
     assert seen["returned"] == f"normal ({RELAY_PRIORITY_ENV}=normal)" and seen["policy"] == "normal", seen
 
 
-def test_a_relay_thread_refused_real_time_priority_stays_normal_and_says_why(monkeypatch) -> None:
+def test_a_relay_thread_refused_real_time_priority_stays_normal_and_says_why(monkeypatch, caplog) -> None:
     """Without CAP_SYS_NICE (a container that does not grant it) the call is refused: the thread serves on as a
-    normal one, and the answer names the capability."""
+    normal one, and both the answer and a warning in the replica's log name the capability."""
     monkeypatch.delenv(RELAY_PRIORITY_ENV, raising=False)
 
     def refuse(*_args) -> None:
@@ -107,3 +107,5 @@ def test_a_relay_thread_refused_real_time_priority_stays_normal_and_says_why(mon
     assert seen["policy"] == "normal", seen
     assert seen["returned"].startswith("normal (real-time refused: Operation not permitted") and \
         "CAP_SYS_NICE" in seen["returned"], seen
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("CAP_SYS_NICE" in m and RELAY_PRIORITY_ENV in m for m in warned), warned
