@@ -170,6 +170,7 @@ def server_with(expert):
     server._gauges = (None, None)
     server._publish = lambda: None
     server._soundness = SoundnessWatch(server._self_probe, "expert code replica r1")
+    server._relay = "normal (a test: the runner's thread keeps its priority)"    # raised already: not again
     return server
 
 
