@@ -21,7 +21,7 @@ Linux for the real-time round-robin policy at the lowest real-time priority (`ra
 takes a core as it wakes, ahead of every normal thread. What it costs the others is what it runs, a fraction of
 a core at concurrency 32 (README "Speed": the RPC part of a top-2 round at c=32 fell from 74-82 to 46-47 µs per
 token). It needs CAP_SYS_NICE (root, or a container granted it); without it the thread stays a normal one, and
-says so once in the log. Set ENSEMBLE_RELAY_PRIORITY=normal in the replicas' environment to keep it normal.
+says so in a warning. Set ENSEMBLE_RELAY_PRIORITY=normal in the replicas' environment to keep it normal.
 The policy carries SCHED_RESET_ON_FORK: a thread the relay thread starts later (an executor's worker) starts
 as a normal thread at niceness 0, not as a real-time one. Linux caps what all real-time threads together
 may use at 95 % of each core (kernel.sched_rt_runtime_us), so even a relay thread stuck in a loop cannot
