@@ -123,6 +123,10 @@ def raise_relay_thread() -> str:
 
 
 def relay_policy_of(tid: int) -> str:
-    """"realtime" when thread `tid` runs SCHED_RR or SCHED_FIFO, else "normal" (for /metrics and tests)."""
-    policy = os.sched_getscheduler(tid) & ~getattr(os, "SCHED_RESET_ON_FORK", 0)
+    """"realtime" when thread `tid` runs SCHED_RR or SCHED_FIFO, else "normal" (also where the platform cannot
+    say, or the thread is gone; for /metrics and tests)."""
+    try:
+        policy = os.sched_getscheduler(tid) & ~getattr(os, "SCHED_RESET_ON_FORK", 0)
+    except (AttributeError, OSError):
+        return "normal"
     return "realtime" if policy in (getattr(os, "SCHED_RR", -1), getattr(os, "SCHED_FIFO", -1)) else "normal"
