@@ -325,7 +325,6 @@ class Gateway:
         self.core = GatewayCore(engine, codec, log, metrics, settings, keys)
         self._gate_source: GateSource | None = None
         relay = raise_relay_thread()                    # this loop relays every token (experts/thread_priority.py)
-        metrics.relay_realtime.set(relay == "realtime")  # also for Ray's copy of the metrics, scraped or not
         logger.info("gateway ready: models %s, traffic store %s; %s; event loop priority %s", self.core.models,
                     log.url, keys.describe(), relay)
 

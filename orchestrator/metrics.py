@@ -50,9 +50,11 @@ class GatewayMetrics:
         self.gate_info = Gauge("ensemble_gate_info", "1 for the live gate version", ["version"], registry=r)
         self.log_failed = Gauge("ensemble_traffic_log_failed_rows", "rows the traffic log could not write",
                                 registry=r)
-        self.relay_realtime = Gauge("ensemble_relay_realtime", "1 when the event loop that serves this replica "
-                                    "(and relays its tokens) runs at real-time priority (experts/thread_priority.py)",
-                                    registry=r)
+        # Read when collected, on the thread that collects: the event loop that serves /metrics and runs the copy
+        # into Ray's pipeline (orchestrator/ray_metrics.py), which is the loop that relays the tokens.
+        Gauge("ensemble_relay_realtime", "1 when the event loop that serves this replica (and relays its tokens) "
+              "runs at real-time priority (experts/thread_priority.py)", registry=r).set_function(
+            lambda: float(relay_policy_of(threading.get_native_id()) == "realtime"))
         self.admission_queued = Gauge("ensemble_admission_queued", "requests waiting for an admission slot",
                                       registry=r)
         self.admission_rejected = Counter("ensemble_admission_rejected", "requests refused with 429: no slot "
@@ -119,8 +121,6 @@ class GatewayMetrics:
         self.registry.register(_StoreCollector(store))
 
     def render(self) -> tuple[bytes, str]:
-        """The exposition; called on the event loop that serves requests, which reports its own priority."""
-        self.relay_realtime.set(relay_policy_of(threading.get_native_id()) == "realtime")
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
